@@ -1,0 +1,32 @@
+//! The domain core of entwine: what a digital twin knows, and how faithfully it mirrors its device.
+//!
+//! This crate does no I/O. Everything that reaches the system (an MQTT payload, an HTTP body) is
+//! parsed here once into types that cannot hold an invalid value, and the ODTE engine turns the
+//! counts of a twin's recent history into availability, reliability, timeliness, ODTE and a
+//! lifecycle, with exactly the formulas of the seed system.
+//!
+//! # Layout
+//! - [`state`]: the four states of the pipeline (physical event → physical state → pending
+//!   digital state → digital state) and their parsing from JSON.
+//! - [`odte`]: the ODTE configuration (validated) and the engine.
+//! - [`input`]: the error that names the field a bad input got wrong, and the field readers.
+//!
+//! # Example
+//! ```
+//! use entwine_core::odte::{OdteConfig, WindowStats, Lifecycle};
+//!
+//! // The seed's ConfigMap: 0.2 updates/s expected, a 30 s window, 1 s desired timeliness.
+//! let config = OdteConfig::seed_default();
+//! // Six states in the window, five of them mirrored within a second.
+//! let e = config.evaluate(WindowStats { states: 6, timely: 5 });
+//! assert_eq!(e.reliability, 1.0);
+//! assert!((e.odte - 5.0 / 6.0).abs() < 1e-12);
+//! assert_eq!(e.lifecycle, Lifecycle::Disentangled);
+//! ```
+#![warn(missing_docs)]
+
+pub mod input;
+pub mod odte;
+pub mod state;
+
+pub use input::InputError;
