@@ -173,7 +173,10 @@ mod tests {
     #[test]
     fn a_json_array_is_not_an_object() {
         let err = parse_object(b"[1,2]").unwrap_err();
-        assert_eq!(err.to_string(), "body: expected a JSON object, got an array");
+        assert_eq!(
+            err.to_string(),
+            "body: expected a JSON object, got an array"
+        );
     }
 
     #[test]

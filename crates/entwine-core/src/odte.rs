@@ -368,15 +368,32 @@ mod tests {
             let e = config.evaluate(WindowStats::of(&config, shadow, history.iter().copied()));
             let row = i + 1;
             assert_eq!(e.availability, 1.0, "row {row}");
-            assert!((e.reliability - r).abs() < 1e-12, "row {row}: R = {}", e.reliability);
-            assert!((e.timeliness - t).abs() < 1e-12, "row {row}: T = {}", e.timeliness);
-            assert!((e.odte - odte).abs() < 1e-12, "row {row}: ODTE = {}", e.odte);
+            assert!(
+                (e.reliability - r).abs() < 1e-12,
+                "row {row}: R = {}",
+                e.reliability
+            );
+            assert!(
+                (e.timeliness - t).abs() < 1e-12,
+                "row {row}: T = {}",
+                e.timeliness
+            );
+            assert!(
+                (e.odte - odte).abs() < 1e-12,
+                "row {row}: ODTE = {}",
+                e.odte
+            );
             assert_eq!(e.lifecycle, lifecycle, "row {row}");
         }
     }
 
     fn any_config() -> impl Strategy<Value = OdteConfig> {
-        (0.001f64..100.0, 0.001f64..3600.0, 0.0f64..60.0, 0.0f64..=1.0)
+        (
+            0.001f64..100.0,
+            0.001f64..3600.0,
+            0.0f64..60.0,
+            0.0f64..=1.0,
+        )
             .prop_map(|(r, w, d, th)| OdteConfig::new(r, w, d, th).expect("valid ranges"))
     }
 

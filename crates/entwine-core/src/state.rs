@@ -385,7 +385,12 @@ mod tests {
         // On the wire (serde_json's writer), an f32 prints at its own shortest precision.
         let wire = serde_json::to_string(&state).unwrap();
         let json: Value = serde_json::from_str(&wire).unwrap();
-        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         let mut expected = vec![
             "id",
             "physicalstate_id",
@@ -418,7 +423,9 @@ mod tests {
         assert!(DigitalState::from_json(&map(v.clone()), NOW).is_ok());
         v["lifecycle"] = json!("zombie");
         assert_eq!(
-            DigitalState::from_json(&map(v.clone()), NOW).unwrap_err().field,
+            DigitalState::from_json(&map(v.clone()), NOW)
+                .unwrap_err()
+                .field,
             "lifecycle"
         );
         v["lifecycle"] = json!("entangled");

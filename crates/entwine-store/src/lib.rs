@@ -1,1 +1,415 @@
-//! placeholder
+//! entwine's store: the seed's `physicalstate` and `digitalstate` tables, in PostgreSQL
+//! (production) or SQLite (the embedded default), behind one API.
+//!
+//! # Layout
+//! - [`Store`]: a connection pool to either backend, and the three writes of the pipeline
+//!   ([`Store::record_physical_event`], [`Store::record_shadow`], [`Store::evaluate_twin`]),
+//!   each idempotent: calling it again with the same input answers the row it already wrote.
+//! - [`StoreError`]: what went wrong, typed by who must act (the caller's input, the operator's
+//!   database, or a bug).
+//! - `migrations/` at the repository root: one folder per backend, embedded in the binary and
+//!   applied by [`Store::migrate`] (safe to run concurrently and repeatedly).
+//!
+//! Each query is written once, in PostgreSQL's `$n` placeholder form, and rewritten to SQLite's
+//! `?n` on first use. Statements are prepared once per pooled connection and cached (sqlx's
+//! default), where the seed opened a new connection for every call.
+//!
+//! # Example
+//! ```no_run
+//! # async fn example() -> Result<(), entwine_store::StoreError> {
+//! use entwine_store::{Store, StoreOptions};
+//! let store = Store::open("sqlite://entwine.db", &StoreOptions::default())?;
+//! store.migrate().await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod error;
+#[macro_use]
+mod queries;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use entwine_core::odte::{Lifecycle, OdteConfig, WindowStats};
+use entwine_core::state::{
+    DeviceId, DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState,
+};
+use entwine_core::InputError;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+pub use error::StoreError;
+use queries::{DigitalRow, PendingRow, PhysicalRow};
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a call waits for a connection before the store counts as unavailable.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A pool of connections to the twins' store.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// PostgreSQL, the production store (and the seed's).
+    Postgres(PgPool),
+    /// SQLite, the embedded default: one file, nothing to install.
+    Sqlite(SqlitePool),
+}
+
+/// Whether a write created its row or found the one an earlier call created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// This call inserted (or, for the twin, evaluated) the row.
+    Created,
+    /// An earlier call with the same input did; this one answered what it stored.
+    Existing,
+}
+
+impl Store {
+    /// A pool for `url`: `postgres://…`/`postgresql://…` or `sqlite://PATH` (the file is created
+    /// when missing). Connections are opened on first use, so this only fails on a bad URL; a
+    /// store that is down shows as [`StoreError::Unavailable`] on the first call.
+    pub fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "postgres" | "postgresql" => {
+                let connect = PgConnectOptions::from_str(url).map_err(|e| {
+                    StoreError::Url(format!("invalid PostgreSQL URL ({scheme}://…): {e}"))
+                })?;
+                Ok(Self::postgres(connect, options))
+            }
+            "sqlite" => {
+                let connect = SqliteConnectOptions::from_str(url)
+                    .map_err(|e| StoreError::Url(format!("invalid SQLite URL {url:?}: {e}")))?;
+                Ok(Self::sqlite(connect, options))
+            }
+            _ => Err(StoreError::Url(format!(
+                "unsupported database URL scheme {scheme:?}: expected postgres://, postgresql:// or sqlite://"
+            ))),
+        }
+    }
+
+    /// A PostgreSQL pool from connection options (the Fission functions build these from the
+    /// `postgres` ConfigMap and Secret).
+    pub fn postgres(connect: PgConnectOptions, options: &StoreOptions) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect.application_name("entwine"));
+        Self::Postgres(pool)
+    }
+
+    /// A SQLite pool: write-ahead log (readers never wait for the writer), foreign keys on, and
+    /// a busy timeout as long as the acquire timeout so concurrent writers queue, not fail.
+    pub fn sqlite(connect: SqliteConnectOptions, options: &StoreOptions) -> Self {
+        let connect = connect
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(options.acquire_timeout);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect);
+        Self::Sqlite(pool)
+    }
+
+    /// `postgres` or `sqlite`, for logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Creates the seed's tables when missing and adds entwine's keys and indexes. Safe to run
+    /// again and from several processes at once: PostgreSQL serialises migrators with an
+    /// advisory lock; SQLite serialises writers, and a migrator that lost the race retries and
+    /// finds the work done.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(pool) => POSTGRES_MIGRATIONS
+                .run(pool)
+                .await
+                .map_err(StoreError::from_migrate),
+            Self::Sqlite(pool) => {
+                let mut attempt = 0;
+                loop {
+                    match SQLITE_MIGRATIONS.run(pool).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) if attempt < 5 => {
+                            attempt += 1;
+                            tracing::debug!(error = %e, attempt, "sqlite migration raced, retrying");
+                            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                        }
+                        Err(e) => return Err(StoreError::from_migrate(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks that the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let result = match self {
+            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+        };
+        result.map_err(StoreError::from_sqlx)
+    }
+
+    /// Closes every connection, waiting for the ones in use to be returned.
+    pub async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+
+    /// Stores a physical event received at `now_ms`, unless the same device already sent an event
+    /// with the same device timestamp: then answers the state stored for it.
+    pub async fn record_physical_event(
+        &self,
+        event: &PhysicalEvent,
+        now_ms: i64,
+    ) -> Result<(PhysicalState, Written), StoreError> {
+        let device = event.device_id.as_str();
+        let inserted: Option<PhysicalRow> = fetch!(
+            self,
+            queries::INSERT_PHYSICAL,
+            fetch_optional,
+            PhysicalRow,
+            device,
+            event.device_timestamp,
+            now_ms,
+            event.temperature,
+            event.energy
+        )?;
+        if let Some(row) = inserted {
+            return Ok((row.into_state()?, Written::Created));
+        }
+        let existing: Option<PhysicalRow> = fetch!(
+            self,
+            queries::PHYSICAL_BY_EVENT,
+            fetch_optional,
+            PhysicalRow,
+            device,
+            event.device_timestamp
+        )?;
+        let row = existing.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "physical state of {device} at {} conflicted on insert but cannot be read",
+                event.device_timestamp
+            ))
+        })?;
+        let state = row.into_state()?;
+        if state.temperature != event.temperature || state.energy != event.energy {
+            tracing::warn!(
+                device_id = %device,
+                device_timestamp = event.device_timestamp,
+                "redelivered event carries other readings than the stored one; the stored one stands"
+            );
+        }
+        Ok((state, Written::Existing))
+    }
+
+    /// Creates the twin's pending copy of a stored physical state at `now_ms`, unless one
+    /// exists: then answers it. The readings are taken from the stored physical state.
+    ///
+    /// Rejects (as [`StoreError::Rejected`], naming the field) a physical state id that does not
+    /// exist or that belongs to another device than the input says.
+    pub async fn record_shadow(
+        &self,
+        physical: &PhysicalState,
+        now_ms: i64,
+    ) -> Result<(PendingDigitalState, Written), StoreError> {
+        let device = physical.device_id.as_str();
+        let inserted: Option<PendingRow> = fetch!(
+            self,
+            queries::INSERT_SHADOW,
+            fetch_optional,
+            PendingRow,
+            physical.id,
+            device,
+            now_ms
+        )?;
+        if let Some(row) = inserted {
+            return Ok((row.into_pending()?, Written::Created));
+        }
+        let existing: Option<PendingRow> = fetch!(
+            self,
+            queries::SHADOW_BY_PHYSICAL,
+            fetch_optional,
+            PendingRow,
+            physical.id
+        )?;
+        if let Some(row) = existing {
+            if row.device_id == device {
+                return Ok((row.into_pending()?, Written::Existing));
+            }
+            return Err(mismatch(
+                "device_id",
+                format!("physical state {}", physical.id),
+                &row.device_id,
+                device,
+            ));
+        }
+        let owner: Option<(Option<String>,)> = fetch!(
+            self,
+            queries::PHYSICAL_OWNER,
+            fetch_optional,
+            (Option<String>,),
+            physical.id
+        )?;
+        Err(match owner {
+            None => StoreError::Rejected(InputError::new(
+                "id",
+                format!("no physical state with id {}", physical.id),
+            )),
+            Some((owner,)) => mismatch(
+                "device_id",
+                format!("physical state {}", physical.id),
+                owner.as_deref().unwrap_or("no device"),
+                device,
+            ),
+        })
+    }
+
+    /// Evaluates a pending digital state: counts its device's window, computes the ODTE with
+    /// `config` and stores it on the same row. A state evaluated before is answered as stored,
+    /// so a repeated call neither changes it nor counts anything twice.
+    ///
+    /// Rejects an unknown id, or one whose stored device, physical state or timestamp differs
+    /// from the input.
+    pub async fn evaluate_twin(
+        &self,
+        pending: &PendingDigitalState,
+        config: &OdteConfig,
+    ) -> Result<(DigitalState, Written), StoreError> {
+        let row: Option<DigitalRow> = fetch!(
+            self,
+            queries::DIGITAL_WITH_WINDOW,
+            fetch_optional,
+            DigitalRow,
+            pending.id,
+            config.window_ms(),
+            config.timeliness_ms()
+        )?;
+        let row = row.ok_or_else(|| {
+            StoreError::Rejected(InputError::new(
+                "id",
+                format!("no digital state with id {}", pending.id),
+            ))
+        })?;
+        let what = format!("digital state {}", pending.id);
+        if row.device_id.as_deref() != Some(pending.device_id.as_str()) {
+            return Err(mismatch(
+                "device_id",
+                what,
+                row.device_id.as_deref().unwrap_or("no device"),
+                pending.device_id.as_str(),
+            ));
+        }
+        if row.physicalstate_id != Some(pending.physicalstate_id) {
+            return Err(mismatch(
+                "physicalstate_id",
+                what,
+                &display_opt(row.physicalstate_id),
+                &pending.physicalstate_id.to_string(),
+            ));
+        }
+        if row.timestamp != Some(pending.timestamp) {
+            return Err(mismatch(
+                "timestamp",
+                what,
+                &display_opt(row.timestamp),
+                &pending.timestamp.to_string(),
+            ));
+        }
+        let stored_pending = row.pending(pending.id)?;
+        if let Some(stored) = row.evaluation(stored_pending.clone())? {
+            return Ok((stored, Written::Existing));
+        }
+
+        let stats = WindowStats {
+            states: u64::try_from(row.window_states).unwrap_or(0),
+            timely: u64::try_from(row.window_timely).unwrap_or(0),
+        };
+        let state = DigitalState::new(stored_pending, &config.evaluate(stats));
+        let updated = execute!(
+            self,
+            queries::STORE_EVALUATION,
+            pending.id,
+            state.availability,
+            state.reliability,
+            state.timeliness,
+            state.odte,
+            state.lifecycle.as_str()
+        )?;
+        if updated == 1 {
+            return Ok((state, Written::Created));
+        }
+        // Another call evaluated the same state in between: answer what it stored.
+        let again: Option<DigitalRow> = fetch!(
+            self,
+            queries::DIGITAL_WITH_WINDOW,
+            fetch_optional,
+            DigitalRow,
+            pending.id,
+            config.window_ms(),
+            config.timeliness_ms()
+        )?;
+        let again = again
+            .ok_or_else(|| StoreError::Corrupt(format!("digital state {} vanished", pending.id)))?;
+        let stored = again
+            .evaluation(again.pending(pending.id)?)?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "digital state {} was neither evaluated nor updatable",
+                    pending.id
+                ))
+            })?;
+        Ok((stored, Written::Existing))
+    }
+}
+
+fn display_opt<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "none".to_owned(), |v| v.to_string())
+}
+
+fn mismatch(field: &str, what: String, stored: &str, given: &str) -> StoreError {
+    StoreError::Rejected(InputError::new(
+        field,
+        format!("{what} has {field} {stored}, not {given}"),
+    ))
+}
+
+fn stored_device(table: &str, id: i32, raw: &str) -> Result<DeviceId, StoreError> {
+    DeviceId::parse("device_id", raw)
+        .map_err(|e| StoreError::Corrupt(format!("{table} row {id}: {e}")))
+}
+
+fn stored_lifecycle(id: i32, raw: &str) -> Result<Lifecycle, StoreError> {
+    Lifecycle::parse(raw).ok_or_else(|| {
+        StoreError::Corrupt(format!("digitalstate row {id}: unknown lifecycle {raw:?}"))
+    })
+}

@@ -1,0 +1,4 @@
+//! Store tests, each against real PostgreSQL (a schema of its own) and SQLite (a file of its own).
+
+mod migrations;
+mod pipeline;

@@ -1,0 +1,278 @@
+//! Migrations: the seed's tables exactly, repeatable, concurrent, and an in-place upgrade of a
+//! database the seed system created.
+
+use entwine_core::odte::OdteConfig;
+use entwine_core::state::{DeviceId, PhysicalEvent};
+use entwine_store::{StoreError, Written};
+use entwine_testing::{execute, scalar, store_test, Location, TestStore};
+
+/// The seed's SQL, verbatim from its deployment guide.
+const SEED_SQL: &str = "
+CREATE TABLE physicalstate (
+    id SERIAL PRIMARY KEY,
+    device_id VARCHAR(255),
+    device_timestamp BIGINT,
+    timestamp BIGINT,
+    temperature REAL,
+    energy REAL
+);
+
+CREATE TABLE digitalstate (
+    id SERIAL PRIMARY KEY,
+    physicalstate_id INTEGER REFERENCES physicalstate(id),
+    device_id VARCHAR(255),
+    timestamp BIGINT,
+    temperature REAL,
+    energy REAL,
+    availability REAL,
+    reliability REAL,
+    timeliness REAL,
+    odte REAL,
+    lifecycle VARCHAR(255)
+);";
+
+const SEED_ROWS: &str = "
+INSERT INTO physicalstate (device_id, device_timestamp, timestamp, temperature, energy)
+VALUES ('iiot-device-1', 1700000000000, 1700000000120, 26.5, 2.5),
+       ('iiot-device-1', 1700000005000, 1700000005090, 26.7, 2.6);
+INSERT INTO digitalstate (physicalstate_id, device_id, timestamp, temperature, energy,
+                          availability, reliability, timeliness, odte, lifecycle)
+VALUES (1, 'iiot-device-1', 1700000000150, 26.5, 2.5, 1.0, 0.16666667, 1.0, 0.16666667, 'disentangled'),
+       (2, 'iiot-device-1', 1700000005110, 26.7, 2.6, 1.0, 0.33333334, 1.0, 0.33333334, 'disentangled');";
+
+#[tokio::test]
+async fn postgres_tables_have_the_seed_names_columns_and_types() {
+    let t = TestStore::postgres().await;
+    let Location::PostgresSchema { schema, .. } = &t.location else {
+        unreachable!()
+    };
+    let expected = [
+        ("digitalstate", "availability", "real"),
+        ("digitalstate", "device_id", "character varying(255)"),
+        ("digitalstate", "energy", "real"),
+        ("digitalstate", "id", "integer"),
+        ("digitalstate", "lifecycle", "character varying(255)"),
+        ("digitalstate", "odte", "real"),
+        ("digitalstate", "physicalstate_id", "integer"),
+        ("digitalstate", "reliability", "real"),
+        ("digitalstate", "temperature", "real"),
+        ("digitalstate", "timeliness", "real"),
+        ("digitalstate", "timestamp", "bigint"),
+        ("physicalstate", "device_id", "character varying(255)"),
+        ("physicalstate", "device_timestamp", "bigint"),
+        ("physicalstate", "energy", "real"),
+        ("physicalstate", "id", "integer"),
+        ("physicalstate", "temperature", "real"),
+        ("physicalstate", "timestamp", "bigint"),
+    ];
+    let entwine_store::Store::Postgres(pool) = &t.store else {
+        unreachable!()
+    };
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod)
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname IN ('physicalstate', 'digitalstate')
+           AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY 1, 2",
+    )
+    .bind(schema)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let columns: Vec<(&str, &str, &str)> = columns
+        .iter()
+        .map(|(t, c, y)| (t.as_str(), c.as_str(), y.as_str()))
+        .collect();
+    assert_eq!(columns, expected);
+    // SERIAL ids and the foreign key, as the seed has them.
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = current_schema() AND column_default LIKE 'nextval(%' AND column_name = 'id'").await,
+        2
+    );
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM information_schema.table_constraints WHERE table_schema = current_schema() AND table_name = 'digitalstate' AND constraint_type = 'FOREIGN KEY'").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn sqlite_tables_have_the_seed_names_columns_and_declared_types() {
+    let t = TestStore::sqlite().await;
+    let entwine_store::Store::Sqlite(pool) = &t.store else {
+        unreachable!()
+    };
+    let columns: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, type FROM pragma_table_info('digitalstate') ORDER BY cid")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "id",
+            "physicalstate_id",
+            "device_id",
+            "timestamp",
+            "temperature",
+            "energy",
+            "availability",
+            "reliability",
+            "timeliness",
+            "odte",
+            "lifecycle"
+        ]
+    );
+    assert_eq!(columns[2].1, "VARCHAR(255)");
+    assert_eq!(columns[3].1, "BIGINT");
+    assert_eq!(columns[9].1, "REAL");
+}
+
+store_test!(migrating_again_changes_nothing, |t| async move {
+    t.store
+        .record_physical_event(
+            &PhysicalEvent {
+                device_id: DeviceId::parse("device_id", "d").unwrap(),
+                device_timestamp: 1_700_000_000_000,
+                temperature: 1.0,
+                energy: 2.0,
+            },
+            1_700_000_000_000,
+        )
+        .await
+        .unwrap();
+    t.store.migrate().await.unwrap();
+    t.reopen().migrate().await.unwrap();
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
+        1
+    );
+});
+
+async fn migrate_concurrently(t: &TestStore) {
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let store = t.reopen();
+            tokio::spawn(async move { store.migrate().await })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .unwrap()
+            .expect("every concurrent migration succeeds");
+    }
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM _sqlx_migrations").await,
+        2
+    );
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_of_a_fresh_postgres_schema_all_succeed() {
+    migrate_concurrently(&TestStore::postgres_empty().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_of_a_fresh_sqlite_file_all_succeed() {
+    migrate_concurrently(&TestStore::sqlite_empty()).await;
+}
+
+#[tokio::test]
+async fn a_seed_database_is_upgraded_in_place_with_its_rows() {
+    let t = TestStore::postgres_empty().await;
+    execute(&t.store, SEED_SQL).await;
+    execute(&t.store, SEED_ROWS).await;
+    t.store.migrate().await.unwrap();
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
+        2
+    );
+    assert_eq!(
+        scalar(
+            &t.store,
+            "SELECT COUNT(*) FROM digitalstate WHERE lifecycle = 'disentangled'"
+        )
+        .await,
+        2
+    );
+
+    // The seed's history counts in the next evaluation, and the seed's ids carry on.
+    let config = OdteConfig::seed_default();
+    let (physical, written) = t
+        .store
+        .record_physical_event(
+            &PhysicalEvent {
+                device_id: DeviceId::parse("device_id", "iiot-device-1").unwrap(),
+                device_timestamp: 1_700_000_010_000,
+                temperature: 26.9,
+                energy: 2.7,
+            },
+            1_700_000_010_050,
+        )
+        .await
+        .unwrap();
+    assert_eq!((physical.id, written), (3, Written::Created));
+    let (pending, _) = t
+        .store
+        .record_shadow(&physical, 1_700_000_010_060)
+        .await
+        .unwrap();
+    let (digital, _) = t.store.evaluate_twin(&pending, &config).await.unwrap();
+    assert_eq!(
+        digital.reliability, 0.5,
+        "three states in the window: two from the seed"
+    );
+    // A redelivery of a seed-era event is recognised too.
+    let (old, written) = t
+        .store
+        .record_physical_event(
+            &PhysicalEvent {
+                device_id: DeviceId::parse("device_id", "iiot-device-1").unwrap(),
+                device_timestamp: 1_700_000_000_000,
+                temperature: 26.5,
+                energy: 2.5,
+            },
+            1_700_000_011_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!((old.id, written), (1, Written::Existing));
+}
+
+#[tokio::test]
+async fn a_seed_database_with_duplicate_events_is_refused_with_the_reason_and_left_intact() {
+    let t = TestStore::postgres_empty().await;
+    execute(&t.store, SEED_SQL).await;
+    execute(&t.store, SEED_ROWS).await;
+    execute(
+        &t.store,
+        "INSERT INTO physicalstate (device_id, device_timestamp, timestamp, temperature, energy)
+         VALUES ('iiot-device-1', 1700000000000, 1700000000300, 26.5, 2.5)",
+    )
+    .await;
+    let err = t.store.migrate().await.unwrap_err();
+    let chain = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    assert!(matches!(err, StoreError::Migrate(_)), "{err:?}");
+    assert!(
+        chain.contains("occur more than once in physicalstate"),
+        "{chain}"
+    );
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
+        3
+    );
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname = 'physicalstate_device_event_key'").await,
+        0
+    );
+}

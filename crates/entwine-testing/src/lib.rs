@@ -1,0 +1,249 @@
+//! Test support shared by entwine's crates (a dev-dependency only): every test gets its own
+//! store, so tests run in parallel against the real PostgreSQL and never see each other's rows.
+//!
+//! - [`TestStore::postgres`]: a fresh schema in the test database, dropped afterwards.
+//! - [`TestStore::sqlite`]: a fresh SQLite file in a temporary directory.
+//! - [`TestDatabase::create`]: a fresh PostgreSQL *database*, for processes that are configured
+//!   with host, port and database name rather than a URL (the Fission function binaries).
+//!
+//! The server is `ENTWINE_TEST_DATABASE_URL`, by default
+//! `postgres://postgres:postgres@127.0.0.1:5432/postgres` (`scripts/test` makes it reachable).
+#![warn(missing_docs)]
+
+use std::str::FromStr;
+
+use entwine_store::{Store, StoreOptions};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+/// The PostgreSQL server tests use.
+pub fn postgres_url() -> String {
+    std::env::var("ENTWINE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn admin_options() -> PgConnectOptions {
+    PgConnectOptions::from_str(&postgres_url()).expect("ENTWINE_TEST_DATABASE_URL is a valid URL")
+}
+
+async fn admin(sql: &str) {
+    let mut conn = admin_options()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach test PostgreSQL at {}: {e}", postgres_url()));
+    sqlx::raw_sql(sql)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let _ = conn.close().await;
+}
+
+/// Runs `sql` on the admin connection from a plain thread: usable from `Drop`, inside or outside
+/// a runtime.
+fn admin_blocking(sql: String) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(async {
+                if let Ok(mut conn) = admin_options().connect().await {
+                    let _ = sqlx::raw_sql(&sql).execute(&mut conn).await;
+                    let _ = conn.close().await;
+                }
+            });
+        }
+    })
+    .join();
+}
+
+fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A store of its own for one test.
+pub struct TestStore {
+    /// The store under test.
+    pub store: Store,
+    /// How to reach it: a URL for SQLite, connection options for PostgreSQL.
+    pub location: Location,
+    cleanup: Cleanup,
+}
+
+/// Where a test store lives.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A schema of the test PostgreSQL database.
+    PostgresSchema {
+        /// Options that select the schema through `search_path`.
+        options: PgConnectOptions,
+        /// The schema's name.
+        schema: String,
+    },
+    /// A SQLite file.
+    Sqlite {
+        /// `sqlite://…` URL of the file.
+        url: String,
+    },
+}
+
+enum Cleanup {
+    Schema(String),
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+}
+
+impl TestStore {
+    /// A fresh, empty (not migrated) schema in the test PostgreSQL database.
+    pub async fn postgres_empty() -> Self {
+        let schema = unique_name("t");
+        admin(&format!("CREATE SCHEMA {schema}")).await;
+        let options = admin_options().options([("search_path", schema.as_str())]);
+        Self {
+            store: Store::postgres(options.clone(), &StoreOptions::default()),
+            location: Location::PostgresSchema {
+                options,
+                schema: schema.clone(),
+            },
+            cleanup: Cleanup::Schema(schema),
+        }
+    }
+
+    /// A fresh, empty (not migrated) SQLite file.
+    pub fn sqlite_empty() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("entwine.db").display());
+        let store = Store::open(&url, &StoreOptions::default()).expect("valid sqlite URL");
+        Self {
+            store,
+            location: Location::Sqlite { url },
+            cleanup: Cleanup::Dir(dir),
+        }
+    }
+
+    /// A fresh, migrated PostgreSQL schema.
+    pub async fn postgres() -> Self {
+        let this = Self::postgres_empty().await;
+        this.store.migrate().await.expect("migrations apply");
+        this
+    }
+
+    /// A fresh, migrated SQLite file.
+    pub async fn sqlite() -> Self {
+        let this = Self::sqlite_empty();
+        this.store.migrate().await.expect("migrations apply");
+        this
+    }
+
+    /// Another pool on the same store, as a second process would open.
+    pub fn reopen(&self) -> Store {
+        match &self.location {
+            Location::PostgresSchema { options, .. } => {
+                Store::postgres(options.clone(), &StoreOptions::default())
+            }
+            Location::Sqlite { url } => {
+                Store::open(url, &StoreOptions::default()).expect("valid sqlite URL")
+            }
+        }
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        if let Cleanup::Schema(schema) = &self.cleanup {
+            admin_blocking(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+    }
+}
+
+/// A fresh PostgreSQL database for one test, dropped afterwards.
+pub struct TestDatabase {
+    /// Its name.
+    pub name: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database.
+    pub async fn create() -> Self {
+        let name = unique_name("entwine_test");
+        admin(&format!("CREATE DATABASE {name}")).await;
+        Self { name }
+    }
+
+    /// Connection options for it.
+    pub fn options(&self) -> PgConnectOptions {
+        admin_options().database(&self.name)
+    }
+
+    /// A URL for it.
+    pub fn url(&self) -> String {
+        let base = postgres_url();
+        let (server, _) = base.rsplit_once('/').expect("URL has a database path");
+        format!("{server}/{}", self.name)
+    }
+
+    /// A migrated store on it.
+    pub async fn migrated_store(&self) -> Store {
+        let store = Store::postgres(self.options(), &StoreOptions::default());
+        store.migrate().await.expect("migrations apply");
+        store
+    }
+
+    /// A connection to it, for assertions on its rows.
+    pub async fn connect(&self) -> PgConnection {
+        self.options()
+            .connect()
+            .await
+            .expect("test database reachable")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        admin_blocking(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// Runs raw SQL (several statements allowed) on a store, for setting up a test.
+pub async fn execute(store: &Store, sql: &str) {
+    let result = match store {
+        Store::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        Store::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+    };
+    result.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The value of a single-integer query (`SELECT COUNT(*) …`), for assertions.
+pub async fn scalar(store: &Store, sql: &str) -> i64 {
+    let result = match store {
+        Store::Postgres(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await,
+        Store::Sqlite(pool) => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await,
+    };
+    result.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Generates one test per backend from an async body taking a migrated `TestStore`:
+/// `store_test!(name, |t| async move { … })` makes `name::postgres` and `name::sqlite`.
+#[macro_export]
+macro_rules! store_test {
+    ($name:ident, |$t:ident| $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let $t = $crate::TestStore::postgres().await;
+                $body.await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let $t = $crate::TestStore::sqlite().await;
+                $body.await
+            }
+        }
+    };
+}
