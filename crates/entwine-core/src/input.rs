@@ -30,15 +30,112 @@ impl InputError {
 }
 
 /// Parses `bytes` as a JSON object.
+///
+/// Python's `json.dumps` writes `NaN`, `Infinity` and `-Infinity` for non-finite floats, and
+/// `1e999` overflows to infinity: neither is a number JSON can carry. Rather than answer "not
+/// valid JSON" for those, the body is read once more with each such token marked, and the
+/// error names the field that held it.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, InputError> {
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| InputError::new("body", format!("not valid JSON: {e}")))?;
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(value) => value,
+        Err(e) => {
+            return Err(non_finite_field(bytes)
+                .unwrap_or_else(|| InputError::new("body", format!("not valid JSON: {e}"))))
+        }
+    };
     match value {
         Value::Object(map) => Ok(map),
         other => Err(InputError::new(
             "body",
             format!("expected a JSON object, got {}", kind(&other)),
         )),
+    }
+}
+
+/// Marks a value that was a non-finite number token in the raw body.
+const NON_FINITE_MARK: &str = "\u{0}entwine-non-finite\u{0}";
+
+/// The field holding the first non-finite number of a body that strict JSON refused, if that is
+/// why it was refused.
+fn non_finite_field(bytes: &[u8]) -> Option<InputError> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut marked = String::with_capacity(text.len());
+    let mut found = None;
+    let mut chars = text.char_indices().peekable();
+    let mut in_string = false;
+    while let Some((i, c)) = chars.next() {
+        if in_string {
+            marked.push(c);
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        marked.push(escaped);
+                    }
+                }
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        let token_end = |start: usize| {
+            text[start..]
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || "+-.".contains(ch)))
+                .map_or(text.len(), |n| start + n)
+        };
+        match c {
+            '"' => {
+                in_string = true;
+                marked.push(c);
+            }
+            '-' | '0'..='9' | 'N' | 'I' => {
+                let end = token_end(i);
+                let token = &text[i..end];
+                let non_finite = matches!(token, "NaN" | "Infinity" | "-Infinity")
+                    || token.parse::<f64>().is_ok_and(|f| f.is_infinite());
+                if non_finite {
+                    found.get_or_insert(token.to_owned());
+                    marked.push('"');
+                    marked.push_str(&NON_FINITE_MARK.replace('\u{0}', "\\u0000"));
+                    marked.push('"');
+                } else {
+                    marked.push_str(token);
+                }
+                while chars.peek().is_some_and(|(j, _)| *j < end) {
+                    chars.next();
+                }
+            }
+            _ => marked.push(c),
+        }
+    }
+    let token = found?;
+    let value: Value = serde_json::from_str(&marked).ok()?;
+    let path = find_mark(&value, "")?;
+    Some(InputError::new(
+        if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        },
+        format!("must be a finite number, got {token}"),
+    ))
+}
+
+fn find_mark(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::String(s) if s == NON_FINITE_MARK => Some(path.to_owned()),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let child = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            find_mark(v, &child)
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| find_mark(v, &format!("{path}[{i}]"))),
+        _ => None,
     }
 }
 
@@ -205,11 +302,40 @@ mod tests {
     }
 
     #[test]
-    fn an_overflowing_number_is_not_finite() {
-        let m = parse_object(br#"{"x": 1e999}"#);
-        // serde_json refuses 1e999 outright; either way it never becomes a value.
-        if let Ok(m) = m {
-            assert!(Fields::new(&m).number("x").is_err());
+    fn non_finite_numbers_are_named_by_their_field() {
+        let cases: [(&[u8], &str, &str); 5] = [
+            (br#"{"x": 1e999}"#, "x", "1e999"),
+            (br#"{"a": 1, "data": {"t": NaN}}"#, "data.t", "NaN"),
+            (
+                br#"{"data": {"e": -Infinity, "t": 2}}"#,
+                "data.e",
+                "-Infinity",
+            ),
+            (
+                br#"{"s": "NaN \" Infinity", "v": [1, Infinity]}"#,
+                "v[1]",
+                "Infinity",
+            ),
+            (br#"{"a": -1e400}"#, "a", "-1e400"),
+        ];
+        for (body, field, token) in cases {
+            let err = parse_object(body).unwrap_err();
+            assert_eq!(err.field, field, "{}", String::from_utf8_lossy(body));
+            assert_eq!(err.reason, format!("must be a finite number, got {token}"));
         }
+    }
+
+    #[test]
+    fn strings_that_spell_nan_are_not_numbers() {
+        let m = parse_object(br#"{"x": "NaN"}"#).unwrap();
+        assert_eq!(
+            Fields::new(&m).number("x").unwrap_err().reason,
+            "expected a number, got a string"
+        );
+        // A body broken for another reason is still reported as such.
+        assert!(parse_object(br#"{"x": NaN,,}"#)
+            .unwrap_err()
+            .reason
+            .starts_with("not valid JSON"));
     }
 }

@@ -37,12 +37,14 @@ use entwine_core::state::{
 };
 use entwine_core::InputError;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
 pub use error::StoreError;
 use queries::{DigitalRow, PendingRow, PhysicalRow};
+/// PostgreSQL connection options, for callers that assemble them from parts.
+pub use sqlx::postgres::PgConnectOptions;
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");

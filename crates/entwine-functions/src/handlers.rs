@@ -1,0 +1,193 @@
+//! The four functions as plain async handlers: JSON object in, state out. No HTTP here, so the
+//! local router, the Fission binaries and the tests all run the same code.
+
+use std::sync::Arc;
+
+use entwine_core::odte::OdteConfig;
+use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState};
+use entwine_core::InputError;
+use entwine_store::{Store, StoreError, Written};
+use serde_json::{Map, Value};
+
+/// A source of the current time in ms since the Unix epoch. Injected so tests choose the
+/// shadow timestamps that the ODTE window depends on.
+pub trait Clock: Send + Sync + 'static {
+    /// Now, in ms since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// Why a function refused or failed a call.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    /// The input is malformed.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The four twin functions of the seed system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Function {
+    /// `POST /physicalevents`: device payload → physical state.
+    PhysicalEvent,
+    /// `POST /physicalstates`: physical state → pending digital state.
+    Shadow,
+    /// `POST /pendingdigitalstates`: pending digital state → digital state with its ODTE.
+    Twin,
+    /// `POST /digitalstates`: digital state → logged and echoed.
+    DigitalEvent,
+}
+
+impl Function {
+    /// All four, in pipeline order.
+    pub const ALL: [Function; 4] = [
+        Function::PhysicalEvent,
+        Function::Shadow,
+        Function::Twin,
+        Function::DigitalEvent,
+    ];
+
+    /// The function's name, which is also its binary's and its Fission function's.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PhysicalEvent => "physical-event-handler",
+            Self::Shadow => "shadow-handler",
+            Self::Twin => "twin-handler",
+            Self::DigitalEvent => "digital-event-handler",
+        }
+    }
+
+    /// The seed's route for it.
+    pub fn route(self) -> &'static str {
+        match self {
+            Self::PhysicalEvent => "/physicalevents",
+            Self::Shadow => "/physicalstates",
+            Self::Twin => "/pendingdigitalstates",
+            Self::DigitalEvent => "/digitalstates",
+        }
+    }
+
+    /// Whether it reads or writes the store (the digital-event handler does not).
+    pub fn needs_store(self) -> bool {
+        !matches!(self, Self::DigitalEvent)
+    }
+
+    /// The function named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// The functions that work on the store, with what they share.
+#[derive(Clone)]
+pub struct TwinFunctions {
+    store: Store,
+    odte: OdteConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for TwinFunctions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TwinFunctions")
+            .field("store", &self.store.backend())
+            .field("odte", &self.odte)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TwinFunctions {
+    /// Functions over `store`, evaluating twins with `odte`, reading time from `clock`.
+    pub fn new(store: Store, odte: OdteConfig, clock: Arc<dyn Clock>) -> Self {
+        Self { store, odte, clock }
+    }
+
+    /// The store they write to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The clock they read.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// physical-event-handler: stores the device's event as a physical state, stamped now.
+    #[tracing::instrument(name = "physical-event-handler", skip_all, fields(device_id))]
+    pub async fn physical_event(
+        &self,
+        input: &Map<String, Value>,
+    ) -> Result<PhysicalState, FunctionError> {
+        let now = self.clock.now_ms();
+        let event = PhysicalEvent::from_json(input, now)?;
+        tracing::Span::current().record("device_id", event.device_id.as_str());
+        let (state, written) = self.store.record_physical_event(&event, now).await?;
+        log_written(written, "physical state", state.id);
+        Ok(state)
+    }
+
+    /// shadow-handler: makes the twin's pending copy of a physical state, stamped now.
+    #[tracing::instrument(name = "shadow-handler", skip_all, fields(device_id))]
+    pub async fn shadow(
+        &self,
+        input: &Map<String, Value>,
+    ) -> Result<PendingDigitalState, FunctionError> {
+        let now = self.clock.now_ms();
+        let physical = PhysicalState::from_json(input, now)?;
+        tracing::Span::current().record("device_id", physical.device_id.as_str());
+        let (pending, written) = self.store.record_shadow(&physical, now).await?;
+        log_written(written, "digital state", pending.id);
+        Ok(pending)
+    }
+
+    /// twin-handler: computes the ODTE of a pending digital state over its device's window.
+    #[tracing::instrument(name = "twin-handler", skip_all, fields(device_id))]
+    pub async fn twin(&self, input: &Map<String, Value>) -> Result<DigitalState, FunctionError> {
+        let pending = PendingDigitalState::from_json(input, self.clock.now_ms())?;
+        tracing::Span::current().record("device_id", pending.device_id.as_str());
+        let (digital, written) = self.store.evaluate_twin(&pending, &self.odte).await?;
+        log_written(written, "evaluation of digital state", digital.pending.id);
+        Ok(digital)
+    }
+}
+
+/// digital-event-handler: validates a digital state, logs it and echoes it (as the seed does).
+#[tracing::instrument(name = "digital-event-handler", skip_all, fields(device_id))]
+pub fn digital_event(
+    input: &Map<String, Value>,
+    clock: &dyn Clock,
+) -> Result<DigitalState, FunctionError> {
+    let digital = DigitalState::from_json(input, clock.now_ms())?;
+    tracing::Span::current().record("device_id", digital.pending.device_id.as_str());
+    tracing::info!(
+        id = digital.pending.id,
+        odte = digital.odte,
+        availability = digital.availability,
+        reliability = digital.reliability,
+        timeliness = digital.timeliness,
+        lifecycle = digital.lifecycle.as_str(),
+        "digital state"
+    );
+    Ok(digital)
+}
+
+fn log_written(written: Written, what: &str, id: i32) {
+    match written {
+        Written::Created => tracing::debug!(id, "{what} stored"),
+        Written::Existing => tracing::info!(id, "{what} existed already: redelivery answered"),
+    }
+}

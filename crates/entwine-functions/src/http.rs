@@ -1,0 +1,211 @@
+//! HTTP adapters: the functions behind axum routers, with the seed's error shape
+//! (`{"error": "…"}`) and truthful statuses (400 bad input, 503 store unavailable).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use entwine_core::input::parse_object;
+use entwine_core::InputError;
+use entwine_store::StoreError;
+use serde_json::{json, Map, Value};
+
+use crate::handlers::{digital_event, Clock, Function, FunctionError, TwinFunctions};
+
+/// Largest request body accepted: 64 KiB. The seed device's largest configurable payload is far
+/// below it; anything bigger is a mistake or an attack.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A function failure as an HTTP response.
+#[derive(Debug)]
+pub struct ApiError(FunctionError);
+
+impl From<FunctionError> for ApiError {
+    fn from(e: FunctionError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> Self {
+        Self(FunctionError::Input(e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self.0 {
+            FunctionError::Input(e) | FunctionError::Store(StoreError::Rejected(e)) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.to_string(), "field": e.field}),
+            ),
+            FunctionError::Store(e @ (StoreError::Unavailable(_) | StoreError::NotMigrated(_))) => {
+                tracing::warn!(error = %error_chain(e), "store unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": e.to_string()}),
+                )
+            }
+            FunctionError::Store(e) => {
+                tracing::error!(error = %error_chain(e), "function failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "internal error"}),
+                )
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// An error and its causes, `: `-separated, for one log line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Reads a request body as a JSON object: `Content-Type: application/json` (or `…+json`), at
+/// most [`MAX_BODY_BYTES`], valid JSON, an object.
+pub async fn json_object(request: Request) -> Result<Map<String, Value>, InputError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
+    let is_json = content_type.as_deref().is_some_and(|ct| {
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+    });
+    if !is_json {
+        return Err(InputError::new(
+            "content-type",
+            format!(
+                "expected application/json, got {}",
+                content_type.as_deref().unwrap_or("none")
+            ),
+        ));
+    }
+    let too_large = || InputError::new("body", format!("larger than {MAX_BODY_BYTES} bytes"));
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_large())?;
+    parse_object(&bytes)
+}
+
+async fn physical_event(
+    State(functions): State<Arc<TwinFunctions>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let input = json_object(request).await?;
+    Ok(Json(functions.physical_event(&input).await?).into_response())
+}
+
+async fn shadow(
+    State(functions): State<Arc<TwinFunctions>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let input = json_object(request).await?;
+    Ok(Json(functions.shadow(&input).await?).into_response())
+}
+
+async fn twin(
+    State(functions): State<Arc<TwinFunctions>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let input = json_object(request).await?;
+    Ok(Json(functions.twin(&input).await?).into_response())
+}
+
+async fn digital(
+    State(clock): State<Arc<dyn Clock>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let input = json_object(request).await?;
+    Ok(Json(digital_event(&input, clock.as_ref())?).into_response())
+}
+
+/// The router of one store-backed function, answering POST on `/` (what Fission's router sends
+/// to a function behind an exact-path trigger) and on the function's own route.
+/// [`Function::DigitalEvent`] gets [`digital_event_router`], which does not touch the store.
+pub fn function_router(function: Function, functions: Arc<TwinFunctions>) -> Router {
+    if function == Function::DigitalEvent {
+        return digital_event_router(functions.clock().clone());
+    }
+    let handler = match function {
+        Function::PhysicalEvent => post(physical_event),
+        Function::Shadow => post(shadow),
+        Function::Twin | Function::DigitalEvent => post(twin),
+    };
+    with_fallbacks(
+        Router::new()
+            .route("/", handler.clone())
+            .route(function.route(), handler)
+            .with_state(functions),
+    )
+}
+
+/// The digital-event handler's router: `/` and `/digitalstates`. It needs no store.
+pub fn digital_event_router(clock: Arc<dyn Clock>) -> Router {
+    with_fallbacks(
+        Router::new()
+            .route("/", post(digital))
+            .route(Function::DigitalEvent.route(), post(digital))
+            .with_state(clock),
+    )
+}
+
+/// All four functions on their seed routes, as Fission's router exposes them: the local router.
+pub fn router(functions: Arc<TwinFunctions>) -> Router {
+    let clock = functions.clock().clone();
+    with_fallbacks(
+        Router::new()
+            .route(Function::PhysicalEvent.route(), post(physical_event))
+            .route(Function::Shadow.route(), post(shadow))
+            .route(Function::Twin.route(), post(twin))
+            .with_state(functions)
+            .route(
+                Function::DigitalEvent.route(),
+                post(digital).with_state(clock),
+            ),
+    )
+}
+
+fn with_fallbacks(router: Router) -> Router {
+    router
+        .fallback(|request: Request<Body>| async move {
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": format!("no function at {}", request.uri().path())})),
+            )
+        })
+        .method_not_allowed_fallback(|request: Request<Body>| async move {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(
+                    json!({"error": format!("{} is not allowed here, use POST", request.method())}),
+                ),
+            )
+        })
+}

@@ -1,0 +1,249 @@
+//! Each function binary started the way the Fission Rust environment starts it: its own working
+//! directory, `FISSION_RUNTIME_PORT`, ConfigMaps and Secret mounted as files under a temporary
+//! root. Then the four-step chain over HTTP with the seed's payloads, against real PostgreSQL.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use entwine_testing::TestDatabase;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use crate::settings::{mount, SEED_ODTE};
+use crate::support::*;
+
+struct Running {
+    child: Child,
+    url: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `binary` as the runtime would: cwd = where the package was unpacked, port variable,
+/// mounts; waits until it accepts connections.
+async fn start(binary: &str, root: &Path) -> Running {
+    let port = free_port();
+    let userfunc = root.join("userfunc");
+    std::fs::create_dir_all(&userfunc).unwrap();
+    let child = Command::new(binary)
+        .current_dir(&userfunc)
+        .env_clear()
+        .env("FISSION_RUNTIME_PORT", port.to_string())
+        .env("PORT", port.to_string())
+        .env("ENTWINE_CONFIG_ROOT", root.join("configs"))
+        .env("ENTWINE_SECRET_ROOT", root.join("secrets"))
+        .env("ENTWINE_PODINFO_DIR", root.join("podinfo"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{binary} did not listen within 30 s (the runtime's limit)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Running {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn stop(mut running: Running) {
+    let pid = running.child.id().expect("still running") as i32;
+    // SIGTERM, as Kubernetes sends it; the function drains and exits 0.
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), running.child.wait())
+        .await
+        .expect("exits within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let response = client.post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+fn mount_seed_configuration(root: &Path, db: &TestDatabase) {
+    let options = db.options();
+    let port = options.get_port().to_string();
+    let configs = root.join("configs");
+    // The seed's postgres ConfigMap, with the password moved to a Secret.
+    mount(
+        &configs,
+        "default",
+        "postgres",
+        &[
+            ("database", db.name.as_str()),
+            ("user", "postgres"),
+            ("host", options.get_host()),
+            ("port", port.as_str()),
+        ],
+    );
+    mount(&configs, "default", "odte", &SEED_ODTE);
+    mount(
+        &root.join("secrets"),
+        "default",
+        "postgres",
+        &[("password", "postgres")],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_binary_serves_its_step_of_the_seed_chain_as_the_fission_runtime_starts_it() {
+    let db = TestDatabase::create().await;
+    db.migrated_store().await.close().await;
+    let root = tempfile::tempdir().unwrap();
+    mount_seed_configuration(root.path(), &db);
+
+    let physical_fn = start(env!("CARGO_BIN_EXE_physical-event-handler"), root.path()).await;
+    let shadow_fn = start(env!("CARGO_BIN_EXE_shadow-handler"), root.path()).await;
+    let twin_fn = start(env!("CARGO_BIN_EXE_twin-handler"), root.path()).await;
+    let digital_fn = start(env!("CARGO_BIN_EXE_digital-event-handler"), root.path()).await;
+    let client = reqwest::Client::new();
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut last = Value::Null;
+    for i in 0..6 {
+        // Fission's router hands an exact-path trigger's request to the function as `/`.
+        let event = seed_event("iiot-device-1", now - 30_000 + i * 5_000);
+        let (status, physical) = post(&client, &format!("{}/", physical_fn.url), &event).await;
+        assert_eq!(status, 200, "{physical}");
+        assert_eq!(keys(&physical), PHYSICAL_STATE_KEYS);
+        let (status, pending) = post(&client, &format!("{}/", shadow_fn.url), &physical).await;
+        assert_eq!(status, 200, "{pending}");
+        assert_eq!(keys(&pending), PENDING_KEYS);
+        let (status, digital) = post(&client, &format!("{}/", twin_fn.url), &pending).await;
+        assert_eq!(status, 200, "{digital}");
+        assert_eq!(keys(&digital), DIGITAL_KEYS);
+        // Each event arrives (its shadow time) within 30 s of the first, so all share a window,
+        // but arrives late: the device times lie 5-30 s back, beyond the desired 1 s.
+        assert_eq!(
+            real(&digital["reliability"]),
+            ((i + 1) as f64 / 6.0) as f32,
+            "{digital}"
+        );
+        assert_eq!(digital["timeliness"], json!(0.0));
+        assert_eq!(digital["odte"], json!(0.0));
+        assert_eq!(digital["lifecycle"], "disentangled");
+        let (status, echoed) = post(&client, &format!("{}/", digital_fn.url), &digital).await;
+        assert_eq!(status, 200);
+        assert_eq!(echoed, digital);
+        last = digital;
+    }
+    // The route path is answered too, and a redelivery is answered with the stored state.
+    let (status, again) = post(
+        &client,
+        &format!("{}/pendingdigitalstates", twin_fn.url),
+        &{
+            let mut pending = last.clone();
+            for k in [
+                "availability",
+                "reliability",
+                "timeliness",
+                "odte",
+                "lifecycle",
+            ] {
+                pending.as_object_mut().unwrap().remove(k);
+            }
+            pending
+        },
+    )
+    .await;
+    assert_eq!((status, &again), (200, &last));
+    // Bad input through the binary: 400 with the seed's error shape.
+    let (status, error) = post(
+        &client,
+        &format!("{}/", physical_fn.url),
+        &json!({"device_id": "x"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"].as_str().unwrap().starts_with("timestamp: "),
+        "{error}"
+    );
+
+    for running in [physical_fn, shadow_fn, twin_fn, digital_fn] {
+        stop(running).await;
+    }
+    let mut conn = db.connect().await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM digitalstate WHERE odte IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, 6);
+}
+
+#[tokio::test]
+async fn a_binary_with_a_bad_configuration_exits_with_the_reason() {
+    let root = tempfile::tempdir().unwrap();
+    mount(
+        &root.path().join("configs"),
+        "default",
+        "odte",
+        &[("expected_update_rate", "0")],
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_twin-handler"))
+        .env_clear()
+        .env("ENTWINE_CONFIG_ROOT", root.path().join("configs"))
+        .env("ENTWINE_PODINFO_DIR", root.path().join("podinfo"))
+        .env("DATABASE_URL", "postgres://localhost/x")
+        .env("FISSION_RUNTIME_PORT", free_port().to_string())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("expected_update_rate must be a finite number above 0"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_binary_whose_database_is_down_still_starts_and_answers_503() {
+    let root = tempfile::tempdir().unwrap();
+    let closed = free_port();
+    let configs = root.path().join("configs");
+    mount(
+        &configs,
+        "default",
+        "postgres",
+        &[
+            ("database", "postgres"),
+            ("user", "postgres"),
+            ("host", "127.0.0.1"),
+            ("port", closed.to_string().as_str()),
+        ],
+    );
+    let running = start(env!("CARGO_BIN_EXE_physical-event-handler"), root.path()).await;
+    let client = reqwest::Client::new();
+    let (status, answer) = post(&client, &format!("{}/", running.url), &seed_event("d", T0)).await;
+    assert_eq!(status, 503, "{answer}");
+    stop(running).await;
+}

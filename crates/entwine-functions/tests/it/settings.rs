@@ -1,0 +1,212 @@
+//! Settings from Fission's mounts, the Secret and the environment.
+
+use std::path::Path;
+
+use entwine_functions::fission::{load, DatabaseSettings, Environment, SettingsError};
+use entwine_functions::handlers::Function;
+
+/// Writes a mounted ConfigMap or Secret: one file per key, as Fission's fetcher does.
+pub(crate) fn mount(root: &Path, namespace: &str, name: &str, pairs: &[(&str, &str)]) {
+    let dir = root.join(namespace).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (key, value) in pairs {
+        std::fs::write(dir.join(key), value).unwrap();
+    }
+}
+
+pub(crate) const SEED_POSTGRES: [(&str, &str); 5] = [
+    ("database", "twins"),
+    ("user", "entwine"),
+    ("password", "from-configmap"),
+    ("host", "postgres"),
+    ("port", "5432"),
+];
+
+pub(crate) const SEED_ODTE: [(&str, &str); 4] = [
+    ("expected_update_rate", "0.2"),
+    ("time_window", "30"),
+    ("desired_timeliness", "1"),
+    ("threshold", "0.9"),
+];
+
+fn env(root: &Path, extra: &[(&str, &str)]) -> Environment {
+    let mut vars = vec![
+        (
+            "ENTWINE_CONFIG_ROOT".to_owned(),
+            root.join("configs").display().to_string(),
+        ),
+        (
+            "ENTWINE_SECRET_ROOT".to_owned(),
+            root.join("secrets").display().to_string(),
+        ),
+        (
+            "ENTWINE_PODINFO_DIR".to_owned(),
+            root.join("podinfo").display().to_string(),
+        ),
+    ];
+    vars.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    Environment::from_vars(vars)
+}
+
+fn postgres(
+    settings: &entwine_functions::fission::FunctionSettings,
+) -> &entwine_store::PgConnectOptions {
+    match settings.database.as_ref().expect("a database") {
+        DatabaseSettings::Postgres(options) => options,
+        DatabaseSettings::Url(_) => panic!("expected options from the mounts"),
+    }
+}
+
+#[test]
+fn the_seed_configmaps_as_they_are_configure_the_twin_handler() {
+    let root = tempfile::tempdir().unwrap();
+    mount(
+        &root.path().join("configs"),
+        "fission-function",
+        "postgres",
+        &SEED_POSTGRES,
+    );
+    mount(
+        &root.path().join("configs"),
+        "fission-function",
+        "odte",
+        &[
+            ("expected_update_rate", "0.5\n"),
+            ("time_window", "60"),
+            ("desired_timeliness", "2"),
+            ("threshold", "0.8"),
+        ],
+    );
+    let settings = load(
+        Function::Twin,
+        &env(root.path(), &[("FISSION_RUNTIME_PORT", "8891")]),
+    )
+    .unwrap();
+    assert_eq!(settings.listen.to_string(), "127.0.0.1:8891");
+    assert_eq!(settings.odte.expected_update_rate(), 0.5);
+    assert_eq!(settings.odte.time_window_s(), 60.0);
+    assert_eq!(settings.odte.desired_timeliness_s(), 2.0);
+    assert_eq!(settings.odte.threshold(), 0.8);
+    let pg = postgres(&settings);
+    assert_eq!(pg.get_host(), "postgres");
+    assert_eq!(pg.get_port(), 5432);
+    assert_eq!(pg.get_database(), Some("twins"));
+    assert_eq!(pg.get_username(), "entwine");
+    // The password never shows in debug output.
+    assert!(!format!("{settings:?}").contains("from-configmap"));
+}
+
+#[test]
+fn the_secret_overrides_the_configmap_and_the_environment_overrides_both() {
+    let root = tempfile::tempdir().unwrap();
+    mount(
+        &root.path().join("configs"),
+        "twins",
+        "postgres",
+        &SEED_POSTGRES,
+    );
+    mount(&root.path().join("configs"), "twins", "odte", &SEED_ODTE);
+    mount(
+        &root.path().join("secrets"),
+        "twins",
+        "postgres",
+        &[("user", "secret-user"), ("password", "s3cret")],
+    );
+    std::fs::create_dir_all(root.path().join("podinfo")).unwrap();
+    std::fs::write(root.path().join("podinfo/namespace"), "twins").unwrap();
+    let settings = load(
+        Function::PhysicalEvent,
+        &env(
+            root.path(),
+            &[
+                ("ENTWINE_POSTGRES__HOST", "db.internal"),
+                ("ENTWINE_ODTE__THRESHOLD", "0.75"),
+                ("PORT", "9000"),
+            ],
+        ),
+    )
+    .unwrap();
+    let pg = postgres(&settings);
+    assert_eq!(pg.get_username(), "secret-user");
+    assert_eq!(pg.get_host(), "db.internal");
+    assert_eq!(settings.odte.threshold(), 0.75);
+    assert_eq!(
+        settings.listen.port(),
+        9000,
+        "PORT is used when FISSION_RUNTIME_PORT is not set"
+    );
+}
+
+#[test]
+fn database_url_replaces_the_postgres_keys_and_odte_defaults_to_the_seeds() {
+    let root = tempfile::tempdir().unwrap();
+    let settings = load(
+        Function::Shadow,
+        &env(root.path(), &[("DATABASE_URL", "sqlite:///tmp/x.db")]),
+    )
+    .unwrap();
+    assert!(matches!(settings.database, Some(DatabaseSettings::Url(_))));
+    assert_eq!(
+        settings.odte,
+        entwine_core::odte::OdteConfig::seed_default()
+    );
+    assert_eq!(
+        settings.listen.port(),
+        entwine_functions::fission::DEFAULT_PORT
+    );
+}
+
+#[test]
+fn the_digital_event_handler_needs_no_database() {
+    let root = tempfile::tempdir().unwrap();
+    let settings = load(Function::DigitalEvent, &env(root.path(), &[])).unwrap();
+    assert!(settings.database.is_none());
+}
+
+#[test]
+fn missing_and_invalid_values_are_named_with_where_they_came_from() {
+    let root = tempfile::tempdir().unwrap();
+    let configs = root.path().join("configs");
+    match load(Function::PhysicalEvent, &env(root.path(), &[])) {
+        Err(SettingsError::Missing { key, hint }) => {
+            assert_eq!(key, "postgres.host");
+            assert!(hint.contains("DATABASE_URL"), "{hint}");
+        }
+        other => panic!("expected a missing key, got {other:?}"),
+    }
+    mount(&configs, "default", "postgres", &SEED_POSTGRES);
+    mount(&configs, "default", "odte", &[("time_window", "0")]);
+    let err = load(Function::Twin, &env(root.path(), &[])).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("time_window must be a finite number of seconds above 0"),
+        "{err}"
+    );
+    mount(&configs, "default", "odte", &[("time_window", "thirty")]);
+    let err = load(Function::Twin, &env(root.path(), &[])).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("odte.time_window from ")
+            && text.contains("default/odte/time_window")
+            && text.contains("\"thirty\" is not a number"),
+        "{text}"
+    );
+    mount(&configs, "default", "odte", &[("time_window", "30")]);
+    mount(&configs, "default", "postgres", &[("port", "fifty")]);
+    let err = load(Function::Twin, &env(root.path(), &[])).unwrap_err();
+    assert!(err.to_string().starts_with("postgres.port from "), "{err}");
+    let err = load(
+        Function::DigitalEvent,
+        &env(root.path(), &[("FISSION_RUNTIME_PORT", "99999")]),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("port from FISSION_RUNTIME_PORT"),
+        "{err}"
+    );
+}
