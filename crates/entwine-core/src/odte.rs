@@ -52,7 +52,7 @@ impl OdteConfig {
             return Err(OdteConfigError::UpdateRate(expected_update_rate));
         }
         // The window in ms must be at least one whole millisecond and fit an i64.
-        if !(time_window_s.is_finite() && time_window_s >= 0.001 && time_window_s < 9.0e12) {
+        if !(0.001..9.0e12).contains(&time_window_s) {
             return Err(OdteConfigError::TimeWindow(time_window_s));
         }
         if !(desired_timeliness_s.is_finite() && (0.0..9.0e12).contains(&desired_timeliness_s)) {

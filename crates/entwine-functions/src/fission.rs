@@ -104,7 +104,7 @@ pub enum DatabaseSettings {
     /// `DATABASE_URL`, as given.
     Url(SecretString),
     /// Assembled from the `postgres` ConfigMap, Secret and environment.
-    Postgres(PgConnectOptions),
+    Postgres(Box<PgConnectOptions>),
 }
 
 impl std::fmt::Debug for DatabaseSettings {
@@ -130,7 +130,7 @@ impl DatabaseSettings {
             Self::Url(url) => {
                 Store::open(url.expose_secret(), options).context("cannot use DATABASE_URL")
             }
-            Self::Postgres(connect) => Ok(Store::postgres(connect.clone(), options)),
+            Self::Postgres(connect) => Ok(Store::postgres((**connect).clone(), options)),
         }
     }
 }
@@ -279,7 +279,9 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
     } else if let Some(url) = env.get("DATABASE_URL") {
         Some(DatabaseSettings::Url(SecretString::from(url.to_owned())))
     } else {
-        Some(DatabaseSettings::Postgres(postgres_options(&lookup)?))
+        Some(DatabaseSettings::Postgres(Box::new(postgres_options(
+            &lookup,
+        )?)))
     };
     Ok(FunctionSettings {
         listen,

@@ -76,7 +76,7 @@ pub enum Location {
     /// A schema of the test PostgreSQL database.
     PostgresSchema {
         /// Options that select the schema through `search_path`.
-        options: PgConnectOptions,
+        options: Box<PgConnectOptions>,
         /// The schema's name.
         schema: String,
     },
@@ -101,7 +101,7 @@ impl TestStore {
         Self {
             store: Store::postgres(options.clone(), &StoreOptions::default()),
             location: Location::PostgresSchema {
-                options,
+                options: Box::new(options),
                 schema: schema.clone(),
             },
             cleanup: Cleanup::Schema(schema),
@@ -138,7 +138,7 @@ impl TestStore {
     pub fn reopen(&self) -> Store {
         match &self.location {
             Location::PostgresSchema { options, .. } => {
-                Store::postgres(options.clone(), &StoreOptions::default())
+                Store::postgres((**options).clone(), &StoreOptions::default())
             }
             Location::Sqlite { url } => {
                 Store::open(url, &StoreOptions::default()).expect("valid sqlite URL")

@@ -1,1 +1,23 @@
-fn main() {}
+//! `entwine`: the twin platform's command line. Parses flags, sets up tracing and hands over to
+//! the library (`entwine::cli`).
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = entwine::cli::Cli::parse();
+    entwine_functions::telemetry::init(entwine_functions::telemetry::Format::Pretty);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(entwine::cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Flags and dispatch.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use entwine_core::odte::OdteConfig;
+use entwine_store::{Store, StoreOptions};
+
+/// Digital twins of industrial IoT devices, built from serverless functions, that measure how
+/// faithfully each twin mirrors its device (ODTE = availability × reliability × timeliness).
+#[derive(Debug, Parser)]
+#[command(name = "entwine", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the platform on this machine: the store and the four functions behind a local router.
+    Up(UpArgs),
+    /// Create or upgrade the store's tables (safe to repeat and to run concurrently; upgrades a
+    /// database created with the seed system's SQL in place).
+    Migrate(DatabaseArgs),
+}
+
+/// Where the store is.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// The store: `sqlite://PATH` (created when missing) or `postgres://user:pass@host:port/db`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://entwine.db")]
+    pub database_url: String,
+}
+
+/// Flags of `entwine up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    /// The store.
+    pub database: DatabaseArgs,
+    /// Where the local router listens. When the port is taken, a free one is chosen and printed.
+    #[arg(long, env = "ENTWINE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    /// The ODTE configuration.
+    pub odte: OdteArgs,
+}
+
+/// The ODTE configuration, with the seed's `odte` ConfigMap as defaults.
+#[derive(Debug, Args)]
+pub struct OdteArgs {
+    /// Updates per second a device is expected to send.
+    #[arg(
+        long,
+        env = "ENTWINE_ODTE__EXPECTED_UPDATE_RATE",
+        default_value_t = 0.2
+    )]
+    pub expected_update_rate: f64,
+    /// Length of the ODTE window, in seconds.
+    #[arg(long, env = "ENTWINE_ODTE__TIME_WINDOW", default_value_t = 30.0)]
+    pub time_window: f64,
+    /// How soon (seconds) after the device measured its twin must mirror it.
+    #[arg(long, env = "ENTWINE_ODTE__DESIRED_TIMELINESS", default_value_t = 1.0)]
+    pub desired_timeliness: f64,
+    /// ODTE at or above which a twin is `entangled`.
+    #[arg(long, env = "ENTWINE_ODTE__THRESHOLD", default_value_t = 0.9)]
+    pub threshold: f64,
+}
+
+impl OdteArgs {
+    /// The validated configuration.
+    pub fn config(&self) -> anyhow::Result<OdteConfig> {
+        OdteConfig::new(
+            self.expected_update_rate,
+            self.time_window,
+            self.desired_timeliness,
+            self.threshold,
+        )
+        .context("invalid ODTE configuration")
+    }
+}
+
+/// Runs a parsed command line until it is done (or, for `up`, until SIGINT/SIGTERM).
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Migrate(args) => migrate(&args).await,
+        Command::Up(args) => {
+            crate::local::up(&args, entwine_functions::fission::shutdown_signal()).await
+        }
+    }
+}
+
+/// Opens the store named by `args` and applies the migrations.
+pub async fn open_migrated(args: &DatabaseArgs) -> anyhow::Result<Store> {
+    let store = Store::open(&args.database_url, &StoreOptions::default())?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("cannot migrate the {} store", store.backend()))?;
+    Ok(store)
+}
+
+async fn migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
+    let store = open_migrated(args).await?;
+    println!("{} store migrated", store.backend());
+    store.close().await;
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! The `entwine` binary as a user runs it.
+
+mod migrate;
+mod up;
