@@ -247,3 +247,130 @@ macro_rules! store_test {
         }
     };
 }
+
+/// The MQTT broker tests use: `ENTWINE_TEST_MQTT`, by default `127.0.0.1:1883` (Mosquitto).
+pub fn mqtt_address() -> (String, u16) {
+    let raw = std::env::var("ENTWINE_TEST_MQTT").unwrap_or_else(|_| "127.0.0.1:1883".into());
+    let (host, port) = raw
+        .rsplit_once(':')
+        .expect("ENTWINE_TEST_MQTT is host:port");
+    (
+        host.to_owned(),
+        port.parse().expect("ENTWINE_TEST_MQTT has a numeric port"),
+    )
+}
+
+/// A name no other test uses: for device ids, client ids and topics on the shared broker.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A message a [`Subscriber`] received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// When it arrived.
+    pub at: std::time::Instant,
+}
+
+/// A real MQTT subscriber on the test broker, recording what arrives on its filters.
+pub struct Subscriber {
+    messages: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Subscribes (QoS 1) and returns once the broker has acknowledged the subscription.
+    pub async fn start(filters: &[String]) -> Self {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let (host, port) = mqtt_address();
+        let mut options = MqttOptions::new(unique("test-sub"), host, port);
+        options.set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        for filter in filters {
+            client
+                .subscribe(filter.clone(), QoS::AtLeastOnce)
+                .await
+                .expect("subscribe request");
+        }
+        let mut acked = 0;
+        while acked < filters.len() {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("cannot reach the test broker at {:?}: {e}", mqtt_address()),
+                Err(_) => panic!("no SUBACK from the test broker within 10 s"),
+            }
+        }
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = eventloop.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    sink.lock().expect("not poisoned").push(Received {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        at: std::time::Instant::now(),
+                    });
+                }
+            }
+        });
+        Self { messages, task }
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.messages.lock().expect("not poisoned").clone()
+    }
+
+    /// Waits until `predicate` holds for what was received, or panics after `timeout`.
+    pub async fn wait_for(
+        &self,
+        timeout: std::time::Duration,
+        what: &str,
+        predicate: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let received = self.received();
+            if predicate(&received) {
+                return received;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; received {} messages",
+                received.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, or panics naming `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

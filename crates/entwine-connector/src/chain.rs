@@ -1,0 +1,205 @@
+//! One lane: the four-step chain of each message, with retries, dead letters and the
+//! acknowledgement that releases the message at the broker.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Publish, QoS};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{device_id_of, ConnectorConfig, ConnectorStats, ROUTES};
+
+/// How a message's chain ended.
+#[derive(Debug, PartialEq)]
+pub enum ChainOutcome {
+    /// All four functions answered; the digital state is the last answer.
+    Completed(Value),
+    /// A function refused the message (4xx), or it could not be sent at all.
+    Rejected {
+        /// The route that refused it, or `payload`.
+        stage: String,
+        /// The HTTP status, when a function answered.
+        status: Option<u16>,
+        /// The reason.
+        error: String,
+    },
+    /// Shutdown came while the chain waited to retry: the message stays unacknowledged.
+    Abandoned,
+}
+
+/// Processes the messages of the devices hashed to this lane, one at a time, in order.
+pub(crate) async fn lane(
+    mut messages: mpsc::UnboundedReceiver<Publish>,
+    client: AsyncClient,
+    http: reqwest::Client,
+    config: Arc<ConnectorConfig>,
+    stats: Arc<ConnectorStats>,
+    shutdown: CancellationToken,
+) {
+    while let Some(publish) = messages.recv().await {
+        if shutdown.is_cancelled() {
+            // Not started: leave it (and the rest of the queue) to the next session.
+            break;
+        }
+        match process(&http, &config, &stats, &publish, &shutdown).await {
+            ChainOutcome::Completed(_) => {
+                stats.completed.fetch_add(1, Ordering::Relaxed);
+            }
+            ChainOutcome::Rejected {
+                stage,
+                status,
+                error,
+            } => {
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                dead_letter(
+                    &client,
+                    &config.dead_letter_topic,
+                    &publish,
+                    &stage,
+                    status,
+                    &error,
+                )
+                .await;
+            }
+            ChainOutcome::Abandoned => break,
+        }
+        if let Err(e) = client.ack(&publish).await {
+            tracing::warn!(error = %e, "cannot acknowledge a message; it will be delivered again");
+        }
+    }
+}
+
+/// Runs the chain of one message: payload + `device_id` → the four routes, each answer the body
+/// of the next call.
+pub(crate) async fn process(
+    http: &reqwest::Client,
+    config: &ConnectorConfig,
+    stats: &ConnectorStats,
+    publish: &Publish,
+    shutdown: &CancellationToken,
+) -> ChainOutcome {
+    let device = match device_id_of(&publish.topic) {
+        Ok(device) => device,
+        Err(error) => {
+            return ChainOutcome::Rejected {
+                stage: "topic".into(),
+                status: None,
+                error,
+            }
+        }
+    };
+    let mut body = match entwine_core::input::parse_object(&publish.payload) {
+        Ok(map) => Value::Object(map),
+        Err(e) => {
+            return ChainOutcome::Rejected {
+                stage: "payload".into(),
+                status: None,
+                error: format!("payload: {}", e.reason),
+            }
+        }
+    };
+    body["device_id"] = Value::String(device.as_str().to_owned());
+    for route in ROUTES {
+        let url = format!("{}{route}", config.router_url);
+        body = match call(http, config, stats, &url, &body, shutdown).await {
+            Ok(answer) => answer,
+            Err(CallError::Rejected { status, error }) => {
+                return ChainOutcome::Rejected {
+                    stage: route.trim_start_matches('/').to_owned(),
+                    status: Some(status),
+                    error,
+                }
+            }
+            Err(CallError::Abandoned) => return ChainOutcome::Abandoned,
+        };
+    }
+    ChainOutcome::Completed(body)
+}
+
+enum CallError {
+    Rejected { status: u16, error: String },
+    Abandoned,
+}
+
+/// One POST, retried with exponential backoff on 5xx, timeouts and connection errors.
+async fn call(
+    http: &reqwest::Client,
+    config: &ConnectorConfig,
+    stats: &ConnectorStats,
+    url: &str,
+    body: &Value,
+    shutdown: &CancellationToken,
+) -> Result<Value, CallError> {
+    let mut delay = config.retry_initial;
+    loop {
+        let failure = match http.post(url).json(body).send().await {
+            Ok(response) => {
+                let status = response.status();
+                if status.is_success() {
+                    match response.json::<Value>().await {
+                        Ok(answer) => return Ok(answer),
+                        Err(e) => {
+                            format!("{url} answered {status} with a body that is not JSON: {e}")
+                        }
+                    }
+                } else if status.is_client_error() {
+                    let text = response.text().await.unwrap_or_default();
+                    let error = serde_json::from_str::<Value>(&text)
+                        .ok()
+                        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+                        .unwrap_or(text);
+                    return Err(CallError::Rejected {
+                        status: status.as_u16(),
+                        error,
+                    });
+                } else {
+                    format!("{url} answered {status}")
+                }
+            }
+            Err(e) => format!("{url}: {e}"),
+        };
+        if shutdown.is_cancelled() {
+            return Err(CallError::Abandoned);
+        }
+        stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %failure, retry_in = ?delay, "function call failed, retrying");
+        tokio::select! {
+            () = shutdown.cancelled() => return Err(CallError::Abandoned),
+            () = tokio::time::sleep(jittered(delay)) => {}
+        }
+        delay = (delay * 2).min(config.retry_max);
+    }
+}
+
+/// ±20 % so that lanes failing together do not retry in lockstep.
+fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+}
+
+/// Publishes a rejected message, with why, to the dead-letter topic (QoS 1), and logs it.
+pub(crate) async fn dead_letter(
+    client: &AsyncClient,
+    topic: &str,
+    publish: &Publish,
+    stage: &str,
+    status: Option<u16>,
+    error: &str,
+) {
+    tracing::warn!(topic = %publish.topic, stage, status, error, "message dead-lettered");
+    let letter = json!({
+        "topic": publish.topic,
+        "payload": String::from_utf8_lossy(&publish.payload),
+        "stage": stage,
+        "status": status,
+        "error": error,
+    });
+    if let Err(e) = client
+        .publish(topic, QoS::AtLeastOnce, false, letter.to_string())
+        .await
+    {
+        tracing::error!(error = %e, "cannot publish a dead letter");
+    }
+}

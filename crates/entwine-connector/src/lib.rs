@@ -1,0 +1,415 @@
+//! entwine's MQTT connector: takes device telemetry from the broker and chains the four
+//! function routes for each message, as the seed's connector does, without its failure modes.
+//!
+//! - **Order per device, concurrency across devices**: a message goes to one of `lanes` workers
+//!   chosen by its device id, so one device's events are processed in the order they arrived
+//!   while up to `lanes` devices are processed at once.
+//! - **No loss**: the subscription is QoS 1 on a persistent session, and a message is
+//!   acknowledged to the broker only once its chain has completed (or it was dead-lettered).
+//!   Messages published while the connector is down wait in the broker; a message in progress
+//!   when it stops is delivered again, and the idempotent functions answer it without a second
+//!   row.
+//! - **Retries**: a 5xx, a timeout or a connection error is retried with exponential backoff.
+//! - **Dead letters**: a 4xx (the message is bad, retrying cannot help), a topic without a device
+//!   id or a payload that is not a JSON object goes to the dead-letter topic with the reason,
+//!   is counted and logged, and the connector carries on.
+//! - **Shared subscriptions**: `$share/<group>/…` filters let several connectors split a stream.
+//! - **Graceful shutdown**: stops taking messages, finishes the chains in progress, flushes
+//!   acknowledgements, disconnects.
+//!
+//! # Example
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use entwine_connector::{ConnectorConfig, ConnectorStats};
+//! let config = ConnectorConfig::new("127.0.0.1:1883", vec!["device/+/telemetry/device_state".into()], "127.0.0.1:8080")?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! entwine_connector::run(config, std::sync::Arc::new(ConnectorStats::default()), shutdown).await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod chain;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use entwine_core::state::DeviceId;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use chain::ChainOutcome;
+
+/// The routes chained for each message, in order.
+pub const ROUTES: [&str; 4] = [
+    "/physicalevents",
+    "/physicalstates",
+    "/pendingdigitalstates",
+    "/digitalstates",
+];
+
+/// Everything the connector needs.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    /// Broker host.
+    pub broker_host: String,
+    /// Broker port.
+    pub broker_port: u16,
+    /// MQTT topic filters (wildcards and `$share/<group>/…` allowed).
+    pub topics: Vec<String>,
+    /// Base URL of the functions' router, e.g. `http://router.fission`.
+    pub router_url: String,
+    /// MQTT client id; the persistent session is keyed by it.
+    pub client_id: String,
+    /// Subscription QoS (1 unless told otherwise: 0 gives up the no-loss guarantee).
+    pub qos: QoS,
+    /// Devices processed at once.
+    pub lanes: usize,
+    /// Where rejected messages go.
+    pub dead_letter_topic: String,
+    /// Timeout of one HTTP call.
+    pub request_timeout: Duration,
+    /// First retry delay; it doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// How long shutdown waits for chains in progress.
+    pub drain_timeout: Duration,
+}
+
+impl ConnectorConfig {
+    /// A configuration from the seed's flags: `--broker-url host:port`, `--topic`,
+    /// `--router-url host[:port]` (a scheme is optional on both), with defaults for the rest.
+    pub fn new(broker_url: &str, topics: Vec<String>, router_url: &str) -> anyhow::Result<Self> {
+        let (broker_host, broker_port) = parse_broker_url(broker_url)?;
+        anyhow::ensure!(!topics.is_empty(), "at least one --topic is needed");
+        for topic in &topics {
+            anyhow::ensure!(
+                !topic.is_empty() && rumqttc::valid_filter(topic),
+                "invalid MQTT topic filter {topic:?}"
+            );
+        }
+        let router_url = normalize_router_url(router_url)?;
+        Ok(Self {
+            broker_host,
+            broker_port,
+            topics,
+            router_url,
+            client_id: default_client_id(),
+            qos: QoS::AtLeastOnce,
+            lanes: 64,
+            dead_letter_topic: "entwine/deadletter".into(),
+            request_timeout: Duration::from_secs(10),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+fn default_client_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
+    format!("entwine-connector-{host}")
+}
+
+/// Parses `host:port`, `mqtt://host:port` or `tcp://host:port` (port defaults to 1883).
+pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url)
+        .trim_end_matches('/');
+    anyhow::ensure!(
+        !rest.is_empty() && !rest.contains("://"),
+        "invalid broker URL {url:?}: expected host:port or mqtt://host:port"
+    );
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => {
+            let port = port
+                .parse::<u16>()
+                .with_context(|| format!("invalid port in broker URL {url:?}"))?;
+            Ok((host.trim_matches(['[', ']']).to_owned(), port))
+        }
+        _ => Ok((rest.to_owned(), 1883)),
+    }
+}
+
+/// `router.fission` → `http://router.fission`; a URL with a scheme is kept (minus a trailing `/`).
+pub fn normalize_router_url(url: &str) -> anyhow::Result<String> {
+    let url = url.trim().trim_end_matches('/');
+    anyhow::ensure!(!url.is_empty(), "the router URL is empty");
+    let full = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    reqwest::Url::parse(&full).with_context(|| format!("invalid router URL {url:?}"))?;
+    Ok(full)
+}
+
+/// Counters of a running connector.
+#[derive(Debug, Default)]
+pub struct ConnectorStats {
+    /// Messages received from the broker.
+    pub received: AtomicU64,
+    /// Messages whose four-step chain completed.
+    pub completed: AtomicU64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// HTTP calls retried.
+    pub retries: AtomicU64,
+    /// Broker connection errors.
+    pub mqtt_errors: AtomicU64,
+    /// Subscriptions the broker acknowledged (one per connection).
+    pub subscribed: AtomicU64,
+}
+
+/// The device id of a telemetry topic: its second level (`device/<id>/telemetry/…`).
+pub fn device_id_of(topic: &str) -> Result<DeviceId, String> {
+    let id = topic
+        .split('/')
+        .nth(1)
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| format!("topic {topic:?} has no device id (expected device/<id>/…)"))?;
+    DeviceId::parse("device_id", id).map_err(|e| format!("topic {topic:?}: {e}"))
+}
+
+/// Runs the connector until `shutdown` is cancelled, then drains and disconnects.
+pub async fn run(
+    config: ConnectorConfig,
+    stats: Arc<ConnectorStats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut mqtt = MqttOptions::new(&config.client_id, &config.broker_host, config.broker_port);
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    mqtt.set_clean_session(false);
+    mqtt.set_manual_acks(true);
+    mqtt.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
+    let http = reqwest::Client::builder()
+        .timeout(config.request_timeout)
+        .pool_max_idle_per_host(config.lanes)
+        .build()
+        .context("cannot build the HTTP client")?;
+    let config = Arc::new(config);
+
+    let lanes = config.lanes.max(1);
+    let mut senders = Vec::with_capacity(lanes);
+    let mut workers = JoinSet::new();
+    for _ in 0..lanes {
+        // Unbounded, yet bounded in practice: with QoS 1 the broker sends at most its in-flight
+        // window of unacknowledged messages, and the event loop must never wait on a lane (it
+        // also carries keep-alives and acknowledgements).
+        let (tx, rx) = mpsc::unbounded_channel::<Publish>();
+        senders.push(tx);
+        workers.spawn(chain::lane(
+            rx,
+            client.clone(),
+            http.clone(),
+            config.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(
+        broker = %format!("{}:{}", config.broker_host, config.broker_port),
+        topics = ?config.topics,
+        router = %config.router_url,
+        client_id = %config.client_id,
+        lanes,
+        "connector started"
+    );
+
+    let mut backoff = config.retry_initial;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = config.retry_initial;
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                let filters = config
+                    .topics
+                    .iter()
+                    .map(|t| SubscribeFilter::new(t.clone(), config.qos));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::error!(error = %e, "cannot subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                dispatch(publish, &senders, &client, &config, &stats);
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                stats.subscribed.fetch_add(1, Ordering::Relaxed);
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(topics = ?config.topics, "the broker refused a subscription");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(config.retry_max);
+            }
+        }
+    }
+
+    tracing::info!("connector stopping: finishing chains in progress");
+    drop(senders);
+    drain(&mut eventloop, &mut workers, config.drain_timeout).await;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    tracing::info!(
+        received = stats.received.load(Ordering::Relaxed),
+        completed = stats.completed.load(Ordering::Relaxed),
+        dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
+        "connector stopped"
+    );
+    Ok(())
+}
+
+/// Sends a message to its device's lane, or dead-letters it when its topic names no device.
+fn dispatch(
+    publish: Publish,
+    lanes: &[mpsc::UnboundedSender<Publish>],
+    client: &AsyncClient,
+    config: &ConnectorConfig,
+    stats: &ConnectorStats,
+) {
+    match device_id_of(&publish.topic) {
+        Ok(device) => {
+            let mut hasher = DefaultHasher::new();
+            device.hash(&mut hasher);
+            let lane = (hasher.finish() % lanes.len() as u64) as usize;
+            if lanes[lane].send(publish).is_err() {
+                tracing::error!("a connector lane has stopped; the message stays unacknowledged");
+            }
+        }
+        Err(reason) => {
+            let client = client.clone();
+            let topic = config.dead_letter_topic.clone();
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            // Off the event loop: publishing may wait for room in the client's queue.
+            tokio::spawn(async move {
+                chain::dead_letter(&client, &topic, &publish, "topic", None, &reason).await;
+                if let Err(e) = client.ack(&publish).await {
+                    tracing::warn!(error = %e, "cannot acknowledge a dead-lettered message");
+                }
+            });
+        }
+    }
+}
+
+/// Keeps the event loop turning (acknowledgements must go out) until every lane has finished
+/// its message in progress, or `timeout` passes. Messages arriving meanwhile are left
+/// unacknowledged: the broker delivers them again to the next session.
+async fn drain(eventloop: &mut EventLoop, workers: &mut JoinSet<()>, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            joined = workers.join_next() => {
+                if joined.is_none() {
+                    return;
+                }
+            }
+            event = eventloop.poll() => {
+                if event.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(lanes = workers.len(), "drain timed out; their messages will be delivered again");
+                workers.abort_all();
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_take_the_seeds_form_and_schemes() {
+        assert_eq!(
+            parse_broker_url("physical-broker:1883").unwrap(),
+            ("physical-broker".into(), 1883)
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(parse_broker_url("broker").unwrap(), ("broker".into(), 1883));
+        assert!(parse_broker_url("broker:http").is_err());
+        assert!(parse_broker_url("http://broker:1883").is_err());
+    }
+
+    #[test]
+    fn router_urls_get_a_scheme_when_they_lack_one() {
+        assert_eq!(
+            normalize_router_url("router.fission").unwrap(),
+            "http://router.fission"
+        );
+        assert_eq!(
+            normalize_router_url("http://127.0.0.1:8080/").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert!(normalize_router_url("").is_err());
+    }
+
+    #[test]
+    fn the_device_id_is_the_second_topic_level() {
+        assert_eq!(
+            device_id_of("device/press-1/telemetry/device_state")
+                .unwrap()
+                .as_str(),
+            "press-1"
+        );
+        assert!(device_id_of("device").is_err());
+        assert!(device_id_of("device//telemetry").is_err());
+    }
+
+    #[test]
+    fn bad_topic_filters_are_refused() {
+        assert!(ConnectorConfig::new("b:1883", vec!["device/#/x".into()], "r").is_err());
+        assert!(ConnectorConfig::new("b:1883", vec![], "r").is_err());
+        assert!(ConnectorConfig::new(
+            "b:1883",
+            vec!["$share/g/device/+/telemetry/device_state".into()],
+            "r"
+        )
+        .is_ok());
+    }
+}

@@ -1,0 +1,6 @@
+//! End to end: emulated devices → real Mosquitto → connector → the functions over HTTP → real
+//! PostgreSQL.
+
+mod faults;
+mod pipeline;
+mod support;

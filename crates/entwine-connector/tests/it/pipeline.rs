@@ -1,0 +1,203 @@
+//! The whole physical side carrying a fleet, and surviving a connector restart.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use entwine_testing::{eventually, unique, Subscriber};
+
+use crate::support::*;
+
+/// Waits until the store holds an evaluated digital state for each of `expected` events.
+async fn wait_until_stored(functions: &Functions, expected: usize) {
+    let store = functions.store.store.clone();
+    eventually(
+        Duration::from_secs(60),
+        "every event stored and evaluated",
+        || {
+            let store = store.clone();
+            async move { physical_count(&store).await as usize >= expected }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_twenty_devices_is_mirrored_exactly_once_in_order_and_entangles() {
+    let functions = serve_functions(fast_odte()).await;
+    let prefix = unique("fleet");
+    let ids: Vec<String> = (1..=20).map(|i| format!("{prefix}-{i}")).collect();
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|id| entwine_device::fleet::state_topic(id))
+        .collect();
+    let witness = Subscriber::start(&topics).await;
+    let connector = start_connector(connector_config(
+        &functions.url,
+        topics,
+        &unique("connector"),
+    ))
+    .await;
+
+    let fleet = start_fleet(&prefix, 20, 10.0).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let published = stop_fleet(fleet).await;
+    let received = witness
+        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
+            r.len() >= published
+        })
+        .await;
+    let events = events(&received);
+    assert!(
+        events.len() >= 20 * 25,
+        "the fleet published fast: {} events",
+        events.len()
+    );
+    wait_until_stored(&functions, events.len()).await;
+    connector.stop().await;
+
+    assert_exactly_once_in_order(&functions.store.store, &events).await;
+    // A full window (ten updates in one second) entangles each twin.
+    let rows = rows(&functions.store.store).await;
+    for id in &ids {
+        let last = rows
+            .iter()
+            .filter(|r| &r.device_id == id)
+            .max_by_key(|r| r.device_timestamp)
+            .unwrap();
+        assert_eq!(last.lifecycle.as_deref(), Some("entangled"), "{last:?}");
+    }
+}
+
+/// Stops a fleet; answers how many aggregated messages it published (QoS 1: all reach the
+/// broker before its connections close).
+async fn stop_fleet(fleet: Fleet) -> usize {
+    let stats = fleet.emulator.stats.clone();
+    fleet.stop().await;
+    stats.aggregated.load(Ordering::Relaxed) as usize
+}
+
+type Interrupt = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Starts a fleet, runs a connector that is stopped by `interrupt` mid-stream, then a second one
+/// with the same client id, and checks that every event ends up stored exactly once.
+async fn restart_scenario(interrupt: impl FnOnce(Connector) -> Interrupt) {
+    // 15 ms per call: a chain takes 60 ms, a device publishes every 50 ms, so the connector
+    // holds a backlog (up to the broker's in-flight window) when it is interrupted.
+    let functions = serve_slow_functions(fast_odte(), Duration::from_millis(15)).await;
+    let prefix = unique("restart");
+    let ids: Vec<String> = (1..=5).map(|i| format!("{prefix}-{i}")).collect();
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|id| entwine_device::fleet::state_topic(id))
+        .collect();
+    let witness = Subscriber::start(&topics).await;
+    let client_id = unique("connector");
+    let first = start_connector(connector_config(&functions.url, topics.clone(), &client_id)).await;
+    let fleet = start_fleet(&prefix, 5, 20.0).await;
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let first_stats = first.stats.clone();
+    interrupt(first).await;
+    let done_by_first = first_stats.completed.load(Ordering::Relaxed);
+    assert!(
+        done_by_first > 0,
+        "the first connector did some of the work"
+    );
+    // Published while no connector runs: the broker keeps them for the persistent session.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = start_connector(connector_config(&functions.url, topics, &client_id)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let published = stop_fleet(fleet).await;
+    let received = witness
+        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
+            r.len() >= published
+        })
+        .await;
+    let events = events(&received);
+    wait_until_stored(&functions, events.len()).await;
+    assert!(
+        second.stats.completed.load(Ordering::Relaxed) > 0,
+        "the second connector took over"
+    );
+    second.stop().await;
+    // Not in order: after a reconnect with a backlog, Mosquitto interleaves the messages it
+    // queued for the session with new ones (eclipse-mosquitto/mosquitto#192).
+    assert_exactly_once(&functions.store.store, &events).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_stopped_mid_stream_and_started_again_loses_and_duplicates_nothing() {
+    restart_scenario(|connector| Box::pin(connector.stop())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_that_crashes_mid_stream_loses_and_duplicates_nothing() {
+    // No drain, no DISCONNECT: chains cut anywhere, acknowledgements never sent. The broker
+    // delivers the unacknowledged messages again and the idempotent functions absorb them.
+    restart_scenario(|connector| {
+        Box::pin(async move {
+            connector.task.abort();
+            let _ = connector.task.await;
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connectors_on_a_shared_subscription_split_the_stream_without_loss() {
+    let functions = serve_functions(fast_odte()).await;
+    let prefix = unique("shared");
+    let ids: Vec<String> = (1..=10).map(|i| format!("{prefix}-{i}")).collect();
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|id| entwine_device::fleet::state_topic(id))
+        .collect();
+    let witness = Subscriber::start(&topics).await;
+    let group = unique("group");
+    let shared: Vec<String> = topics
+        .iter()
+        .map(|t| format!("$share/{group}/{t}"))
+        .collect();
+    let a = start_connector(connector_config(
+        &functions.url,
+        shared.clone(),
+        &unique("connector-a"),
+    ))
+    .await;
+    let b = start_connector(connector_config(
+        &functions.url,
+        shared,
+        &unique("connector-b"),
+    ))
+    .await;
+    let fleet = start_fleet(&prefix, 10, 10.0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let published = stop_fleet(fleet).await;
+    let received = witness
+        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
+            r.len() >= published
+        })
+        .await;
+    let events = events(&received);
+    wait_until_stored(&functions, events.len()).await;
+    let (got_a, got_b) = (
+        a.stats.received.load(Ordering::Relaxed),
+        b.stats.received.load(Ordering::Relaxed),
+    );
+    assert!(
+        got_a > 0 && got_b > 0,
+        "both connectors took a share: {got_a} and {got_b}"
+    );
+    assert_eq!(
+        got_a + got_b,
+        events.len() as u64,
+        "each message went to one connector"
+    );
+    a.stop().await;
+    b.stop().await;
+    let rows = rows(&functions.store.store).await;
+    assert_eq!(rows.len(), events.len());
+    assert!(rows
+        .iter()
+        .all(|r| r.digital_states == 1 && r.odte.is_some()));
+}
