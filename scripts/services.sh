@@ -54,3 +54,17 @@ ensure_postgres() {
          UNION ALL SELECT 'DROP SCHEMA IF EXISTS ' || quote_ident(nspname) || ' CASCADE;' FROM pg_namespace WHERE nspname ~ '^t_[0-9a-f]{32}$'" |
         PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -d postgres -q >/dev/null
 }
+
+# Mosquitto on 127.0.0.1:1883, anonymous (the tests' broker).
+ensure_mosquitto() {
+    if ! command -v mosquitto >/dev/null 2>&1; then
+        echo "Mosquitto is not installed: installing it with apt"
+        apt_install mosquitto
+    fi
+    if ! timeout 1 bash -c '</dev/tcp/127.0.0.1/1883' 2>/dev/null; then
+        echo "starting Mosquitto"
+        as_root install -d -o mosquitto -g mosquitto /run/mosquitto /var/lib/mosquitto /var/log/mosquitto 2>/dev/null || true
+        as_root mosquitto -d -c /etc/mosquitto/mosquitto.conf
+        wait_for "Mosquitto on 127.0.0.1:1883" timeout 1 bash -c '</dev/tcp/127.0.0.1/1883'
+    fi
+}

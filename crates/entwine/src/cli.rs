@@ -25,6 +25,10 @@ pub enum Command {
     /// Create or upgrade the store's tables (safe to repeat and to run concurrently; upgrades a
     /// database created with the seed system's SQL in place).
     Migrate(DatabaseArgs),
+    /// Emulate an IIoT device (or a fleet of them) configured by the seed's `device_conf.yaml`.
+    Device(crate::physical::DeviceArgs),
+    /// Chain the four function routes for each device message taken from the broker.
+    Connector(crate::physical::ConnectorArgs),
 }
 
 /// Where the store is.
@@ -90,6 +94,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => {
             crate::local::up(&args, entwine_functions::fission::shutdown_signal()).await
         }
+        Command::Device(args) => crate::physical::device(args).await,
+        Command::Connector(args) => crate::physical::connector(args).await,
     }
 }
 

@@ -1,0 +1,333 @@
+//! The emulator against the real Mosquitto: what a subscriber sees on the wire.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use entwine_device::conf::DeviceConf;
+use entwine_device::fleet::{control_topic, state_topic, Broker, FleetOptions};
+use entwine_device::Emulator;
+use entwine_testing::{eventually, mqtt_address, unique, Received, Subscriber};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    emulator: Emulator,
+    stop: CancellationToken,
+    api: String,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.emulator.wait().await.unwrap();
+    }
+}
+
+fn conf(device_id: &str, rate: f64) -> DeviceConf {
+    let (host, port) = mqtt_address();
+    DeviceConf {
+        device_id: device_id.to_owned(),
+        target_mqtt_broker_address: host,
+        target_mqtt_broker_port: port,
+        update_period_ms: (1000.0 / rate) as u64,
+        update_initial_delay_ms: 0,
+        aggregated_telemetry_msg_sec: rate,
+        ..DeviceConf::default()
+    }
+}
+
+async fn start(conf: DeviceConf, options: FleetOptions, broker: Broker) -> Running {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stop = CancellationToken::new();
+    let emulator = Emulator::start(conf, options, broker, http, stop.clone()).unwrap();
+    let api = format!("http://{}", emulator.http_address);
+    Running {
+        emulator,
+        stop,
+        api,
+    }
+}
+
+fn broker() -> Broker {
+    let (host, port) = mqtt_address();
+    Broker { host, port }
+}
+
+fn count_between(received: &[Received], from: Instant, to: Instant) -> usize {
+    received
+        .iter()
+        .filter(|r| r.at >= from && r.at < to)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_conf_changes_the_message_rate_on_the_wire_at_once() {
+    let id = unique("rate");
+    let witness = Subscriber::start(&[state_topic(&id)]).await;
+    let device = start(conf(&id, 2.0), FleetOptions::default(), broker()).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = witness.received();
+    assert!(
+        (3..=6).contains(&before.len()),
+        "2 msg/s for 2.1 s: {} messages",
+        before.len()
+    );
+
+    let client = reqwest::Client::new();
+    let response = client
+        .put(format!("{}/conf", device.api))
+        .json(&json!({"aggregatedTelemetryMsgSec": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let changed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let after = count_between(
+        &witness.received(),
+        changed + Duration::from_millis(200),
+        changed + Duration::from_millis(1200),
+    );
+    assert!(
+        (14..=24).contains(&after),
+        "20 msg/s for one second: {after} messages"
+    );
+
+    let conf: Value = client
+        .get(format!("{}/conf", device.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(conf["aggregatedTelemetryMsgSec"], json!(20.0));
+    assert_eq!(conf["deviceId"], json!(id));
+    device.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_put_conf_is_a_400_naming_the_key_and_changes_nothing() {
+    let id = unique("badconf");
+    let witness = Subscriber::start(&[state_topic(&id)]).await;
+    let device = start(conf(&id, 5.0), FleetOptions::default(), broker()).await;
+    let client = reqwest::Client::new();
+    for (body, field) in [
+        (
+            json!({"aggregatedTelemetryMsgSec": 0}),
+            "aggregatedTelemetryMsgSec",
+        ),
+        (json!({"updatePeriodMs": "soon"}), "updatePeriodMs"),
+        (json!({"updateInitialDelayMs": -1}), "updateInitialDelayMs"),
+        (json!({"deviceId": "someone-else"}), "deviceId"),
+        (json!({"aggregatedTelemetryMsgSec": 50, "rate": 2}), "rate"),
+    ] {
+        let response = client
+            .put(format!("{}/conf", device.api))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["field"], field, "{error}");
+        assert!(
+            error["error"].as_str().unwrap().starts_with(field),
+            "{error}"
+        );
+    }
+    let response = client
+        .put(format!("{}/conf", device.api))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    // Still 5 msg/s.
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let n = count_between(
+        &witness.received(),
+        start + Duration::from_millis(200),
+        start + Duration::from_millis(1200),
+    );
+    assert!((3..=7).contains(&n), "{n} messages in a second");
+    device.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_resource_telemetry_and_the_payload_filler_appear_on_the_wire() {
+    let id = unique("single");
+    let witness = Subscriber::start(&[format!("device/{id}/telemetry/#")]).await;
+    let mut conf = conf(&id, 5.0);
+    conf.single_resource_telemetry_enabled = true;
+    conf.target_aggregated_telemetry_payload_size_byte = Some(512);
+    let device = start(conf, FleetOptions::default(), broker()).await;
+    let received = witness
+        .wait_for(Duration::from_secs(5), "both kinds of telemetry", |r| {
+            r.len() >= 9
+        })
+        .await;
+    device.stop().await;
+    let on = |suffix: &str| {
+        received
+            .iter()
+            .filter(|r| r.topic == format!("device/{id}/telemetry/{suffix}"))
+            .collect::<Vec<_>>()
+    };
+    let (states, energy, temperature) = (on("device_state"), on("energy"), on("temperature"));
+    assert!(!states.is_empty() && !energy.is_empty() && !temperature.is_empty());
+    for state in &states {
+        assert_eq!(state.payload.len(), 512, "padded to the target size");
+        let v: Value = serde_json::from_slice(&state.payload).unwrap();
+        assert_eq!(v["type"], "iot.sensor.state.aggregated");
+        assert!(v["data"]["iot.sensor.temperature"].is_f64());
+    }
+    let e: Value = serde_json::from_slice(&energy[0].payload).unwrap();
+    assert_eq!(e["type"], "iot.sensor.energy");
+    assert!(e["data"].is_f64() && e["timestamp"].is_i64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_listens_on_its_control_topic() {
+    let id = unique("control");
+    let device = start(conf(&id, 1.0), FleetOptions::default(), broker()).await;
+    let stats = device.emulator.stats.clone();
+    eventually(Duration::from_secs(5), "the connection", || {
+        let stats = stats.clone();
+        async move { stats.connections.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    let (host, port) = mqtt_address();
+    let (client, mut eventloop) =
+        rumqttc::AsyncClient::new(rumqttc::MqttOptions::new(unique("ctl"), host, port), 10);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // Repeat until seen: the subscription may land just after the connection.
+    eventually(Duration::from_secs(5), "a control message", || {
+        let (client, stats) = (client.clone(), stats.clone());
+        let topic = control_topic(&id);
+        async move {
+            client
+                .publish(
+                    topic,
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    "{\"cmd\":\"ping\"}",
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stats.control_messages.load(Ordering::Relaxed) > 0
+        }
+    })
+    .await;
+    device.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_spreads_its_devices_over_the_period_and_names_them_by_prefix() {
+    let prefix = unique("spread");
+    let topics: Vec<String> = (1..=5)
+        .map(|i| state_topic(&format!("{prefix}-{i}")))
+        .collect();
+    let witness = Subscriber::start(&topics).await;
+    let options = FleetOptions {
+        count: 5,
+        prefix: Some(prefix.clone()),
+        devices_per_connection: 2,
+        ..FleetOptions::default()
+    };
+    let device = start(conf("unused", 1.0), options, broker()).await;
+    let received = witness
+        .wait_for(Duration::from_secs(5), "a message from every device", |r| {
+            topics.iter().all(|t| r.iter().any(|m| &m.topic == t))
+        })
+        .await;
+    device.stop().await;
+    let firsts: Vec<Instant> = topics
+        .iter()
+        .map(|t| received.iter().find(|m| &m.topic == t).unwrap().at)
+        .collect();
+    let spread = *firsts.iter().max().unwrap() - *firsts.iter().min().unwrap();
+    // Five devices at 1 msg/s start 200 ms apart: the first messages span about 800 ms.
+    assert!(
+        spread >= Duration::from_millis(600),
+        "first messages within {spread:?}: a burst"
+    );
+}
+
+/// A TCP proxy to the broker that the test can cut and restore.
+struct Proxy {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    let (host, port) = mqtt_address();
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect((host, port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+
+    /// Cuts every connection and stops listening.
+    async fn cut(self) -> u16 {
+        self.task.abort();
+        let _ = self.task.await;
+        self.port
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reconnects_when_the_broker_comes_back() {
+    let id = unique("reconnect");
+    let witness = Subscriber::start(&[state_topic(&id)]).await;
+    let proxy = Proxy::start(0).await;
+    let device = start(
+        conf(&id, 10.0),
+        FleetOptions::default(),
+        Broker {
+            host: "127.0.0.1".into(),
+            port: proxy.port,
+        },
+    )
+    .await;
+    witness
+        .wait_for(Duration::from_secs(5), "messages through the proxy", |r| {
+            r.len() >= 5
+        })
+        .await;
+    let port = proxy.cut().await;
+    let stats = device.emulator.stats.clone();
+    eventually(Duration::from_secs(5), "the device to notice", || {
+        let stats = stats.clone();
+        async move { stats.connection_errors.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = witness.received().len();
+    let _proxy = Proxy::start(port).await;
+    let back = Instant::now();
+    let received = witness
+        .wait_for(
+            Duration::from_secs(40),
+            "messages after the broker came back",
+            |r| r.iter().filter(|m| m.at > back).count() >= 5,
+        )
+        .await;
+    assert!(received.len() > during);
+    assert!(device.emulator.stats.connections.load(Ordering::Relaxed) >= 2);
+    device.stop().await;
+}

@@ -1,0 +1,194 @@
+//! `entwine device` and `entwine connector`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use entwine_connector::{ConnectorConfig, ConnectorStats};
+use entwine_device::conf::DeviceConf;
+use entwine_device::fleet::{Broker, FleetOptions};
+use entwine_device::Emulator;
+use tokio_util::sync::CancellationToken;
+
+/// MQTT quality of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Qos {
+    /// At most once (the seed's).
+    #[value(name = "0")]
+    AtMostOnce,
+    /// At least once: nothing lost between client and broker.
+    #[value(name = "1")]
+    AtLeastOnce,
+}
+
+impl From<Qos> for rumqttc::QoS {
+    fn from(q: Qos) -> Self {
+        match q {
+            Qos::AtMostOnce => rumqttc::QoS::AtMostOnce,
+            Qos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+        }
+    }
+}
+
+/// Flags of `entwine device`.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// The seed's device configuration file. When the default file is absent, the seed's
+    /// example configuration is used.
+    #[arg(long, short, default_value = "device_conf.yaml")]
+    pub config: PathBuf,
+    /// Number of devices; more than one are named `<prefix>-1` … `<prefix>-N`.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Prefix of fleet device ids (default: the configuration's deviceId).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// QoS of telemetry.
+    #[arg(long, value_enum, default_value = "0")]
+    pub qos: Qos,
+    /// Broker `host:port`, overriding targetMqttBrokerAddress/Port of the file.
+    #[arg(long)]
+    pub broker_url: Option<String>,
+    /// Where the HTTP API listens (default: 0.0.0.0 on the file's httpApiPort).
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// Devices sharing one MQTT connection.
+    #[arg(long, default_value_t = 500)]
+    pub devices_per_connection: usize,
+}
+
+/// Runs `entwine device` until SIGINT/SIGTERM.
+pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
+    let conf = if args.config.exists() || args.config != PathBuf::from("device_conf.yaml") {
+        DeviceConf::load(&args.config)?
+    } else {
+        tracing::info!("no ./device_conf.yaml: using the seed's example configuration");
+        DeviceConf::default()
+    };
+    let broker = match &args.broker_url {
+        Some(url) => {
+            let (host, port) = entwine_connector::parse_broker_url(url)?;
+            Broker { host, port }
+        }
+        None => Broker {
+            host: conf.target_mqtt_broker_address.clone(),
+            port: conf.target_mqtt_broker_port,
+        },
+    };
+    let listen = args
+        .http_listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], conf.http_api_port)));
+    let http = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} for the device API (--http-listen)"))?;
+    let options = FleetOptions {
+        count: args.count,
+        prefix: args.prefix,
+        qos: args.qos.into(),
+        devices_per_connection: args.devices_per_connection,
+        ..FleetOptions::default()
+    };
+    let shutdown = CancellationToken::new();
+    let emulator = Emulator::start(conf, options, broker.clone(), http, shutdown.clone())?;
+    println!(
+        "{} device(s) publishing to {}:{}; API on http://{} (GET/PUT /conf, GET /stats)",
+        emulator.device_ids.len(),
+        broker.host,
+        broker.port,
+        emulator.http_address
+    );
+    let stats = emulator.stats.clone();
+    tokio::spawn(async move {
+        entwine_functions::fission::shutdown_signal().await;
+        shutdown.cancel();
+    });
+    emulator.wait().await?;
+    println!(
+        "devices stopped after {} messages",
+        stats.published.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// Flags of `entwine connector` (the first three are the seed connector's).
+#[derive(Debug, Args)]
+pub struct ConnectorArgs {
+    /// Broker `host:port` (or `mqtt://host:port`).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub broker_url: String,
+    /// MQTT topic filters to take device messages from.
+    #[arg(long, num_args = 1.., default_values_t = [String::from("device/+/telemetry/device_state")])]
+    pub topic: Vec<String>,
+    /// The functions' router, `host[:port]` or a URL.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub router_url: String,
+    /// MQTT client id, which names the persistent session (default: entwine-connector-<hostname>).
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Subscription QoS; 0 gives up the no-loss guarantee.
+    #[arg(long, value_enum, default_value = "1")]
+    pub qos: Qos,
+    /// Join the shared subscription `$share/<GROUP>/<topic>`, so several connectors split the stream.
+    #[arg(long)]
+    pub share_group: Option<String>,
+    /// Where rejected messages go, with the reason.
+    #[arg(long, default_value = "entwine/deadletter")]
+    pub dead_letter_topic: String,
+    /// Devices processed at once.
+    #[arg(long, default_value_t = 64)]
+    pub lanes: usize,
+}
+
+impl ConnectorArgs {
+    /// The connector configuration these flags describe.
+    pub fn config(&self) -> anyhow::Result<ConnectorConfig> {
+        let topics = match &self.share_group {
+            Some(group) => self
+                .topic
+                .iter()
+                .map(|t| format!("$share/{group}/{t}"))
+                .collect(),
+            None => self.topic.clone(),
+        };
+        let mut config = ConnectorConfig::new(&self.broker_url, topics, &self.router_url)?;
+        if let Some(id) = &self.client_id {
+            config.client_id = id.clone();
+        }
+        config.qos = self.qos.into();
+        config.dead_letter_topic = self.dead_letter_topic.clone();
+        config.lanes = self.lanes.max(1);
+        Ok(config)
+    }
+}
+
+/// Runs `entwine connector` until SIGINT/SIGTERM.
+pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    println!(
+        "connector taking {} from {}:{} to {} (client id {}, dead letters to {})",
+        config.topics.join(" "),
+        config.broker_host,
+        config.broker_port,
+        config.router_url,
+        config.client_id,
+        config.dead_letter_topic
+    );
+    let stats = Arc::new(ConnectorStats::default());
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        entwine_functions::fission::shutdown_signal().await;
+        token.cancel();
+    });
+    entwine_connector::run(config, stats.clone(), shutdown).await?;
+    println!(
+        "connector stopped: {} received, {} completed, {} dead-lettered",
+        stats.received.load(Ordering::Relaxed),
+        stats.completed.load(Ordering::Relaxed),
+        stats.dead_lettered.load(Ordering::Relaxed)
+    );
+    Ok(())
+}

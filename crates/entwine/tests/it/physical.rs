@@ -1,0 +1,120 @@
+//! `entwine device`, `entwine connector` and `entwine up` as three processes, as on a cluster.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use entwine_testing::{eventually, mqtt_address, unique};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Starts `entwine ARGS` in `dir`; answers the child and the first stdout line containing `marker`.
+async fn spawn(dir: &std::path::Path, args: &[&str], marker: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_entwine"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(marker) {
+                return line;
+            }
+        }
+        panic!("entwine {args:?} ended before printing {marker:?}");
+    })
+    .await
+    .expect("started within 30 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, line)
+}
+
+async fn interrupt(mut child: Child) {
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, port) = mqtt_address();
+    let id = unique("cli-device");
+    // The seed's device_conf.yaml, pointed at the test broker and sped up.
+    std::fs::write(
+        dir.path().join("device_conf.yaml"),
+        format!(
+            "deviceId: {id}\ntargetMqttBrokerAddress: {host}\ntargetMqttBrokerPort: {port}\n\
+             httpApiPort: 5555\nupdatePeriodMs: 100\nupdateInitialDelayMs: 0\n\
+             aggregatedTelemetry: true\naggregatedTelemetryMsgSec: 10\n\
+             singleResourceTelemetryEnabled: false\n\
+             resourceMap:\n  energy: iot.sensor.energy\n  temperature: iot.sensor.temperature\n"
+        ),
+    )
+    .unwrap();
+    let (up, line) = spawn(
+        dir.path(),
+        &["up", "--listen", "127.0.0.1:0"],
+        "functions: ",
+    )
+    .await;
+    let router = line.trim().trim_start_matches("functions: ").to_owned();
+    let topic = format!("device/{id}/telemetry/device_state");
+    let (connector, _) = spawn(
+        dir.path(),
+        &[
+            "connector",
+            "--broker-url",
+            &format!("{host}:{port}"),
+            "--topic",
+            &topic,
+            "--router-url",
+            &router,
+            "--client-id",
+            &unique("cli-connector"),
+        ],
+        "connector taking",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (device, line) = spawn(
+        dir.path(),
+        &["device", "--http-listen", "127.0.0.1:0"],
+        "API on ",
+    )
+    .await;
+    assert!(line.starts_with("1 device(s) publishing to"), "{line}");
+
+    let url = format!("sqlite://{}", dir.path().join("entwine.db").display());
+    let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "ten evaluated digital states",
+        || {
+            let store = store.clone();
+            async move {
+                entwine_testing::scalar(
+                    &store,
+                    "SELECT COUNT(*) FROM digitalstate WHERE odte IS NOT NULL",
+                )
+                .await
+                    >= 10
+            }
+        },
+    )
+    .await;
+    interrupt(device).await;
+    interrupt(connector).await;
+    interrupt(up).await;
+}
