@@ -62,7 +62,9 @@ pub struct DeviceArgs {
 
 /// Runs `entwine device` until SIGINT/SIGTERM.
 pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
-    let conf = if args.config.exists() || args.config != PathBuf::from("device_conf.yaml") {
+    let conf = if args.config.exists()
+        || args.config.as_path() != std::path::Path::new("device_conf.yaml")
+    {
         DeviceConf::load(&args.config)?
     } else {
         tracing::info!("no ./device_conf.yaml: using the seed's example configuration");
