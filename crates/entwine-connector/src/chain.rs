@@ -15,8 +15,13 @@ use crate::{device_id_of, ConnectorConfig, ConnectorStats, ROUTES};
 /// How a message's chain ended.
 #[derive(Debug, PartialEq)]
 pub enum ChainOutcome {
-    /// All four functions answered; the digital state is the last answer.
-    Completed(Value),
+    /// All four functions answered.
+    Completed {
+        /// The last answer: the digital state.
+        digital: Value,
+        /// The payload's `timestamp`, when it had one.
+        device_timestamp: Option<i64>,
+    },
     /// A function refused the message (4xx), or it could not be sent at all.
     Rejected {
         /// The route that refused it, or `payload`.
@@ -30,23 +35,41 @@ pub enum ChainOutcome {
     Abandoned,
 }
 
+/// A message taken from the broker, and when.
+pub(crate) struct Delivery {
+    pub(crate) publish: Publish,
+    pub(crate) received_at: std::time::Instant,
+}
+
 /// Processes the messages of the devices hashed to this lane, one at a time, in order.
 pub(crate) async fn lane(
-    mut messages: mpsc::UnboundedReceiver<Publish>,
+    mut messages: mpsc::UnboundedReceiver<Delivery>,
     client: AsyncClient,
     http: reqwest::Client,
     config: Arc<ConnectorConfig>,
     stats: Arc<ConnectorStats>,
     shutdown: CancellationToken,
 ) {
-    while let Some(publish) = messages.recv().await {
+    while let Some(Delivery {
+        publish,
+        received_at,
+    }) = messages.recv().await
+    {
         if shutdown.is_cancelled() {
             // Not started: leave it (and the rest of the queue) to the next session.
             break;
         }
         match process(&http, &config, &stats, &publish, &shutdown).await {
-            ChainOutcome::Completed(_) => {
+            ChainOutcome::Completed {
+                device_timestamp, ..
+            } => {
                 stats.completed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("entwine_connector_completed_total").increment(1);
+                metrics::histogram!("entwine_chain_duration_seconds")
+                    .record(received_at.elapsed().as_secs_f64());
+                if let Some(device_ms) = device_timestamp {
+                    observe_entanglement_latency(device_ms);
+                }
             }
             ChainOutcome::Rejected {
                 stage,
@@ -54,6 +77,8 @@ pub(crate) async fn lane(
                 error,
             } => {
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("entwine_connector_dead_letters_total", "stage" => stage.clone())
+                    .increment(1);
                 dead_letter(
                     &client,
                     &config.dead_letter_topic,
@@ -101,6 +126,7 @@ pub(crate) async fn process(
             }
         }
     };
+    let device_timestamp = body.get("timestamp").and_then(Value::as_i64);
     body["device_id"] = Value::String(device.as_str().to_owned());
     for route in ROUTES {
         let url = format!("{}{route}", config.router_url);
@@ -116,7 +142,10 @@ pub(crate) async fn process(
             Err(CallError::Abandoned) => return ChainOutcome::Abandoned,
         };
     }
-    ChainOutcome::Completed(body)
+    ChainOutcome::Completed {
+        digital: body,
+        device_timestamp,
+    }
 }
 
 enum CallError {
@@ -165,6 +194,7 @@ async fn call(
             return Err(CallError::Abandoned);
         }
         stats.retries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("entwine_connector_retries_total").increment(1);
         tracing::warn!(error = %failure, retry_in = ?delay, "function call failed, retrying");
         tokio::select! {
             () = shutdown.cancelled() => return Err(CallError::Abandoned),
@@ -172,6 +202,18 @@ async fn call(
         }
         delay = (delay * 2).min(config.retry_max);
     }
+}
+
+/// Records `entwine_entanglement_latency_seconds`: from the device's timestamp to the moment its
+/// digital state is committed with its ODTE (device and connector clocks assumed in sync).
+fn observe_entanglement_latency(device_ms: i64) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(device_ms, |d| {
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        });
+    metrics::histogram!("entwine_entanglement_latency_seconds")
+        .record((now_ms - device_ms).max(0) as f64 / 1000.0);
 }
 
 /// ±20 % so that lanes failing together do not retry in lockstep.

@@ -209,7 +209,7 @@ pub async fn run(
         // Unbounded, yet bounded in practice: with QoS 1 the broker sends at most its in-flight
         // window of unacknowledged messages, and the event loop must never wait on a lane (it
         // also carries keep-alives and acknowledgements).
-        let (tx, rx) = mpsc::unbounded_channel::<Publish>();
+        let (tx, rx) = mpsc::unbounded_channel::<chain::Delivery>();
         senders.push(tx);
         workers.spawn(chain::lane(
             rx,
@@ -252,6 +252,7 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 stats.received.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("entwine_connector_received_total").increment(1);
                 dispatch(publish, &senders, &client, &config, &stats);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -267,6 +268,7 @@ pub async fn run(
             Ok(_) => {}
             Err(e) => {
                 stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("entwine_connector_mqtt_errors_total").increment(1);
                 tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -302,7 +304,7 @@ pub async fn run(
 /// Sends a message to its device's lane, or dead-letters it when its topic names no device.
 fn dispatch(
     publish: Publish,
-    lanes: &[mpsc::UnboundedSender<Publish>],
+    lanes: &[mpsc::UnboundedSender<chain::Delivery>],
     client: &AsyncClient,
     config: &ConnectorConfig,
     stats: &ConnectorStats,
@@ -312,7 +314,11 @@ fn dispatch(
             let mut hasher = DefaultHasher::new();
             device.hash(&mut hasher);
             let lane = (hasher.finish() % lanes.len() as u64) as usize;
-            if lanes[lane].send(publish).is_err() {
+            let delivery = chain::Delivery {
+                publish,
+                received_at: std::time::Instant::now(),
+            };
+            if lanes[lane].send(delivery).is_err() {
                 tracing::error!("a connector lane has stopped; the message stays unacknowledged");
             }
         }
@@ -320,6 +326,8 @@ fn dispatch(
             let client = client.clone();
             let topic = config.dead_letter_topic.clone();
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("entwine_connector_dead_letters_total", "stage" => "topic")
+                .increment(1);
             // Off the event loop: publishing may wait for room in the client's queue.
             tokio::spawn(async move {
                 chain::dead_letter(&client, &topic, &publish, "topic", None, &reason).await;

@@ -28,7 +28,7 @@ use entwine_store::{Store, StoreOptions};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::handlers::{Clock, Function, SystemClock, TwinFunctions};
-use crate::http::{digital_event_router, function_router};
+use crate::http::{digital_event_router, function_router, DigitalEvents};
 
 /// The port Fission's Rust runtime gives a function when neither variable is set.
 pub const DEFAULT_PORT: u16 = 8889;
@@ -388,7 +388,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (router, store) = match &settings.database {
-        None => (digital_event_router(clock), None),
+        None => (
+            digital_event_router(DigitalEvents { clock, feed: None }),
+            None,
+        ),
         Some(database) => {
             let store = database.open(&StoreOptions::default())?;
             let functions = Arc::new(TwinFunctions::new(store.clone(), settings.odte, clock));
@@ -435,7 +438,7 @@ pub async fn shutdown_signal() {
 /// The `main` of a function binary: tracing (JSON lines, `RUST_LOG`), settings from the
 /// environment and mounts, serve until SIGTERM. Returns the process exit code.
 pub fn main(function: Function) -> std::process::ExitCode {
-    crate::telemetry::init(crate::telemetry::Format::Json);
+    crate::telemetry::init(crate::telemetry::Format::Json, "info");
     let settings = match load(function, &Environment::from_process()) {
         Ok(settings) => settings,
         Err(e) => {

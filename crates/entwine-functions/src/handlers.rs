@@ -93,12 +93,17 @@ impl Function {
     }
 }
 
+/// Where the digital-event handler announces each digital state, in-process (the local
+/// platform's live stream); lagging receivers miss states, they never slow the handler.
+pub type DigitalFeed = tokio::sync::broadcast::Sender<DigitalState>;
+
 /// The functions that work on the store, with what they share.
 #[derive(Clone)]
 pub struct TwinFunctions {
     store: Store,
     odte: OdteConfig,
     clock: Arc<dyn Clock>,
+    feed: Option<DigitalFeed>,
 }
 
 impl std::fmt::Debug for TwinFunctions {
@@ -113,7 +118,25 @@ impl std::fmt::Debug for TwinFunctions {
 impl TwinFunctions {
     /// Functions over `store`, evaluating twins with `odte`, reading time from `clock`.
     pub fn new(store: Store, odte: OdteConfig, clock: Arc<dyn Clock>) -> Self {
-        Self { store, odte, clock }
+        Self {
+            store,
+            odte,
+            clock,
+            feed: None,
+        }
+    }
+
+    /// The same functions, with the digital-event handler announcing to `feed`.
+    pub fn with_feed(self, feed: DigitalFeed) -> Self {
+        Self {
+            feed: Some(feed),
+            ..self
+        }
+    }
+
+    /// The feed the digital-event handler announces to, if any.
+    pub fn feed(&self) -> Option<&DigitalFeed> {
+        self.feed.as_ref()
     }
 
     /// The store they write to.
@@ -161,15 +184,26 @@ impl TwinFunctions {
         tracing::Span::current().record("device_id", pending.device_id.as_str());
         let (digital, written) = self.store.evaluate_twin(&pending, &self.odte).await?;
         log_written(written, "evaluation of digital state", digital.pending.id);
+        let device = digital.pending.device_id.to_string();
+        metrics::gauge!("entwine_twin_odte", "device_id" => device.clone()).set(digital.odte);
+        metrics::gauge!("entwine_twin_entangled", "device_id" => device).set(
+            if digital.lifecycle == entwine_core::odte::Lifecycle::Entangled {
+                1.0
+            } else {
+                0.0
+            },
+        );
         Ok(digital)
     }
 }
 
-/// digital-event-handler: validates a digital state, logs it and echoes it (as the seed does).
+/// digital-event-handler: validates a digital state, logs it and echoes it (as the seed does),
+/// and announces it on `feed` when there is one.
 #[tracing::instrument(name = "digital-event-handler", skip_all, fields(device_id))]
 pub fn digital_event(
     input: &Map<String, Value>,
     clock: &dyn Clock,
+    feed: Option<&DigitalFeed>,
 ) -> Result<DigitalState, FunctionError> {
     let digital = DigitalState::from_json(input, clock.now_ms())?;
     tracing::Span::current().record("device_id", digital.pending.device_id.as_str());
@@ -182,6 +216,10 @@ pub fn digital_event(
         lifecycle = digital.lifecycle.as_str(),
         "digital state"
     );
+    if let Some(feed) = feed {
+        // No receiver is not an error: nobody is watching.
+        let _ = feed.send(digital.clone());
+    }
     Ok(digital)
 }
 

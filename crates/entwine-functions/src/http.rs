@@ -14,7 +14,7 @@ use entwine_core::InputError;
 use entwine_store::StoreError;
 use serde_json::{json, Map, Value};
 
-use crate::handlers::{digital_event, Clock, Function, FunctionError, TwinFunctions};
+use crate::handlers::{digital_event, Clock, DigitalFeed, Function, FunctionError, TwinFunctions};
 
 /// Largest request body accepted: 64 KiB. The seed device's largest configurable payload is far
 /// below it; anything bigger is a mistake or an attack.
@@ -114,36 +114,83 @@ pub async fn json_object(request: Request) -> Result<Map<String, Value>, InputEr
     parse_object(&bytes)
 }
 
+/// Records a call's duration and outcome (`entwine_function_duration_seconds`,
+/// `entwine_function_calls_total`), by function.
+async fn observed(
+    function: Function,
+    call: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let start = std::time::Instant::now();
+    let result = call.await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(ApiError(FunctionError::Input(_) | FunctionError::Store(StoreError::Rejected(_)))) => {
+            "bad_input"
+        }
+        Err(ApiError(FunctionError::Store(
+            StoreError::Unavailable(_) | StoreError::NotMigrated(_),
+        ))) => "unavailable",
+        Err(_) => "internal",
+    };
+    metrics::histogram!("entwine_function_duration_seconds", "function" => function.name())
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!("entwine_function_calls_total", "function" => function.name(), "outcome" => outcome)
+        .increment(1);
+    result
+}
+
 async fn physical_event(
     State(functions): State<Arc<TwinFunctions>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let input = json_object(request).await?;
-    Ok(Json(functions.physical_event(&input).await?).into_response())
+    observed(Function::PhysicalEvent, async {
+        let input = json_object(request).await?;
+        Ok(Json(functions.physical_event(&input).await?).into_response())
+    })
+    .await
 }
 
 async fn shadow(
     State(functions): State<Arc<TwinFunctions>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let input = json_object(request).await?;
-    Ok(Json(functions.shadow(&input).await?).into_response())
+    observed(Function::Shadow, async {
+        let input = json_object(request).await?;
+        Ok(Json(functions.shadow(&input).await?).into_response())
+    })
+    .await
 }
 
 async fn twin(
     State(functions): State<Arc<TwinFunctions>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let input = json_object(request).await?;
-    Ok(Json(functions.twin(&input).await?).into_response())
+    observed(Function::Twin, async {
+        let input = json_object(request).await?;
+        Ok(Json(functions.twin(&input).await?).into_response())
+    })
+    .await
+}
+
+/// What the digital-event handler needs: a clock, and where to announce states.
+#[derive(Clone)]
+pub struct DigitalEvents {
+    /// The clock timestamps are checked against.
+    pub clock: Arc<dyn Clock>,
+    /// The in-process feed, if any.
+    pub feed: Option<DigitalFeed>,
 }
 
 async fn digital(
-    State(clock): State<Arc<dyn Clock>>,
+    State(events): State<DigitalEvents>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let input = json_object(request).await?;
-    Ok(Json(digital_event(&input, clock.as_ref())?).into_response())
+    observed(Function::DigitalEvent, async {
+        let input = json_object(request).await?;
+        let state = digital_event(&input, events.clock.as_ref(), events.feed.as_ref())?;
+        Ok(Json(state).into_response())
+    })
+    .await
 }
 
 /// The router of one store-backed function, answering POST on `/` (what Fission's router sends
@@ -151,7 +198,10 @@ async fn digital(
 /// [`Function::DigitalEvent`] gets [`digital_event_router`], which does not touch the store.
 pub fn function_router(function: Function, functions: Arc<TwinFunctions>) -> Router {
     if function == Function::DigitalEvent {
-        return digital_event_router(functions.clock().clone());
+        return digital_event_router(DigitalEvents {
+            clock: functions.clock().clone(),
+            feed: functions.feed().cloned(),
+        });
     }
     let handler = match function {
         Function::PhysicalEvent => post(physical_event),
@@ -167,32 +217,39 @@ pub fn function_router(function: Function, functions: Arc<TwinFunctions>) -> Rou
 }
 
 /// The digital-event handler's router: `/` and `/digitalstates`. It needs no store.
-pub fn digital_event_router(clock: Arc<dyn Clock>) -> Router {
+pub fn digital_event_router(events: DigitalEvents) -> Router {
     with_fallbacks(
         Router::new()
             .route("/", post(digital))
             .route(Function::DigitalEvent.route(), post(digital))
-            .with_state(clock),
+            .with_state(events),
     )
 }
 
 /// All four functions on their seed routes, as Fission's router exposes them: the local router.
 pub fn router(functions: Arc<TwinFunctions>) -> Router {
-    let clock = functions.clock().clone();
-    with_fallbacks(
-        Router::new()
-            .route(Function::PhysicalEvent.route(), post(physical_event))
-            .route(Function::Shadow.route(), post(shadow))
-            .route(Function::Twin.route(), post(twin))
-            .with_state(functions)
-            .route(
-                Function::DigitalEvent.route(),
-                post(digital).with_state(clock),
-            ),
-    )
+    with_fallbacks(routes(functions))
 }
 
-fn with_fallbacks(router: Router) -> Router {
+/// The four routes without the JSON fallbacks, to merge into a larger router.
+pub fn routes(functions: Arc<TwinFunctions>) -> Router {
+    let events = DigitalEvents {
+        clock: functions.clock().clone(),
+        feed: functions.feed().cloned(),
+    };
+    Router::new()
+        .route(Function::PhysicalEvent.route(), post(physical_event))
+        .route(Function::Shadow.route(), post(shadow))
+        .route(Function::Twin.route(), post(twin))
+        .with_state(functions)
+        .route(
+            Function::DigitalEvent.route(),
+            post(digital).with_state(events),
+        )
+}
+
+/// Adds JSON answers for unknown paths (404) and methods (405).
+pub fn with_fallbacks(router: Router) -> Router {
     router
         .fallback(|request: Request<Body>| async move {
             (

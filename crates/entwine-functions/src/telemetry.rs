@@ -11,10 +11,10 @@ pub enum Format {
     Pretty,
 }
 
-/// Installs the global subscriber: level from `RUST_LOG` (default `info`), lines to stderr.
-/// A second call (tests) leaves the first subscriber in place.
-pub fn init(format: Format) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber: filter from `RUST_LOG`, else `default` (e.g. `info`), lines
+/// to stderr. A second call (tests) leaves the first subscriber in place.
+pub fn init(format: Format, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

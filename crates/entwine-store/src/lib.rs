@@ -5,6 +5,7 @@
 //! - [`Store`]: a connection pool to either backend, and the three writes of the pipeline
 //!   ([`Store::record_physical_event`], [`Store::record_shadow`], [`Store::evaluate_twin`]),
 //!   each idempotent: calling it again with the same input answers the row it already wrote.
+//! - [`Store::twins`], [`Store::twin`], [`Store::history`]: the twins read back for the API.
 //! - [`StoreError`]: what went wrong, typed by who must act (the caller's input, the operator's
 //!   database, or a bug).
 //! - `migrations/` at the repository root: one folder per backend, embedded in the binary and
@@ -27,6 +28,7 @@
 mod error;
 #[macro_use]
 mod queries;
+mod twins;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -45,6 +47,7 @@ pub use error::StoreError;
 use queries::{DigitalRow, PendingRow, PhysicalRow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;
+pub use twins::{HistoryEntry, TwinStatus};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");

@@ -14,7 +14,7 @@ pub(crate) struct Sql {
 }
 
 impl Sql {
-    const fn new(postgres: &'static str) -> Self {
+    pub(crate) const fn new(postgres: &'static str) -> Self {
         Self {
             postgres,
             sqlite: OnceLock::new(),

@@ -20,8 +20,11 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the platform on this machine: the store and the four functions behind a local router.
+    /// Run the whole platform on this machine: store, MQTT broker, the four functions behind a
+    /// local router, the twins API, emulated devices and the connector.
     Up(UpArgs),
+    /// Print a table of the twins, from a running platform's API or from the store.
+    Status(crate::status::StatusArgs),
     /// Create or upgrade the store's tables (safe to repeat and to run concurrently; upgrades a
     /// database created with the seed system's SQL in place).
     Migrate(DatabaseArgs),
@@ -39,15 +42,46 @@ pub struct DatabaseArgs {
     pub database_url: String,
 }
 
-/// Flags of `entwine up`.
+/// Flags of `entwine up`. Every address whose port is taken is replaced by a free port, printed.
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
     /// The store.
     pub database: DatabaseArgs,
-    /// Where the local router listens. When the port is taken, a free one is chosen and printed.
+    /// Where the functions, the twins API and /metrics listen.
     #[arg(long, env = "ENTWINE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// An existing MQTT broker (`host:port`); without it an embedded broker is started.
+    #[arg(long)]
+    pub broker_url: Option<String>,
+    /// Where the embedded broker listens.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub mqtt_listen: SocketAddr,
+    /// Number of emulated devices (0 for none).
+    #[arg(long, default_value_t = 5)]
+    pub devices: usize,
+    /// Device ids are `<prefix>-1` … `<prefix>-N`.
+    #[arg(long, default_value = "iiot-device")]
+    pub device_prefix: String,
+    /// Aggregated messages per second of each device (the seed's aggregatedTelemetryMsgSec).
+    #[arg(long, default_value_t = 0.2)]
+    pub device_rate: f64,
+    /// Sensor update period of each device, ms (the seed's updatePeriodMs).
+    #[arg(long, default_value_t = 5000)]
+    pub update_period_ms: u64,
+    /// Delay before a device's first message, ms (the seed's updateInitialDelayMs).
+    #[arg(long, default_value_t = 2000)]
+    pub update_initial_delay_ms: u64,
+    /// Where the devices' HTTP API (GET/PUT /conf) listens.
+    #[arg(long, default_value = "127.0.0.1:5555")]
+    pub device_api: SocketAddr,
+    /// Topic filters the connector takes (default `device/+/telemetry/device_state`); narrow
+    /// them when sharing a broker with other platforms.
+    #[arg(long, num_args = 1..)]
+    pub topic: Vec<String>,
+    /// Client id of the connector's persistent MQTT session.
+    #[arg(long, default_value = "entwine-up")]
+    pub connector_client_id: String,
     #[command(flatten)]
     /// The ODTE configuration.
     pub odte: OdteArgs,
@@ -94,6 +128,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => {
             crate::local::up(&args, entwine_functions::fission::shutdown_signal()).await
         }
+        Command::Status(args) => crate::status::status(&args).await,
         Command::Device(args) => crate::physical::device(args).await,
         Command::Connector(args) => crate::physical::connector(args).await,
     }

@@ -1,13 +1,27 @@
-//! `entwine up`: the twin platform on one machine.
+//! `entwine up`: the whole twin platform in one process.
+//!
+//! Start order: store (migrated) → MQTT broker (embedded unless `--broker-url`) → HTTP server
+//! (the four function routes on Fission's paths, the twins API, `/metrics`) → connector → devices.
+//! Stop order on SIGINT/SIGTERM is the reverse: devices stop publishing, the connector finishes
+//! the chains in progress, the HTTP server drains, the store closes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use entwine_connector::{ConnectorConfig, ConnectorStats};
+use entwine_core::odte::Lifecycle;
+use entwine_device::conf::DeviceConf;
+use entwine_device::fleet::{Broker, FleetOptions};
+use entwine_device::Emulator;
 use entwine_functions::handlers::{Function, SystemClock, TwinFunctions};
-use entwine_functions::http::router;
+use entwine_functions::http::{routes, with_fallbacks};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::{open_migrated, UpArgs};
 
@@ -16,7 +30,7 @@ pub async fn bind_or_free_port(wanted: SocketAddr) -> anyhow::Result<TcpListener
     match TcpListener::bind(wanted).await {
         Ok(listener) => Ok(listener),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            tracing::warn!(%wanted, "address in use, choosing a free port (set --listen to pick one)");
+            tracing::info!(%wanted, "address in use, choosing a free port");
             TcpListener::bind(SocketAddr::new(wanted.ip(), 0))
                 .await
                 .with_context(|| format!("cannot listen on {}", wanted.ip()))
@@ -25,47 +39,201 @@ pub async fn bind_or_free_port(wanted: SocketAddr) -> anyhow::Result<TcpListener
     }
 }
 
-/// Runs the store and the local router until `shutdown` completes; then drains in-flight
-/// requests and closes the store.
+/// Installs the process's Prometheus recorder, with latency buckets from 0.5 ms to 10 s.
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    const BUCKETS: [f64; 14] = [
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+        .context("metric buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+}
+
+/// Runs the platform until `shutdown` completes, then stops it in order.
 pub async fn up(
     args: &UpArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let odte = args.odte.config()?;
     let store = open_migrated(&args.database).await?;
+    let metrics = install_metrics()?;
+
+    let (broker, broker_note) = match &args.broker_url {
+        Some(url) => {
+            let (host, port) = entwine_connector::parse_broker_url(url)?;
+            (Broker { host, port }, "external")
+        }
+        None => {
+            let address = crate::broker::start(args.mqtt_listen).await?;
+            let broker = Broker {
+                host: address.ip().to_string(),
+                port: address.port(),
+            };
+            (broker, "embedded")
+        }
+    };
+
     let listener = bind_or_free_port(args.listen).await?;
     let address = listener.local_addr().context("listener has no address")?;
-    let functions = Arc::new(TwinFunctions::new(
+    let (feed, _) = broadcast::channel(4096);
+    let functions = Arc::new(
+        TwinFunctions::new(store.clone(), odte, Arc::new(SystemClock)).with_feed(feed.clone()),
+    );
+    let app = with_fallbacks(routes(functions).merge(crate::api::router(
         store.clone(),
-        odte,
-        Arc::new(SystemClock),
+        feed.clone(),
+        Some(metrics),
+    )));
+    let http_stop = CancellationToken::new();
+    let http_token = http_stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_token.cancelled().await })
+            .await
+    });
+
+    let ids: Vec<String> = (1..=args.devices)
+        .map(|i| format!("{}-{i}", args.device_prefix))
+        .collect();
+    let topics = if args.topic.is_empty() {
+        vec!["device/+/telemetry/device_state".to_owned()]
+    } else {
+        args.topic.clone()
+    };
+    let mut connector_config = ConnectorConfig::new(
+        &format!("{}:{}", broker.host, broker.port),
+        topics.clone(),
+        &format!("http://{address}"),
+    )?;
+    connector_config.client_id = args.connector_client_id.clone();
+    let connector_stats = Arc::new(ConnectorStats::default());
+    let connector_stop = CancellationToken::new();
+    let connector = tokio::spawn(entwine_connector::run(
+        connector_config,
+        connector_stats.clone(),
+        connector_stop.clone(),
     ));
+
+    let devices_stop = CancellationToken::new();
+    let devices = if ids.is_empty() {
+        None
+    } else {
+        let conf = DeviceConf {
+            device_id: ids[0].clone(),
+            target_mqtt_broker_address: broker.host.clone(),
+            target_mqtt_broker_port: broker.port,
+            update_period_ms: args.update_period_ms,
+            update_initial_delay_ms: args.update_initial_delay_ms,
+            aggregated_telemetry_msg_sec: args.device_rate,
+            ..DeviceConf::default()
+        };
+        conf.validate()
+            .map_err(|e| anyhow::anyhow!("invalid device settings: {e}"))?;
+        let options = FleetOptions {
+            count: args.devices,
+            prefix: Some(args.device_prefix.clone()),
+            ..FleetOptions::default()
+        };
+        let device_api = bind_or_free_port(args.device_api).await?;
+        Some(Emulator::start(
+            conf,
+            options,
+            broker.clone(),
+            device_api,
+            devices_stop.clone(),
+        )?)
+    };
 
     println!("entwine is up");
     println!(
-        "  store:     {} ({})",
+        "  store:      {} ({})",
         store.backend(),
         redact(&args.database.database_url)
     );
-    println!("  functions: http://{address}");
+    println!(
+        "  broker:     {broker_note}, mqtt://{}:{}",
+        broker.host, broker.port
+    );
+    println!("  functions:  http://{address}");
     for function in Function::ALL {
-        println!(
-            "    POST http://{address}{:<22} {}",
-            function.route(),
-            function.name()
-        );
+        println!("    POST {:<22} {}", function.route(), function.name());
     }
-    println!("  try:       curl -s -H 'content-type: application/json' http://{address}/physicalevents \\");
-    println!("               -d '{{\"device_id\": \"iiot-device-1\", \"timestamp\": '$(date +%s%3N)', \"type\": \"iot.sensor.state.aggregated\", \"data\": {{\"iot.sensor.energy\": 3.2, \"iot.sensor.temperature\": 27.1}}}}'");
-    println!("  stop:      Ctrl-C");
+    println!(
+        "  twins API:  http://{address}/api/twins  (…/{{id}}, …/{{id}}/history, live: /api/stream)"
+    );
+    println!("  metrics:    http://{address}/metrics");
+    match &devices {
+        Some(emulator) => println!(
+            "  devices:    {} × {} msg/s ({} … {}), API http://{}/conf",
+            emulator.device_ids.len(),
+            args.device_rate,
+            ids[0],
+            ids[ids.len() - 1],
+            emulator.http_address
+        ),
+        None => println!(
+            "  devices:    none (--devices 0); the connector listens on {}",
+            topics.join(" ")
+        ),
+    }
+    println!(
+        "  ODTE:       {} updates/s expected over {} s, timely within {} s, entangled at ≥ {}",
+        odte.expected_update_rate(),
+        odte.time_window_s(),
+        odte.desired_timeliness_s(),
+        odte.threshold()
+    );
+    println!("  try:        entwine status --url http://{address}    (Ctrl-C stops)");
 
-    axum::serve(listener, router(functions))
-        .with_graceful_shutdown(shutdown)
+    let printer = tokio::spawn(print_lifecycle_changes(feed.subscribe()));
+    shutdown.await;
+    println!(
+        "stopping: devices, then the connector (finishing chains in progress), then the store"
+    );
+
+    devices_stop.cancel();
+    if let Some(emulator) = devices {
+        emulator.wait().await.context("devices")?;
+    }
+    connector_stop.cancel();
+    connector
         .await
-        .context("local router failed")?;
+        .context("the connector panicked")?
+        .context("connector")?;
+    http_stop.cancel();
+    http.await
+        .context("the HTTP server panicked")?
+        .context("HTTP server")?;
+    printer.abort();
     store.close().await;
     println!("entwine stopped");
     Ok(())
+}
+
+/// Prints a line when a twin first appears and whenever its lifecycle changes.
+async fn print_lifecycle_changes(mut feed: broadcast::Receiver<entwine_core::state::DigitalState>) {
+    let mut known: HashMap<String, Lifecycle> = HashMap::new();
+    loop {
+        let state = match feed.recv().await {
+            Ok(state) => state,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let id = state.pending.device_id.to_string();
+        if known.get(&id) != Some(&state.lifecycle) {
+            println!(
+                "twin {id}: {} (ODTE {:.2} = A {:.2} × R {:.2} × T {:.2})",
+                state.lifecycle.as_str(),
+                state.odte,
+                state.availability,
+                state.reliability,
+                state.timeliness
+            );
+            known.insert(id, state.lifecycle);
+        }
+    }
 }
 
 /// A database URL without its password, for printing.
@@ -84,7 +252,7 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
 
     #[test]
     fn passwords_are_redacted_from_printed_urls() {

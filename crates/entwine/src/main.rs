@@ -5,7 +5,12 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = entwine::cli::Cli::parse();
-    entwine_functions::telemetry::init(entwine_functions::telemetry::Format::Pretty);
+    // Each digital state is printed as a lifecycle change by `entwine up`, not logged; the
+    // embedded broker logs every connection at info, and routine disconnections as errors.
+    entwine_functions::telemetry::init(
+        entwine_functions::telemetry::Format::Pretty,
+        "info,rumqttd=off,entwine_functions::handlers=warn",
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

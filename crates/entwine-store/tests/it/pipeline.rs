@@ -414,3 +414,66 @@ fn unknown_url_schemes_are_refused_by_name() {
     let err = Store::open("mysql://localhost/db", &StoreOptions::default()).unwrap_err();
     assert!(err.to_string().contains("\"mysql\""), "{err}");
 }
+
+store_test!(
+    twins_report_their_latest_evaluation_and_history_newest_first,
+    |t| async move {
+        let config = OdteConfig::seed_default();
+        let base = 1_700_000_000_000i64;
+        for i in 0..7 {
+            chain(
+                &t.store,
+                &config,
+                "press-a",
+                base + i * 5_000,
+                base + i * 5_000 + 100,
+            )
+            .await;
+        }
+        chain(&t.store, &config, "press-b", base, base + 3_000).await;
+        // A pending state (not evaluated yet) is not the twin's latest evaluation.
+        let (physical, _) = t
+            .store
+            .record_physical_event(&event("press-a", base + 40_000), base + 40_050)
+            .await
+            .unwrap();
+        t.store
+            .record_shadow(&physical, base + 40_060)
+            .await
+            .unwrap();
+
+        let twins = t.store.twins().await.unwrap();
+        let ids: Vec<&str> = twins.iter().map(|t| t.device_id.as_str()).collect();
+        assert_eq!(ids, ["press-a", "press-b"]);
+        let a = &twins[0];
+        assert_eq!(a.lifecycle, Lifecycle::Entangled);
+        assert_eq!(a.last_physical_timestamp, base + 30_000);
+        assert_eq!(a.last_digital_timestamp, base + 30_100);
+        let b = t.store.twin("press-b").await.unwrap().unwrap();
+        assert_eq!(b.timeliness, 0.0, "3 s late");
+        assert_eq!(b.lifecycle, Lifecycle::Disentangled);
+        assert!(t.store.twin("press-z").await.unwrap().is_none());
+
+        let page = t.store.history("press-a", 0, i64::MAX, 3).await.unwrap();
+        let stamps: Vec<i64> = page.iter().map(|h| h.timestamp).collect();
+        assert_eq!(stamps, [base + 30_100, base + 25_100, base + 20_100]);
+        let next = t
+            .store
+            .history("press-a", 0, page[2].timestamp, 3)
+            .await
+            .unwrap();
+        assert_eq!(next[0].timestamp, base + 15_100);
+        let since = t
+            .store
+            .history("press-a", base + 20_000, i64::MAX, 100)
+            .await
+            .unwrap();
+        assert_eq!(since.len(), 3);
+        assert!(t
+            .store
+            .history("press-z", 0, i64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+);

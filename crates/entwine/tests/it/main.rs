@@ -1,5 +1,6 @@
 //! The `entwine` binary as a user runs it.
 
+mod api;
 mod migrate;
 mod physical;
 mod up;

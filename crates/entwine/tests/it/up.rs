@@ -1,18 +1,50 @@
-//! `entwine up` started as a user starts it, driven over HTTP, stopped with Ctrl-C.
+//! `entwine up` as a newcomer runs it: a subprocess on free ports, watched through its API,
+//! stopped with Ctrl-C.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use entwine_testing::{eventually, mqtt_address, unique, TestDatabase};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_serves_the_four_routes_on_a_sqlite_file_and_stops_cleanly_on_sigint() {
-    let dir = tempfile::tempdir().unwrap();
+const DEVICES: usize = 3;
+
+struct Up {
+    child: Child,
+    api: String,
+    output: tokio::task::JoinHandle<Vec<String>>,
+}
+
+/// Starts `entwine up` with fast devices (5 msg/s) and a 2 s window expecting 5 updates/s.
+async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
+    let devices = DEVICES.to_string();
+    let mut args = vec![
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+        "--device-api",
+        "127.0.0.1:0",
+        "--devices",
+        &devices,
+        "--device-rate",
+        "5",
+        "--update-period-ms",
+        "200",
+        "--update-initial-delay-ms",
+        "0",
+        "--expected-update-rate",
+        "5",
+        "--time-window",
+        "2",
+    ];
+    args.extend_from_slice(extra);
     let mut child = Command::new(env!("CARGO_BIN_EXE_entwine"))
-        .args(["up", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
+        .args(&args)
+        .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -20,59 +52,241 @@ async fn up_serves_the_four_routes_on_a_sqlite_file_and_stops_cleanly_on_sigint(
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = tokio::time::timeout(Duration::from_secs(30), async {
+    let api = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(url) = line.trim().strip_prefix("functions: ") {
-                return url.to_owned();
+            if let Some(url) = line.trim().strip_prefix("functions:") {
+                return url.trim().to_owned();
             }
         }
         panic!("entwine up ended without saying where it listens");
     })
     .await
     .expect("entwine up starts within 30 s");
+    let output = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push(line);
+        }
+        rest
+    });
+    Up { child, api, output }
+}
 
-    let client = reqwest::Client::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let mut body = json!({"device_id": "iiot-device-1", "timestamp": now,
-        "type": "iot.sensor.state.aggregated",
-        "data": {"iot.sensor.energy": 3.2, "iot.sensor.temperature": 27.1}});
-    for route in [
-        "/physicalevents",
-        "/physicalstates",
-        "/pendingdigitalstates",
-        "/digitalstates",
-    ] {
-        let response = client
-            .post(format!("{base}{route}"))
-            .json(&body)
-            .send()
+impl Up {
+    async fn twins(&self) -> Vec<Value> {
+        let answer: Value = reqwest::get(format!("{}/api/twins", self.api))
+            .await
+            .unwrap()
+            .json()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200, "{route}");
-        body = response.json::<Value>().await.unwrap();
+        answer.as_array().unwrap().clone()
     }
-    assert_eq!(body["lifecycle"], "disentangled");
 
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    async fn wait_until_all_entangled(&self) {
+        eventually(Duration::from_secs(60), "every twin entangled", || async {
+            let twins = self.twins().await;
+            twins.len() == DEVICES && twins.iter().all(|t| t["lifecycle"] == "entangled")
+        })
+        .await;
+    }
+
+    /// Ctrl-C; answers what it printed after starting.
+    async fn interrupt(mut self) -> Vec<String> {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("stops within 20 s of SIGINT")
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "exit code");
+        self.output.await.unwrap()
+    }
+}
+
+/// History, live stream and metrics of a running platform.
+async fn check_api(up: &Up) {
+    let twins = up.twins().await;
+    let id = twins[0]["device_id"].as_str().unwrap().to_owned();
+    for key in [
+        "odte",
+        "availability",
+        "reliability",
+        "timeliness",
+        "last_physical_timestamp",
+        "last_digital_timestamp",
+    ] {
+        assert!(
+            twins[0].get(key).is_some(),
+            "twin lacks {key}: {}",
+            twins[0]
+        );
+    }
+    let page: Value = reqwest::get(format!("{}/api/twins/{id}/history?limit=4", up.api))
         .await
         .unwrap()
+        .json()
+        .await
         .unwrap();
-    assert_eq!(status.code(), Some(0));
-    let mut rest = Vec::new();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        rest.push(line);
-    }
-    assert!(rest.iter().any(|l| l == "entwine stopped"), "{rest:?}");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    let stamps: Vec<i64> = items
+        .iter()
+        .map(|i| i["timestamp"].as_i64().unwrap())
+        .collect();
     assert!(
-        dir.path().join("entwine.db").exists(),
-        "the default store is ./entwine.db"
+        stamps.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {stamps:?}"
     );
+    let next: Value = reqwest::get(format!("{}{}", up.api, page["next"].as_str().unwrap()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(next["items"][0]["timestamp"].as_i64().unwrap() < stamps[3]);
+
+    // The live stream: a digital state of the chosen device arrives as an SSE event.
+    let mut stream = reqwest::get(format!("{}/api/stream?device_id={id}", up.api))
+        .await
+        .unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !text.contains("\n\n") || !text.contains("data:") {
+            let chunk = stream
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("a digital state within 10 s");
+    assert!(text.contains("event: digitalstate"), "{text}");
+    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let state: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(state["device_id"], id.as_str());
+    assert!(state["odte"].is_number() && state["lifecycle"].is_string());
+
+    let metrics = reqwest::get(format!("{}/metrics", up.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for twin in up.twins().await {
+        let line = format!(
+            "entwine_twin_odte{{device_id=\"{}\"}}",
+            twin["device_id"].as_str().unwrap()
+        );
+        assert!(metrics.contains(&line), "missing {line}");
+    }
+    for name in [
+        "entwine_function_calls_total{function=\"twin-handler\",outcome=\"ok\"}",
+        "entwine_function_duration_seconds_bucket{function=\"physical-event-handler\"",
+        "entwine_chain_duration_seconds_bucket",
+        "entwine_entanglement_latency_seconds_count",
+        "entwine_connector_received_total",
+        "entwine_connector_completed_total",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in /metrics");
+    }
+}
+
+async fn one_digital_state_per_physical_state(store: &entwine_store::Store) -> i64 {
+    let physical = entwine_testing::scalar(store, "SELECT COUNT(*) FROM physicalstate").await;
+    let evaluated = entwine_testing::scalar(
+        store,
+        "SELECT COUNT(*) FROM digitalstate WHERE odte IS NOT NULL",
+    )
+    .await;
+    let digital = entwine_testing::scalar(store, "SELECT COUNT(*) FROM digitalstate").await;
+    assert!(physical > 0);
+    assert_eq!(
+        (digital, evaluated),
+        (physical, physical),
+        "one evaluated digital state per physical state"
+    );
+    physical
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_the_whole_platform_on_sqlite_and_continues_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(dir.path(), &[]).await;
+    up.wait_until_all_entangled().await;
+    check_api(&up).await;
+    let printed = up.interrupt().await;
+    assert!(
+        printed.iter().any(|l| l.contains(": entangled (ODTE")),
+        "lifecycle changes are printed: {printed:?}"
+    );
+    assert_eq!(printed.last().map(String::as_str), Some("entwine stopped"));
+
+    let url = format!("sqlite://{}", dir.path().join("entwine.db").display());
+    let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
+    let first_run = one_digital_state_per_physical_state(&store).await;
+    store.close().await;
+
+    // Same file, second run: the history continues.
+    let up = start_up(dir.path(), &[]).await;
+    eventually(
+        Duration::from_secs(30),
+        "new states after the restart",
+        || async {
+            let page: Value = reqwest::get(format!(
+                "{}/api/twins/iiot-device-1/history?limit=1000",
+                up.api
+            ))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+            page["items"].as_array().unwrap().len() as i64 > first_run / DEVICES as i64 + 3
+        },
+    )
+    .await;
+    up.interrupt().await;
+    let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
+    assert!(one_digital_state_per_physical_state(&store).await > first_run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_on_postgresql_and_mosquitto_when_given_them() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (host, port) = mqtt_address();
+    let prefix = unique("up");
+    let topics: Vec<String> = (1..=DEVICES)
+        .map(|i| format!("device/{prefix}-{i}/telemetry/device_state"))
+        .collect();
+    let (broker, database, client_id) =
+        (format!("{host}:{port}"), db.url(), unique("up-connector"));
+    let mut extra = vec![
+        "--database-url",
+        &database,
+        "--broker-url",
+        &broker,
+        "--device-prefix",
+        &prefix,
+        "--connector-client-id",
+        &client_id,
+        "--topic",
+    ];
+    extra.extend(topics.iter().map(String::as_str));
+    let up = start_up(dir.path(), &extra).await;
+    up.wait_until_all_entangled().await;
+    check_api(&up).await;
+    up.interrupt().await;
+    assert!(
+        !dir.path().join("entwine.db").exists(),
+        "no SQLite file when PostgreSQL is given"
+    );
+    one_digital_state_per_physical_state(&db.migrated_store().await).await;
 }

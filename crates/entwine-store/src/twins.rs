@@ -1,0 +1,173 @@
+//! Reading the twins back: each device's latest evaluation, and its history.
+
+use entwine_core::odte::Lifecycle;
+use serde::Serialize;
+
+use crate::queries::Sql;
+use crate::{stored_lifecycle, Store, StoreError};
+
+/// A twin as it stands: its latest evaluated digital state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TwinStatus {
+    /// The device it mirrors.
+    pub device_id: String,
+    /// `entangled` or `disentangled`.
+    pub lifecycle: Lifecycle,
+    /// Latest ODTE.
+    pub odte: f32,
+    /// Its availability.
+    pub availability: f32,
+    /// Its reliability.
+    pub reliability: f32,
+    /// Its timeliness.
+    pub timeliness: f32,
+    /// The device's timestamp of the latest mirrored event (ms).
+    pub last_physical_timestamp: i64,
+    /// When the twin mirrored it (ms).
+    pub last_digital_timestamp: i64,
+    /// The digital state these figures come from.
+    pub digital_state_id: i32,
+}
+
+/// One evaluated digital state of a twin's history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    /// `digitalstate.id`.
+    pub id: i32,
+    /// The physical state it mirrors.
+    pub physicalstate_id: i32,
+    /// The device's timestamp (ms).
+    pub device_timestamp: i64,
+    /// The twin's timestamp (ms).
+    pub timestamp: i64,
+    /// Temperature reading.
+    pub temperature: f32,
+    /// Energy reading.
+    pub energy: f32,
+    /// A.
+    pub availability: f32,
+    /// R.
+    pub reliability: f32,
+    /// T.
+    pub timeliness: f32,
+    /// ODTE.
+    pub odte: f32,
+    /// The lifecycle after this state.
+    pub lifecycle: Lifecycle,
+}
+
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    device_id: String,
+    id: i32,
+    timestamp: i64,
+    device_timestamp: i64,
+    availability: f32,
+    reliability: f32,
+    timeliness: f32,
+    odte: f32,
+    lifecycle: String,
+}
+
+impl StatusRow {
+    fn into_status(self) -> Result<TwinStatus, StoreError> {
+        Ok(TwinStatus {
+            lifecycle: stored_lifecycle(self.id, &self.lifecycle)?,
+            device_id: self.device_id,
+            odte: self.odte,
+            availability: self.availability,
+            reliability: self.reliability,
+            timeliness: self.timeliness,
+            last_physical_timestamp: self.device_timestamp,
+            last_digital_timestamp: self.timestamp,
+            digital_state_id: self.id,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct HistoryRow {
+    id: i32,
+    physicalstate_id: i32,
+    device_timestamp: i64,
+    timestamp: i64,
+    temperature: f32,
+    energy: f32,
+    availability: f32,
+    reliability: f32,
+    timeliness: f32,
+    odte: f32,
+    lifecycle: String,
+}
+
+/// The latest evaluated state of every twin (or of device `$1` only, when it is not NULL).
+static TWINS: Sql = Sql::new(
+    "SELECT d.device_id, d.id, d.timestamp, p.device_timestamp, d.availability, d.reliability, \
+            d.timeliness, d.odte, d.lifecycle \
+     FROM digitalstate d JOIN physicalstate p ON p.id = d.physicalstate_id \
+     WHERE d.id IN (SELECT MAX(id) FROM digitalstate \
+                    WHERE odte IS NOT NULL AND ($1 IS NULL OR device_id = $1) GROUP BY device_id) \
+     ORDER BY d.device_id",
+);
+
+/// A twin's evaluated states with `since ≤ timestamp < before`, newest first.
+static HISTORY: Sql = Sql::new(
+    "SELECT d.id, d.physicalstate_id, p.device_timestamp, d.timestamp, d.temperature, d.energy, \
+            d.availability, d.reliability, d.timeliness, d.odte, d.lifecycle \
+     FROM digitalstate d JOIN physicalstate p ON p.id = d.physicalstate_id \
+     WHERE d.device_id = $1 AND d.odte IS NOT NULL AND d.timestamp >= $2 AND d.timestamp < $3 \
+     ORDER BY d.timestamp DESC, d.id DESC LIMIT $4",
+);
+
+impl Store {
+    /// Every twin's latest evaluation, ordered by device id.
+    pub async fn twins(&self) -> Result<Vec<TwinStatus>, StoreError> {
+        let rows: Vec<StatusRow> = fetch!(self, TWINS, fetch_all, StatusRow, None::<String>)?;
+        rows.into_iter().map(StatusRow::into_status).collect()
+    }
+
+    /// One twin's latest evaluation, or `None` when the device has none.
+    pub async fn twin(&self, device_id: &str) -> Result<Option<TwinStatus>, StoreError> {
+        let row: Option<StatusRow> =
+            fetch!(self, TWINS, fetch_optional, StatusRow, Some(device_id))?;
+        row.map(StatusRow::into_status).transpose()
+    }
+
+    /// A twin's evaluated states with `since_ms ≤ timestamp < before_ms`, newest first, at most
+    /// `limit` of them.
+    pub async fn history(
+        &self,
+        device_id: &str,
+        since_ms: i64,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let rows: Vec<HistoryRow> = fetch!(
+            self,
+            HISTORY,
+            fetch_all,
+            HistoryRow,
+            device_id,
+            since_ms,
+            before_ms,
+            i64::from(limit)
+        )?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(HistoryEntry {
+                    lifecycle: stored_lifecycle(r.id, &r.lifecycle)?,
+                    id: r.id,
+                    physicalstate_id: r.physicalstate_id,
+                    device_timestamp: r.device_timestamp,
+                    timestamp: r.timestamp,
+                    temperature: r.temperature,
+                    energy: r.energy,
+                    availability: r.availability,
+                    reliability: r.reliability,
+                    timeliness: r.timeliness,
+                    odte: r.odte,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,211 @@
+//! The twins API of the local platform:
+//!
+//! - `GET /api/twins`: every twin as it stands (lifecycle, ODTE and its factors, last physical
+//!   and digital timestamps);
+//! - `GET /api/twins/{id}`: one twin (404 when the device has no evaluated state);
+//! - `GET /api/twins/{id}/history?since=&before=&limit=`: its evaluated states, newest first,
+//!   `limit` per page (default 100, at most 1000), `next` names the following page;
+//! - `GET /api/stream[?device_id=]`: a live stream of digital states (Server-Sent Events,
+//!   event `digitalstate`);
+//! - `GET /metrics`: Prometheus text format.
+//!
+//! Errors are `{"error": "…"}`: 400 for a bad query parameter (named), 404 for an unknown twin,
+//! 503 when the store is unavailable.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use entwine_functions::handlers::DigitalFeed;
+use entwine_functions::http::error_chain;
+use entwine_store::{Store, StoreError};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+
+/// Longest history page.
+pub const MAX_PAGE: u32 = 1000;
+/// History page size when `limit` is not given.
+pub const DEFAULT_PAGE: u32 = 100;
+
+#[derive(Clone)]
+struct Api {
+    store: Store,
+    feed: DigitalFeed,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The API over `store`, streaming what the digital-event handler announces on `feed`, and
+/// rendering `metrics` when a recorder is installed.
+pub fn router(store: Store, feed: DigitalFeed, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/api/twins", get(twins))
+        .route("/api/twins/{id}", get(twin))
+        .route("/api/twins/{id}/history", get(history))
+        .route("/api/stream", get(stream))
+        .route("/metrics", get(render_metrics))
+        .with_state(Api {
+            store,
+            feed,
+            metrics,
+        })
+}
+
+enum ApiError {
+    BadParameter(String, String),
+    NotFound(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            Self::BadParameter(name, reason) => {
+                (StatusCode::BAD_REQUEST, format!("{name}: {reason}"))
+            }
+            Self::NotFound(message) => (StatusCode::NOT_FOUND, message),
+            Self::Store(e) if e.is_transient() || matches!(e, StoreError::NotMigrated(_)) => {
+                tracing::warn!(error = %error_chain(&e), "store unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            Self::Store(e) => {
+                tracing::error!(error = %error_chain(&e), "twins API failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+            }
+        };
+        (status, Json(json!({ "error": message }))).into_response()
+    }
+}
+
+/// Query parameters, checked against the names a route accepts.
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn new(raw: HashMap<String, String>, accepted: &[&str]) -> Result<Self, ApiError> {
+        if let Some(unknown) = raw.keys().find(|k| !accepted.contains(&k.as_str())) {
+            return Err(ApiError::BadParameter(
+                unknown.clone(),
+                format!("unknown parameter (accepted: {})", accepted.join(", ")),
+            ));
+        }
+        Ok(Self(raw))
+    }
+
+    fn integer(
+        &self,
+        name: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Result<Option<i64>, ApiError> {
+        let Some(raw) = self.0.get(name) else {
+            return Ok(None);
+        };
+        let value: i64 = raw.parse().map_err(|_| {
+            ApiError::BadParameter(name.into(), format!("{raw:?} is not an integer"))
+        })?;
+        if !range.contains(&value) {
+            return Err(ApiError::BadParameter(
+                name.into(),
+                format!("{value} is outside {}..={}", range.start(), range.end()),
+            ));
+        }
+        Ok(Some(value))
+    }
+}
+
+async fn twins(
+    State(api): State<Api>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    Params::new(raw, &[])?;
+    Ok(Json(api.store.twins().await?).into_response())
+}
+
+async fn twin(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    match api.store.twin(&id).await? {
+        Some(twin) => Ok(Json(twin).into_response()),
+        None => Err(ApiError::NotFound(format!("no twin {id:?}"))),
+    }
+}
+
+async fn history(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let params = Params::new(raw, &["since", "before", "limit"])?;
+    let since = params.integer("since", 0..=i64::MAX)?.unwrap_or(0);
+    let before = params.integer("before", 0..=i64::MAX)?.unwrap_or(i64::MAX);
+    let limit = params
+        .integer("limit", 1..=i64::from(MAX_PAGE))?
+        .map_or(DEFAULT_PAGE, |l| l as u32);
+    if api.store.twin(&id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no twin {id:?}")));
+    }
+    let items = api.store.history(&id, since, before, limit).await?;
+    let next = (items.len() == limit as usize).then(|| {
+        let oldest = items.last().map_or(0, |h| h.timestamp);
+        format!("/api/twins/{id}/history?since={since}&before={oldest}&limit={limit}")
+    });
+    Ok(Json(HistoryPage {
+        device_id: id,
+        items,
+        next,
+    })
+    .into_response())
+}
+
+/// A page of history; serialized directly so readings keep their `REAL` precision.
+#[derive(serde::Serialize)]
+struct HistoryPage {
+    device_id: String,
+    items: Vec<entwine_store::HistoryEntry>,
+    next: Option<String>,
+}
+
+async fn stream(
+    State(api): State<Api>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let params = Params::new(raw, &["device_id"])?;
+    let device = params.0.get("device_id").cloned();
+    let states = BroadcastStream::new(api.feed.subscribe()).filter_map(move |state| {
+        // A lagging client skips what it missed rather than stalling the pipeline.
+        let state = state.ok()?;
+        if device
+            .as_deref()
+            .is_some_and(|d| d != state.pending.device_id.as_str())
+        {
+            return None;
+        }
+        let data = serde_json::to_string(&state).ok()?;
+        Some(Ok(Event::default().event("digitalstate").data(data)))
+    });
+    Ok(Sse::new(states).keep_alive(KeepAlive::default()))
+}
+
+async fn render_metrics(State(api): State<Api>) -> Response {
+    match &api.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no metrics recorder in this process"})),
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,93 @@
+//! The embedded MQTT broker of `entwine up`: rumqttd, on a thread of its own.
+//!
+//! `rumqttd::Broker::start` blocks and has no stop call, so the broker lives on a dedicated
+//! thread until the process exits; everything that talks to it (devices, connector) is stopped
+//! before that, so nothing is lost at exit.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+
+/// Starts the broker on `wanted`, or on a free port of the same address when that one is taken.
+/// Returns once it accepts MQTT connections.
+pub async fn start(wanted: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let address = match TcpListener::bind(wanted) {
+        Ok(probe) => probe.local_addr().context("probe socket has no address")?,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::info!(%wanted, "MQTT port in use, choosing a free one (set --mqtt-listen to pick one)");
+            TcpListener::bind(SocketAddr::new(wanted.ip(), 0))
+                .and_then(|probe| probe.local_addr())
+                .with_context(|| format!("cannot find a free port on {}", wanted.ip()))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot listen on {wanted} for MQTT")),
+    };
+    let config: rumqttd::Config = serde_json::from_value(json!({
+        "id": 0,
+        "router": {
+            "id": 0,
+            "max_connections": 10_010,
+            "max_outgoing_packet_count": 200,
+            "max_segment_size": 104_857_600,
+            "max_segment_count": 10,
+        },
+        "v4": {
+            "1": {
+                "name": "entwine-v4",
+                "listen": address.to_string(),
+                "next_connection_delay_ms": 1,
+                "connections": {
+                    "connection_timeout_ms": 60_000,
+                    "max_payload_size": 256 * 1024,
+                    "max_inflight_count": 100,
+                    "dynamic_filters": true,
+                }
+            }
+        }
+    }))
+    .context("embedded broker configuration")?;
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })
+        .context("cannot start the broker thread")?;
+    wait_until_ready(address).await?;
+    Ok(address)
+}
+
+/// Connects as an MQTT client until the broker answers CONNACK (a bare TCP probe would make it
+/// log a broken connection).
+async fn wait_until_ready(address: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let options =
+            rumqttc::MqttOptions::new("entwine-up-probe", address.ip().to_string(), address.port());
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1);
+        let answered = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if answered {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the embedded broker did not answer on {address} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,170 @@
+//! `entwine status`: the twins as a table, from a running platform's API or from the store.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use entwine_store::{Store, StoreOptions, TwinStatus};
+
+/// Flags of `entwine status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A running platform (`entwine up`).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8080",
+        conflicts_with = "database_url"
+    )]
+    pub url: String,
+    /// Read the store directly instead (`sqlite://…`, `postgres://…`).
+    #[arg(long)]
+    pub database_url: Option<String>,
+}
+
+/// Prints the table.
+pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let twins = match &args.database_url {
+        Some(url) => {
+            let store = Store::open(url, &StoreOptions::default())?;
+            let twins = store
+                .twins()
+                .await
+                .context("cannot read the twins from the store")?;
+            store.close().await;
+            twins
+        }
+        None => fetch(&args.url).await?,
+    };
+    print!("{}", table(&twins, now_ms()));
+    Ok(())
+}
+
+async fn fetch(base: &str) -> anyhow::Result<Vec<TwinStatus>> {
+    let url = format!("{}/api/twins", base.trim_end_matches('/'));
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url} (is `entwine up` running? --url names it)"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}",
+        response.status()
+    );
+    let value: serde_json::Value = response
+        .json()
+        .await
+        .with_context(|| format!("{url} did not answer JSON"))?;
+    let twins = value
+        .as_array()
+        .context("expected a JSON array of twins")?
+        .iter()
+        .map(parse_twin)
+        .collect::<Option<Vec<_>>>()
+        .context("a twin in the answer lacks a field")?;
+    Ok(twins)
+}
+
+fn parse_twin(v: &serde_json::Value) -> Option<TwinStatus> {
+    let real = |k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .map(|f| f as f32)
+    };
+    let int = |k: &str| v.get(k).and_then(serde_json::Value::as_i64);
+    Some(TwinStatus {
+        device_id: v.get("device_id")?.as_str()?.to_owned(),
+        lifecycle: entwine_core::odte::Lifecycle::parse(v.get("lifecycle")?.as_str()?)?,
+        odte: real("odte")?,
+        availability: real("availability")?,
+        reliability: real("reliability")?,
+        timeliness: real("timeliness")?,
+        last_physical_timestamp: int("last_physical_timestamp")?,
+        last_digital_timestamp: int("last_digital_timestamp")?,
+        digital_state_id: i32::try_from(int("digital_state_id")?).ok()?,
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The twins as an aligned text table; ages are relative to `now_ms`.
+pub fn table(twins: &[TwinStatus], now_ms: i64) -> String {
+    if twins.is_empty() {
+        return "no twins yet: no device state has been evaluated\n".into();
+    }
+    let width = twins
+        .iter()
+        .map(|t| t.device_id.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let mut out = format!(
+        "{:<width$}  {:<12}  {:>5}  {:>5}  {:>5}  {:>5}  {:>10}  {:>9}\n",
+        "DEVICE", "LIFECYCLE", "ODTE", "A", "R", "T", "LAST SEEN", "MIRRORED"
+    );
+    for t in twins {
+        out.push_str(&format!(
+            "{:<width$}  {:<12}  {:>5.2}  {:>5.2}  {:>5.2}  {:>5.2}  {:>10}  {:>9}\n",
+            t.device_id,
+            t.lifecycle.as_str(),
+            t.odte,
+            t.availability,
+            t.reliability,
+            t.timeliness,
+            age(now_ms - t.last_physical_timestamp),
+            format!(
+                "+{} ms",
+                t.last_digital_timestamp - t.last_physical_timestamp
+            ),
+        ));
+    }
+    out
+}
+
+fn age(ms: i64) -> String {
+    match ms {
+        ..=999 => "just now".into(),
+        1000..=59_999 => format!("{} s ago", ms / 1000),
+        60_000..=3_599_999 => format!("{} min ago", ms / 60_000),
+        _ => format!("{} h ago", ms / 3_600_000),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use entwine_core::odte::Lifecycle;
+
+    #[test]
+    fn the_table_shows_each_twin_with_its_figures_and_ages() {
+        let twin = TwinStatus {
+            device_id: "iiot-device-1".into(),
+            lifecycle: Lifecycle::Entangled,
+            odte: 1.0,
+            availability: 1.0,
+            reliability: 1.0,
+            timeliness: 1.0,
+            last_physical_timestamp: 1_000_000,
+            last_digital_timestamp: 1_000_004,
+            digital_state_id: 9,
+        };
+        let table = table(&[twin], 1_012_000);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("DEVICE"));
+        assert!(lines[1].starts_with("iiot-device-1  entangled"), "{table}");
+        assert!(
+            lines[1].contains("12 s ago") && lines[1].contains("+4 ms"),
+            "{table}"
+        );
+        assert_eq!(
+            super::table(&[], 0),
+            "no twins yet: no device state has been evaluated\n"
+        );
+    }
+}
