@@ -82,6 +82,9 @@ pub struct UpArgs {
     /// Client id of the connector's persistent MQTT session.
     #[arg(long, default_value = "entwine-up")]
     pub connector_client_id: String,
+    /// Run no connector (when connectors run as processes of their own: `entwine connector`).
+    #[arg(long)]
+    pub no_connector: bool,
     #[command(flatten)]
     /// The ODTE configuration.
     pub odte: OdteArgs,

@@ -102,19 +102,22 @@ pub async fn up(
     } else {
         args.topic.clone()
     };
-    let mut connector_config = ConnectorConfig::new(
-        &format!("{}:{}", broker.host, broker.port),
-        topics.clone(),
-        &format!("http://{address}"),
-    )?;
-    connector_config.client_id = args.connector_client_id.clone();
-    let connector_stats = Arc::new(ConnectorStats::default());
     let connector_stop = CancellationToken::new();
-    let connector = tokio::spawn(entwine_connector::run(
-        connector_config,
-        connector_stats.clone(),
-        connector_stop.clone(),
-    ));
+    let connector = if args.no_connector {
+        None
+    } else {
+        let mut config = ConnectorConfig::new(
+            &format!("{}:{}", broker.host, broker.port),
+            topics.clone(),
+            &format!("http://{address}"),
+        )?;
+        config.client_id = args.connector_client_id.clone();
+        Some(tokio::spawn(entwine_connector::run(
+            config,
+            Arc::new(ConnectorStats::default()),
+            connector_stop.clone(),
+        )))
+    };
 
     let devices_stop = CancellationToken::new();
     let devices = if ids.is_empty() {
@@ -185,7 +188,8 @@ pub async fn up(
         odte.desired_timeliness_s(),
         odte.threshold()
     );
-    println!("  try:        entwine status --url http://{address}    (Ctrl-C stops)");
+    println!("  try:        curl -s http://{address}/api/twins   or   entwine status --url http://{address}");
+    println!("  stop:       Ctrl-C");
 
     let printer = tokio::spawn(print_lifecycle_changes(feed.subscribe()));
     shutdown.await;
@@ -198,10 +202,12 @@ pub async fn up(
         emulator.wait().await.context("devices")?;
     }
     connector_stop.cancel();
-    connector
-        .await
-        .context("the connector panicked")?
-        .context("connector")?;
+    if let Some(connector) = connector {
+        connector
+            .await
+            .context("the connector panicked")?
+            .context("connector")?;
+    }
     http_stop.cancel();
     http.await
         .context("the HTTP server panicked")?
