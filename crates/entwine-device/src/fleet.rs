@@ -268,14 +268,24 @@ async fn device(
 ) {
     let mut sensors = Sensors::new(&conf.borrow(), seed);
     let state_topic = state_topic(&id);
+    // Publishing waits while the client's queue is full (the broker is away): that wait must
+    // still give way to shutdown.
     let publish = |topic: String, payload: Vec<u8>| {
         let client = client.clone();
         let stats = stats.clone();
+        let shutdown = shutdown.clone();
         async move {
-            match client.publish(topic, qos, false, payload).await {
-                Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
-                Err(_) => stats.publish_failures.fetch_add(1, Ordering::Relaxed),
-            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => false,
+                sent = client.publish(topic, qos, false, payload) => {
+                    match sent {
+                        Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => stats.publish_failures.fetch_add(1, Ordering::Relaxed),
+                    };
+                    true
+                }
+            }
         }
     };
     loop {
@@ -306,7 +316,9 @@ async fn device(
                     sensors.update();
                     if current.single_resource_telemetry_enabled {
                         for (key, payload) in sensors.single_payloads(now_ms()) {
-                            publish(format!("device/{id}/telemetry/{key}"), payload).await;
+                            if !publish(format!("device/{id}/telemetry/{key}"), payload).await {
+                                return;
+                            }
                         }
                     }
                 }
@@ -315,7 +327,9 @@ async fn device(
                         now_ms(),
                         current.target_aggregated_telemetry_payload_size_byte,
                     );
-                    publish(state_topic.clone(), payload).await;
+                    if !publish(state_topic.clone(), payload).await {
+                        return;
+                    }
                     stats.aggregated.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -331,3 +331,27 @@ async fn a_device_reconnects_when_the_broker_comes_back() {
     assert!(device.emulator.stats.connections.load(Ordering::Relaxed) >= 2);
     device.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_broker_is_away_still_stops_at_once() {
+    // Nothing listens there: the client's queue fills up and publishing waits.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let device = start(
+        conf(&unique("away"), 200.0),
+        FleetOptions::default(),
+        Broker {
+            host: "127.0.0.1".into(),
+            port,
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(device.emulator.stats.connections.load(Ordering::Relaxed), 0);
+    tokio::time::timeout(Duration::from_secs(5), device.stop())
+        .await
+        .expect("the device stops within 5 s although its broker is away");
+}
