@@ -32,7 +32,7 @@ mod chain;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,6 +171,22 @@ pub struct ConnectorStats {
     pub mqtt_errors: AtomicU64,
     /// Subscriptions the broker acknowledged (one per connection).
     pub subscribed: AtomicU64,
+    /// Whether the connector is connected and subscribed right now.
+    pub connected: AtomicBool,
+}
+
+impl ConnectorStats {
+    /// A snapshot as JSON, for a health endpoint.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connected": self.connected.load(Ordering::Relaxed),
+            "received": self.received.load(Ordering::Relaxed),
+            "completed": self.completed.load(Ordering::Relaxed),
+            "dead_lettered": self.dead_lettered.load(Ordering::Relaxed),
+            "retries": self.retries.load(Ordering::Relaxed),
+            "mqtt_errors": self.mqtt_errors.load(Ordering::Relaxed),
+        })
+    }
 }
 
 /// The device id of a telemetry topic: its second level (`device/<id>/telemetry/…`).
@@ -257,6 +273,7 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 stats.subscribed.fetch_add(1, Ordering::Relaxed);
+                stats.connected.store(true, Ordering::Relaxed);
                 if ack
                     .return_codes
                     .iter()
@@ -267,6 +284,7 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                stats.connected.store(false, Ordering::Relaxed);
                 stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("entwine_connector_mqtt_errors_total").increment(1);
                 tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
@@ -280,6 +298,7 @@ pub async fn run(
     }
 
     tracing::info!("connector stopping: finishing chains in progress");
+    stats.connected.store(false, Ordering::Relaxed);
     drop(senders);
     drain(&mut eventloop, &mut workers, config.drain_timeout).await;
     let _ = client.try_disconnect();

@@ -142,6 +142,10 @@ pub struct ConnectorArgs {
     /// Devices processed at once.
     #[arg(long, default_value_t = 64)]
     pub lanes: usize,
+    /// Serve `GET /healthz` here (200 while connected and subscribed, 503 otherwise, with the
+    /// connector's counters), for Kubernetes probes.
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl ConnectorArgs {
@@ -185,6 +189,34 @@ pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
         entwine_functions::fission::shutdown_signal().await;
         token.cancel();
     });
+    if let Some(address) = args.health_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} (--health-listen)"))?;
+        let app = axum::Router::new().route(
+            "/healthz",
+            axum::routing::get({
+                let stats = stats.clone();
+                move || async move {
+                    let status = if stats.connected.load(Ordering::Relaxed) {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, axum::Json(stats.to_json()))
+                }
+            }),
+        );
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "health endpoint failed");
+            }
+        });
+    }
     entwine_connector::run(config, stats.clone(), shutdown).await?;
     println!(
         "connector stopped: {} received, {} completed, {} dead-lettered",

@@ -63,26 +63,43 @@ async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
         ),
     )
     .unwrap();
+    let broker = format!("{host}:{port}");
     let (up, line) = spawn(
         dir.path(),
-        &["up", "--listen", "127.0.0.1:0"],
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--devices",
+            "0",
+            "--no-connector",
+            "--broker-url",
+            &broker,
+        ],
         "functions: ",
     )
     .await;
     let router = line.trim().trim_start_matches("functions: ").to_owned();
     let topic = format!("device/{id}/telemetry/device_state");
+    let health = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let (connector, _) = spawn(
         dir.path(),
         &[
             "connector",
             "--broker-url",
-            &format!("{host}:{port}"),
+            &broker,
             "--topic",
             &topic,
             "--router-url",
             &router,
             "--client-id",
             &unique("cli-connector"),
+            "--health-listen",
+            &format!("127.0.0.1:{health}"),
         ],
         "connector taking",
     )
@@ -114,6 +131,14 @@ async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
         },
     )
     .await;
+    let health: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{health}/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["connected"], true, "{health}");
+    assert!(health["completed"].as_u64().unwrap() >= 10, "{health}");
     interrupt(device).await;
     interrupt(connector).await;
     interrupt(up).await;
