@@ -41,7 +41,9 @@ pub(crate) struct Delivery {
     pub(crate) received_at: std::time::Instant,
 }
 
-/// Processes the messages of the devices hashed to this lane, one at a time, in order.
+/// Processes the messages of the devices hashed to this lane, one at a time, in order. After
+/// `shutdown` it stops before the next message (a shared member goes on until its queue is
+/// empty); `abandon` stops waiting to retry a call.
 pub(crate) async fn lane(
     mut messages: mpsc::UnboundedReceiver<Delivery>,
     client: AsyncClient,
@@ -49,17 +51,19 @@ pub(crate) async fn lane(
     config: Arc<ConnectorConfig>,
     stats: Arc<ConnectorStats>,
     shutdown: CancellationToken,
+    abandon: CancellationToken,
 ) {
     while let Some(Delivery {
         publish,
         received_at,
     }) = messages.recv().await
     {
-        if shutdown.is_cancelled() {
-            // Not started: leave it (and the rest of the queue) to the next session.
+        if shutdown.is_cancelled() && !config.is_shared() {
+            // Not started: leave it (and the rest of the queue) to the next session. A shared
+            // member has left its group and finishes its queue instead (see `run`).
             break;
         }
-        match process(&http, &config, &stats, &publish, &shutdown).await {
+        match process(&http, &config, &stats, &publish, &abandon).await {
             ChainOutcome::Completed {
                 device_timestamp, ..
             } => {

@@ -15,7 +15,9 @@
 //!   is counted and logged, and the connector carries on.
 //! - **Shared subscriptions**: `$share/<group>/…` filters let several connectors split a stream.
 //! - **Graceful shutdown**: stops taking messages, finishes the chains in progress, flushes
-//!   acknowledgements, disconnects.
+//!   acknowledgements, disconnects. A member of a shared subscription first leaves the share
+//!   group and finishes every message it received, so nothing waits in a session that may never
+//!   reconnect (a replaced Kubernetes pod).
 //!
 //! # Example
 //! ```no_run
@@ -109,6 +111,13 @@ impl ConnectorConfig {
             retry_max: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
         })
+    }
+}
+
+impl ConnectorConfig {
+    /// Whether the connector is one member of a shared subscription (`$share/<group>/…`).
+    pub fn is_shared(&self) -> bool {
+        self.topics.iter().any(|t| t.starts_with("$share/"))
     }
 }
 
@@ -218,6 +227,12 @@ pub async fn run(
         .context("cannot build the HTTP client")?;
     let config = Arc::new(config);
 
+    // Retries give up at shutdown; a shared member keeps retrying while it drains (see below).
+    let abandon = if config.is_shared() {
+        CancellationToken::new()
+    } else {
+        shutdown.clone()
+    };
     let lanes = config.lanes.max(1);
     let mut senders = Vec::with_capacity(lanes);
     let mut workers = JoinSet::new();
@@ -234,6 +249,7 @@ pub async fn run(
             config.clone(),
             stats.clone(),
             shutdown.clone(),
+            abandon.clone(),
         ));
     }
     tracing::info!(
@@ -299,8 +315,22 @@ pub async fn run(
 
     tracing::info!("connector stopping: finishing chains in progress");
     stats.connected.store(false, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    if config.is_shared() {
+        // Leave the share group before draining: Mosquitto keeps routing a share of the stream
+        // to a disconnected persistent member (the session of a pod that will never come back,
+        // on Kubernetes), where it would wait unseen. Without the subscription the other
+        // members take it all; this connector finishes what the broker already routed to it.
+        for topic in &config.topics {
+            if let Err(e) = client.try_unsubscribe(topic.clone()) {
+                tracing::warn!(error = %e, %topic, "cannot leave the share group");
+            }
+        }
+        empty_session(&mut eventloop, &senders, &client, &config, &stats, deadline).await;
+        abandon.cancel();
+    }
     drop(senders);
-    drain(&mut eventloop, &mut workers, config.drain_timeout).await;
+    drain(&mut eventloop, &mut workers, deadline).await;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
@@ -358,11 +388,57 @@ fn dispatch(
     }
 }
 
+/// A shared member that left its group still receives what the broker had queued for it before:
+/// keep taking and processing it until nothing is pending and nothing arrived for a while, or
+/// `deadline` passes.
+async fn empty_session(
+    eventloop: &mut EventLoop,
+    lanes: &[mpsc::UnboundedSender<chain::Delivery>],
+    client: &AsyncClient,
+    config: &ConnectorConfig,
+    stats: &ConnectorStats,
+    deadline: tokio::time::Instant,
+) {
+    const QUIET: Duration = Duration::from_millis(500);
+    let mut last_arrival = tokio::time::Instant::now();
+    let pending = || {
+        let done =
+            stats.completed.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
+        stats.received.load(Ordering::Relaxed).saturating_sub(done)
+    };
+    loop {
+        tokio::select! {
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    last_arrival = tokio::time::Instant::now();
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("entwine_connector_received_total").increment(1);
+                    dispatch(publish, lanes, client, config, stats);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            },
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                if pending() == 0 && last_arrival.elapsed() >= QUIET {
+                    return;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(pending = pending(), "drain timed out; what is left waits in this session");
+                return;
+            }
+        }
+    }
+}
+
 /// Keeps the event loop turning (acknowledgements must go out) until every lane has finished
-/// its message in progress, or `timeout` passes. Messages arriving meanwhile are left
+/// its message in progress, or `deadline` passes. Messages arriving meanwhile are left
 /// unacknowledged: the broker delivers them again to the next session.
-async fn drain(eventloop: &mut EventLoop, workers: &mut JoinSet<()>, timeout: Duration) {
-    let deadline = tokio::time::Instant::now() + timeout;
+async fn drain(
+    eventloop: &mut EventLoop,
+    workers: &mut JoinSet<()>,
+    deadline: tokio::time::Instant,
+) {
     loop {
         tokio::select! {
             joined = workers.join_next() => {

@@ -201,3 +201,44 @@ async fn two_connectors_on_a_shared_subscription_split_the_stream_without_loss()
         .iter()
         .all(|r| r.digital_states == 1 && r.odte.is_some()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_connector_replaced_mid_stream_leaves_nothing_behind() {
+    // As on Kubernetes: a replica stops for good (its pod is replaced under another name) while
+    // the other carries on. Whatever the stopped one had taken is finished or handed back, and
+    // the broker routes nothing more to its session.
+    let functions = serve_slow_functions(fast_odte(), Duration::from_millis(5)).await;
+    let prefix = unique("replaced");
+    let ids: Vec<String> = (1..=6).map(|i| format!("{prefix}-{i}")).collect();
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|id| entwine_device::fleet::state_topic(id))
+        .collect();
+    let witness = Subscriber::start(&topics).await;
+    let group = unique("group");
+    let shared: Vec<String> = topics
+        .iter()
+        .map(|t| format!("$share/{group}/{t}"))
+        .collect();
+    let leaving = start_connector(connector_config(
+        &functions.url,
+        shared.clone(),
+        &unique("pod-a"),
+    ))
+    .await;
+    let staying = start_connector(connector_config(&functions.url, shared, &unique("pod-b"))).await;
+    let fleet = start_fleet(&prefix, 6, 20.0).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    leaving.stop().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let published = stop_fleet(fleet).await;
+    let received = witness
+        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
+            r.len() >= published
+        })
+        .await;
+    let events = events(&received);
+    wait_until_stored(&functions, events.len()).await;
+    staying.stop().await;
+    assert_exactly_once(&functions.store.store, &events).await;
+}
