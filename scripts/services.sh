@@ -68,3 +68,17 @@ ensure_mosquitto() {
         wait_for "Mosquitto on 127.0.0.1:1883" timeout 1 bash -c '</dev/tcp/127.0.0.1/1883'
     fi
 }
+
+# Tools the deployment checks and the archive contract test use.
+ensure_deploy_tools() {
+    local missing=()
+    command -v zip >/dev/null 2>&1 || missing+=(zip)
+    command -v unzip >/dev/null 2>&1 || missing+=(unzip)
+    command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+    command -v objdump >/dev/null 2>&1 || missing+=(binutils)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing ${missing[*]} with apt"
+        apt_install "${missing[@]}"
+    fi
+}

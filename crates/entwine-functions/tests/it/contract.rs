@@ -3,7 +3,7 @@
 //! root. Then the four-step chain over HTTP with the seed's payloads, against real PostgreSQL.
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -27,14 +27,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `binary` as the runtime would: cwd = where the package was unpacked, port variable,
-/// mounts; waits until it accepts connections.
-async fn start(binary: &str, root: &Path) -> Running {
+/// Starts `binary` as the runtime would: cwd = where the package was unpacked (the binary's
+/// directory), port variable, mounts under `root`; waits until it accepts connections.
+async fn start(binary: &Path, root: &Path) -> Running {
     let port = free_port();
-    let userfunc = root.join("userfunc");
-    std::fs::create_dir_all(&userfunc).unwrap();
+    let unpacked = binary.parent().expect("a binary path has a directory");
     let child = Command::new(binary)
-        .current_dir(&userfunc)
+        .current_dir(unpacked)
         .env_clear()
         .env("FISSION_RUNTIME_PORT", port.to_string())
         .env("PORT", port.to_string())
@@ -46,7 +45,7 @@ async fn start(binary: &str, root: &Path) -> Running {
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -54,7 +53,8 @@ async fn start(binary: &str, root: &Path) -> Running {
     {
         assert!(
             Instant::now() < deadline,
-            "{binary} did not listen within 30 s (the runtime's limit)"
+            "{} did not listen within 30 s (the runtime's limit)",
+            binary.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -110,17 +110,93 @@ fn mount_seed_configuration(root: &Path, db: &TestDatabase) {
     );
 }
 
+/// The four binaries as cargo built them.
+fn built_binaries() -> [(&'static str, PathBuf); 4] {
+    [
+        (
+            "physical-event-handler",
+            env!("CARGO_BIN_EXE_physical-event-handler").into(),
+        ),
+        (
+            "shadow-handler",
+            env!("CARGO_BIN_EXE_shadow-handler").into(),
+        ),
+        ("twin-handler", env!("CARGO_BIN_EXE_twin-handler").into()),
+        (
+            "digital-event-handler",
+            env!("CARGO_BIN_EXE_digital-event-handler").into(),
+        ),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_binary_serves_its_step_of_the_seed_chain_as_the_fission_runtime_starts_it() {
+    let [physical, shadow, twin, digital] = built_binaries().map(|(_, path)| path);
+    seed_chain_through(&physical, &shadow, &twin, &digital).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_archive_unpacked_as_fission_does_serves_the_seed_chain() {
+    // The archive script, on the binaries this test run built.
+    let staged = tempfile::tempdir().unwrap();
+    for (name, path) in built_binaries() {
+        std::fs::copy(&path, staged.path().join(name)).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-fission-archives");
+    let status = std::process::Command::new(script)
+        .arg("--deploy-only")
+        .arg("--binaries")
+        .arg(staged.path())
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "build-fission-archives failed");
+    // Fission's fetcher unzips the deployment archive to /userfunc/deployarchive, and the Rust
+    // runtime starts <deployarchive>/<functionName>.
+    let userfunc = tempfile::tempdir().unwrap();
+    let deployarchive = userfunc.path().join("deployarchive");
+    let status = std::process::Command::new("unzip")
+        .arg("-q")
+        .arg(out.path().join("entwine-deploy.zip"))
+        .arg("-d")
+        .arg(&deployarchive)
+        .status()
+        .unwrap();
+    assert!(status.success(), "unzip failed");
+    let mut names: Vec<String> = std::fs::read_dir(&deployarchive)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "digital-event-handler",
+            "physical-event-handler",
+            "shadow-handler",
+            "twin-handler"
+        ],
+        "the four binaries at the archive root, named as the functions' functionName"
+    );
+    let [physical, shadow, twin, digital] =
+        built_binaries().map(|(name, _)| deployarchive.join(name));
+    seed_chain_through(&physical, &shadow, &twin, &digital).await;
+}
+
+/// Starts the four binaries with the seed's ConfigMaps mounted (password in a Secret) on a fresh
+/// database, drives six seed payloads through the chain and checks every answer.
+async fn seed_chain_through(physical: &Path, shadow: &Path, twin: &Path, digital: &Path) {
     let db = TestDatabase::create().await;
     db.migrated_store().await.close().await;
     let root = tempfile::tempdir().unwrap();
     mount_seed_configuration(root.path(), &db);
 
-    let physical_fn = start(env!("CARGO_BIN_EXE_physical-event-handler"), root.path()).await;
-    let shadow_fn = start(env!("CARGO_BIN_EXE_shadow-handler"), root.path()).await;
-    let twin_fn = start(env!("CARGO_BIN_EXE_twin-handler"), root.path()).await;
-    let digital_fn = start(env!("CARGO_BIN_EXE_digital-event-handler"), root.path()).await;
+    let physical_fn = start(physical, root.path()).await;
+    let shadow_fn = start(shadow, root.path()).await;
+    let twin_fn = start(twin, root.path()).await;
+    let digital_fn = start(digital, root.path()).await;
     let client = reqwest::Client::new();
 
     let now = std::time::SystemTime::now()
@@ -241,7 +317,11 @@ async fn a_binary_whose_database_is_down_still_starts_and_answers_503() {
             ("port", closed.to_string().as_str()),
         ],
     );
-    let running = start(env!("CARGO_BIN_EXE_physical-event-handler"), root.path()).await;
+    let running = start(
+        Path::new(env!("CARGO_BIN_EXE_physical-event-handler")),
+        root.path(),
+    )
+    .await;
     let client = reqwest::Client::new();
     let (status, answer) = post(&client, &format!("{}/", running.url), &seed_event("d", T0)).await;
     assert_eq!(status, 503, "{answer}");
