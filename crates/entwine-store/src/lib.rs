@@ -310,15 +310,7 @@ impl Store {
         pending: &PendingDigitalState,
         config: &OdteConfig,
     ) -> Result<(DigitalState, Written), StoreError> {
-        let row: Option<DigitalRow> = fetch!(
-            self,
-            queries::DIGITAL_WITH_WINDOW,
-            fetch_optional,
-            DigitalRow,
-            pending.id,
-            config.window_ms(),
-            config.timeliness_ms()
-        )?;
+        let row = self.digital_row(pending.id, config).await?;
         let row = row.ok_or_else(|| {
             StoreError::Rejected(InputError::new(
                 "id",
@@ -374,15 +366,7 @@ impl Store {
             return Ok((state, Written::Created));
         }
         // Another call evaluated the same state in between: answer what it stored.
-        let again: Option<DigitalRow> = fetch!(
-            self,
-            queries::DIGITAL_WITH_WINDOW,
-            fetch_optional,
-            DigitalRow,
-            pending.id,
-            config.window_ms(),
-            config.timeliness_ms()
-        )?;
+        let again = self.digital_row(pending.id, config).await?;
         let again = again
             .ok_or_else(|| StoreError::Corrupt(format!("digital state {} vanished", pending.id)))?;
         let stored = again
@@ -394,6 +378,25 @@ impl Store {
                 ))
             })?;
         Ok((stored, Written::Existing))
+    }
+}
+
+impl Store {
+    /// Digital state `id` with the counts of its device's window under `config`.
+    async fn digital_row(
+        &self,
+        id: i32,
+        config: &OdteConfig,
+    ) -> Result<Option<DigitalRow>, StoreError> {
+        fetch!(
+            self,
+            queries::DIGITAL_WITH_WINDOW,
+            fetch_optional,
+            DigitalRow,
+            id,
+            config.window_ms(),
+            config.timeliness_ms()
+        )
     }
 }
 
