@@ -38,14 +38,18 @@ pub enum ChainOutcome {
 /// A message taken from the broker, and when.
 pub(crate) struct Delivery {
     pub(crate) publish: Publish,
+    /// Its number in arrival order, reported back when finished (see `Acks`).
+    pub(crate) seq: u64,
     pub(crate) received_at: std::time::Instant,
 }
 
-/// Processes the messages of the devices hashed to this lane, one at a time, in order. After
-/// `shutdown` it stops before the next message (a shared member goes on until its queue is
-/// empty); `abandon` stops waiting to retry a call.
+/// Processes the messages of the devices hashed to this lane, one at a time, in order, and
+/// reports each finished one on `finished`. After `shutdown` it stops before the next message
+/// (unless the connector empties its session); `abandon` stops waiting to retry a call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn lane(
     mut messages: mpsc::UnboundedReceiver<Delivery>,
+    finished: mpsc::UnboundedSender<u64>,
     client: AsyncClient,
     http: reqwest::Client,
     config: Arc<ConnectorConfig>,
@@ -55,12 +59,13 @@ pub(crate) async fn lane(
 ) {
     while let Some(Delivery {
         publish,
+        seq,
         received_at,
     }) = messages.recv().await
     {
-        if shutdown.is_cancelled() && !config.is_shared() {
-            // Not started: leave it (and the rest of the queue) to the next session. A shared
-            // member has left its group and finishes its queue instead (see `run`).
+        if shutdown.is_cancelled() && !config.drains_session() {
+            // Not started: leave it (and the rest of the queue) to the next session. A
+            // connector that empties its session finishes its queue instead (see `run`).
             break;
         }
         match process(&http, &config, &stats, &publish, &abandon).await {
@@ -95,8 +100,9 @@ pub(crate) async fn lane(
             }
             ChainOutcome::Abandoned => break,
         }
-        if let Err(e) = client.ack(&publish).await {
-            tracing::warn!(error = %e, "cannot acknowledge a message; it will be delivered again");
+        // The event loop acknowledges it, in arrival order.
+        if finished.send(seq).is_err() {
+            break;
         }
     }
 }
@@ -157,51 +163,91 @@ enum CallError {
     Abandoned,
 }
 
-/// One POST, retried with exponential backoff on 5xx, timeouts and connection errors.
+/// How many times a call is tried when its failure is probably the message's own (a 500, an
+/// answer that is not JSON) before the message is dead-lettered.
+pub(crate) const MAX_ATTEMPTS_FOR_ERRORS: u32 = 5;
+
+/// What to do with an answer that is not a success.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The message is bad: dead-letter it at once (400, 413, 415, 422 and the like).
+    Reject,
+    /// Something is not there yet or overloaded: retry for as long as it takes (connection
+    /// errors, timeouts, 404 before Fission's triggers exist, 408, 429, 502, 503, 504).
+    RetryForever,
+    /// Probably this message's fault, maybe transient (500, other 5xx, a body that is not
+    /// JSON): retry a few times, then dead-letter, so one message cannot stall its lane.
+    RetryThenReject,
+}
+
+/// The verdict on an HTTP status that is not a success.
+pub(crate) fn verdict(status: u16) -> Verdict {
+    match status {
+        404 | 408 | 429 | 502 | 503 | 504 => Verdict::RetryForever,
+        400..=499 => Verdict::Reject,
+        _ => Verdict::RetryThenReject,
+    }
+}
+
+/// One POST, retried with exponential backoff as [`verdict`] says.
 async fn call(
     http: &reqwest::Client,
     config: &ConnectorConfig,
     stats: &ConnectorStats,
     url: &str,
     body: &Value,
-    shutdown: &CancellationToken,
+    abandon: &CancellationToken,
 ) -> Result<Value, CallError> {
     let mut delay = config.retry_initial;
+    let mut attempts = 0;
     loop {
-        let failure = match http.post(url).json(body).send().await {
+        attempts += 1;
+        let (status, failure, kind) = match http.post(url).json(body).send().await {
             Ok(response) => {
-                let status = response.status();
-                if status.is_success() {
+                let status = response.status().as_u16();
+                if response.status().is_success() {
                     match response.json::<Value>().await {
                         Ok(answer) => return Ok(answer),
-                        Err(e) => {
-                            format!("{url} answered {status} with a body that is not JSON: {e}")
-                        }
+                        Err(e) => (
+                            status,
+                            format!("answered {status} with a body that is not JSON: {e}"),
+                            Verdict::RetryThenReject,
+                        ),
                     }
-                } else if status.is_client_error() {
+                } else {
                     let text = response.text().await.unwrap_or_default();
                     let error = serde_json::from_str::<Value>(&text)
                         .ok()
                         .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
                         .unwrap_or(text);
-                    return Err(CallError::Rejected {
-                        status: status.as_u16(),
-                        error,
-                    });
-                } else {
-                    format!("{url} answered {status}")
+                    (status, error, verdict(status))
                 }
             }
-            Err(e) => format!("{url}: {e}"),
+            Err(e) => (0, format!("{url}: {e}"), Verdict::RetryForever),
         };
-        if shutdown.is_cancelled() {
+        match kind {
+            Verdict::Reject => {
+                return Err(CallError::Rejected {
+                    status,
+                    error: failure,
+                })
+            }
+            Verdict::RetryThenReject if attempts >= MAX_ATTEMPTS_FOR_ERRORS => {
+                return Err(CallError::Rejected {
+                    status,
+                    error: format!("gave up after {attempts} attempts: {failure}"),
+                })
+            }
+            Verdict::RetryThenReject | Verdict::RetryForever => {}
+        }
+        if abandon.is_cancelled() {
             return Err(CallError::Abandoned);
         }
         stats.retries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("entwine_connector_retries_total").increment(1);
-        tracing::warn!(error = %failure, retry_in = ?delay, "function call failed, retrying");
+        tracing::warn!(%url, status, error = %failure, retry_in = ?delay, "function call failed, retrying");
         tokio::select! {
-            () = shutdown.cancelled() => return Err(CallError::Abandoned),
+            () = abandon.cancelled() => return Err(CallError::Abandoned),
             () = tokio::time::sleep(jittered(delay)) => {}
         }
         delay = (delay * 2).min(config.retry_max);
@@ -247,5 +293,23 @@ pub(crate) async fn dead_letter(
         .await
     {
         tracing::error!(error = %e, "cannot publish a dead letter");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_messages_are_rejected_and_missing_or_overloaded_services_retried() {
+        for status in [400, 401, 403, 405, 413, 415, 422] {
+            assert_eq!(verdict(status), Verdict::Reject, "{status}");
+        }
+        for status in [404, 408, 429, 502, 503, 504] {
+            assert_eq!(verdict(status), Verdict::RetryForever, "{status}");
+        }
+        for status in [500, 501, 505] {
+            assert_eq!(verdict(status), Verdict::RetryThenReject, "{status}");
+        }
     }
 }

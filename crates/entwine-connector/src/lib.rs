@@ -33,6 +33,7 @@
 mod chain;
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,6 +83,9 @@ pub struct ConnectorConfig {
     pub retry_max: Duration,
     /// How long shutdown waits for chains in progress.
     pub drain_timeout: Duration,
+    /// Finish the whole backlog on shutdown, because the broker will not keep it (an embedded
+    /// broker that stops with the process).
+    pub finish_backlog: bool,
 }
 
 impl ConnectorConfig {
@@ -110,6 +114,7 @@ impl ConnectorConfig {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            finish_backlog: false,
         })
     }
 }
@@ -118,6 +123,13 @@ impl ConnectorConfig {
     /// Whether the connector is one member of a shared subscription (`$share/<group>/…`).
     pub fn is_shared(&self) -> bool {
         self.topics.iter().any(|t| t.starts_with("$share/"))
+    }
+
+    /// Whether shutdown takes and finishes everything the broker holds for this session rather
+    /// than leaving it for the next one: for a shared member (its session may never come back)
+    /// and when the broker does not outlive the connector (`finish_backlog`, an embedded broker).
+    pub fn drains_session(&self) -> bool {
+        self.finish_backlog || self.is_shared()
     }
 }
 
@@ -208,6 +220,109 @@ pub fn device_id_of(topic: &str) -> Result<DeviceId, String> {
     DeviceId::parse("device_id", id).map_err(|e| format!("topic {topic:?}: {e}"))
 }
 
+/// Acknowledgements in the order the messages arrived, as MQTT 3.1.1 §4.6 requires (rumqttd,
+/// the embedded broker, drops a client that acknowledges out of order). Lanes finish messages in
+/// any order; a finished message is acknowledged once every message that arrived before it is
+/// finished too.
+#[derive(Default)]
+struct Acks {
+    next: u64,
+    pending: VecDeque<(u64, Publish, bool)>,
+}
+
+impl Acks {
+    /// Numbers a message as it arrives; QoS 0 messages need no acknowledgement.
+    fn admit(&mut self, publish: &Publish) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        if publish.qos != QoS::AtMostOnce {
+            self.pending.push_back((seq, publish.clone(), false));
+        }
+        seq
+    }
+
+    /// Marks `seq` finished and acknowledges the finished prefix. Numbers from an earlier
+    /// connection are ignored: the broker delivers those messages again.
+    fn finish(&mut self, seq: u64, client: &AsyncClient) {
+        if let Some(entry) = self.pending.iter_mut().find(|(s, _, _)| *s == seq) {
+            entry.2 = true;
+        }
+        self.flush(client);
+    }
+
+    fn flush(&mut self, client: &AsyncClient) {
+        while let Some((_, publish, true)) = self.pending.front() {
+            // Never wait here: this runs on the event loop, which is what empties the queue.
+            if client.try_ack(publish).is_err() {
+                return;
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    /// The connection dropped: the broker will deliver every unacknowledged message again.
+    fn reset(&mut self) {
+        self.pending.clear();
+    }
+
+    fn outstanding(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// What the event loop hands out and hears back.
+struct Dispatcher {
+    lanes: Vec<mpsc::UnboundedSender<chain::Delivery>>,
+    finished: mpsc::UnboundedSender<u64>,
+    acks: Acks,
+    client: AsyncClient,
+    config: Arc<ConnectorConfig>,
+    stats: Arc<ConnectorStats>,
+}
+
+impl Dispatcher {
+    /// Sends a message to its device's lane, or dead-letters it when its topic names no device.
+    fn dispatch(&mut self, publish: Publish) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("entwine_connector_received_total").increment(1);
+        let seq = self.acks.admit(&publish);
+        match device_id_of(&publish.topic) {
+            Ok(device) => {
+                let mut hasher = DefaultHasher::new();
+                device.hash(&mut hasher);
+                let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
+                let delivery = chain::Delivery {
+                    publish,
+                    seq,
+                    received_at: std::time::Instant::now(),
+                };
+                if self.lanes[lane].send(delivery).is_err() {
+                    tracing::error!(
+                        "a connector lane has stopped; the message stays unacknowledged"
+                    );
+                }
+            }
+            Err(reason) => {
+                let client = self.client.clone();
+                let topic = self.config.dead_letter_topic.clone();
+                let finished = self.finished.clone();
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("entwine_connector_dead_letters_total", "stage" => "topic")
+                    .increment(1);
+                // Off the event loop: publishing may wait for room in the client's queue.
+                tokio::spawn(async move {
+                    chain::dead_letter(&client, &topic, &publish, "topic", None, &reason).await;
+                    let _ = finished.send(seq);
+                });
+            }
+        }
+    }
+
+    fn finish(&mut self, seq: u64) {
+        self.acks.finish(seq, &self.client);
+    }
+}
+
 /// Runs the connector until `shutdown` is cancelled, then drains and disconnects.
 pub async fn run(
     config: ConnectorConfig,
@@ -218,7 +333,9 @@ pub async fn run(
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_clean_session(false);
     mqtt.set_manual_acks(true);
-    mqtt.set_max_packet_size(256 * 1024, 256 * 1024);
+    // Generous on purpose: a message larger than this breaks the connection on every delivery,
+    // while one that arrives is refused by the functions (64 KiB) and dead-lettered.
+    mqtt.set_max_packet_size(16 * 1024 * 1024, 256 * 1024);
     let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
     let http = reqwest::Client::builder()
         .timeout(config.request_timeout)
@@ -227,23 +344,32 @@ pub async fn run(
         .context("cannot build the HTTP client")?;
     let config = Arc::new(config);
 
-    // Retries give up at shutdown; a shared member keeps retrying while it drains (see below).
-    let abandon = if config.is_shared() {
+    // Retries give up at shutdown, unless the connector empties its session first (see below).
+    let abandon = if config.drains_session() {
         CancellationToken::new()
     } else {
         shutdown.clone()
     };
     let lanes = config.lanes.max(1);
-    let mut senders = Vec::with_capacity(lanes);
+    let (finished, mut finished_rx) = mpsc::unbounded_channel::<u64>();
+    let mut dispatcher = Dispatcher {
+        lanes: Vec::with_capacity(lanes),
+        finished: finished.clone(),
+        acks: Acks::default(),
+        client: client.clone(),
+        config: config.clone(),
+        stats: stats.clone(),
+    };
     let mut workers = JoinSet::new();
     for _ in 0..lanes {
         // Unbounded, yet bounded in practice: with QoS 1 the broker sends at most its in-flight
         // window of unacknowledged messages, and the event loop must never wait on a lane (it
         // also carries keep-alives and acknowledgements).
         let (tx, rx) = mpsc::unbounded_channel::<chain::Delivery>();
-        senders.push(tx);
+        dispatcher.lanes.push(tx);
         workers.spawn(chain::lane(
             rx,
+            finished.clone(),
             client.clone(),
             http.clone(),
             config.clone(),
@@ -252,6 +378,7 @@ pub async fn run(
             abandon.clone(),
         ));
     }
+    drop(finished);
     tracing::info!(
         broker = %format!("{}:{}", config.broker_host, config.broker_port),
         topics = ?config.topics,
@@ -265,6 +392,10 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(seq) = finished_rx.recv() => {
+                dispatcher.finish(seq);
+                continue;
+            }
             event = eventloop.poll() => event,
         };
         match event {
@@ -282,11 +413,7 @@ pub async fn run(
                     tracing::error!(error = %e, "cannot subscribe");
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                stats.received.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("entwine_connector_received_total").increment(1);
-                dispatch(publish, &senders, &client, &config, &stats);
-            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => dispatcher.dispatch(publish),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 stats.subscribed.fetch_add(1, Ordering::Relaxed);
                 stats.connected.store(true, Ordering::Relaxed);
@@ -300,6 +427,7 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                dispatcher.acks.reset();
                 stats.connected.store(false, Ordering::Relaxed);
                 stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("entwine_connector_mqtt_errors_total").increment(1);
@@ -316,21 +444,30 @@ pub async fn run(
     tracing::info!("connector stopping: finishing chains in progress");
     stats.connected.store(false, Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + config.drain_timeout;
-    if config.is_shared() {
-        // Leave the share group before draining: Mosquitto keeps routing a share of the stream
-        // to a disconnected persistent member (the session of a pod that will never come back,
-        // on Kubernetes), where it would wait unseen. Without the subscription the other
-        // members take it all; this connector finishes what the broker already routed to it.
-        for topic in &config.topics {
-            if let Err(e) = client.try_unsubscribe(topic.clone()) {
-                tracing::warn!(error = %e, %topic, "cannot leave the share group");
+    if config.drains_session() {
+        if config.is_shared() {
+            // Leave the share group before draining: Mosquitto keeps routing a share of the
+            // stream to a disconnected persistent member (the session of a pod that will never
+            // come back, on Kubernetes), where it would wait unseen. Without the subscription
+            // the other members take it all.
+            for topic in &config.topics {
+                if let Err(e) = client.try_unsubscribe(topic.clone()) {
+                    tracing::warn!(error = %e, %topic, "cannot leave the share group");
+                }
             }
         }
-        empty_session(&mut eventloop, &senders, &client, &config, &stats, deadline).await;
+        empty_session(&mut eventloop, &mut dispatcher, &mut finished_rx, deadline).await;
         abandon.cancel();
     }
-    drop(senders);
-    drain(&mut eventloop, &mut workers, deadline).await;
+    dispatcher.lanes.clear();
+    drain(
+        &mut eventloop,
+        &mut workers,
+        &mut dispatcher,
+        &mut finished_rx,
+        deadline,
+    )
+    .await;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
@@ -345,86 +482,47 @@ pub async fn run(
         received = stats.received.load(Ordering::Relaxed),
         completed = stats.completed.load(Ordering::Relaxed),
         dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
+        unacknowledged = dispatcher.acks.outstanding(),
         "connector stopped"
     );
     Ok(())
 }
 
-/// Sends a message to its device's lane, or dead-letters it when its topic names no device.
-fn dispatch(
-    publish: Publish,
-    lanes: &[mpsc::UnboundedSender<chain::Delivery>],
-    client: &AsyncClient,
-    config: &ConnectorConfig,
-    stats: &ConnectorStats,
-) {
-    match device_id_of(&publish.topic) {
-        Ok(device) => {
-            let mut hasher = DefaultHasher::new();
-            device.hash(&mut hasher);
-            let lane = (hasher.finish() % lanes.len() as u64) as usize;
-            let delivery = chain::Delivery {
-                publish,
-                received_at: std::time::Instant::now(),
-            };
-            if lanes[lane].send(delivery).is_err() {
-                tracing::error!("a connector lane has stopped; the message stays unacknowledged");
-            }
-        }
-        Err(reason) => {
-            let client = client.clone();
-            let topic = config.dead_letter_topic.clone();
-            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("entwine_connector_dead_letters_total", "stage" => "topic")
-                .increment(1);
-            // Off the event loop: publishing may wait for room in the client's queue.
-            tokio::spawn(async move {
-                chain::dead_letter(&client, &topic, &publish, "topic", None, &reason).await;
-                if let Err(e) = client.ack(&publish).await {
-                    tracing::warn!(error = %e, "cannot acknowledge a dead-lettered message");
-                }
-            });
-        }
-    }
-}
-
-/// A shared member that left its group still receives what the broker had queued for it before:
-/// keep taking and processing it until nothing is pending and nothing arrived for a while, or
-/// `deadline` passes.
+/// Takes and processes everything the broker still holds for this session, until nothing is
+/// outstanding and nothing arrived for a while, or `deadline` passes.
 async fn empty_session(
     eventloop: &mut EventLoop,
-    lanes: &[mpsc::UnboundedSender<chain::Delivery>],
-    client: &AsyncClient,
-    config: &ConnectorConfig,
-    stats: &ConnectorStats,
+    dispatcher: &mut Dispatcher,
+    finished: &mut mpsc::UnboundedReceiver<u64>,
     deadline: tokio::time::Instant,
 ) {
     const QUIET: Duration = Duration::from_millis(500);
     let mut last_arrival = tokio::time::Instant::now();
-    let pending = || {
-        let done =
-            stats.completed.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
-        stats.received.load(Ordering::Relaxed).saturating_sub(done)
-    };
     loop {
         tokio::select! {
+            Some(seq) = finished.recv() => dispatcher.finish(seq),
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     last_arrival = tokio::time::Instant::now();
-                    stats.received.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("entwine_connector_received_total").increment(1);
-                    dispatch(publish, lanes, client, config, stats);
+                    dispatcher.dispatch(publish);
                 }
                 Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(_) => {
+                    dispatcher.acks.reset();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             },
             () = tokio::time::sleep(Duration::from_millis(50)) => {
-                if pending() == 0 && last_arrival.elapsed() >= QUIET {
+                dispatcher.acks.flush(&dispatcher.client);
+                if dispatcher.acks.outstanding() == 0 && last_arrival.elapsed() >= QUIET {
                     return;
                 }
             }
             () = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(pending = pending(), "drain timed out; what is left waits in this session");
+                tracing::warn!(
+                    outstanding = dispatcher.acks.outstanding(),
+                    "drain timed out; what is left waits in this session"
+                );
                 return;
             }
         }
@@ -437,27 +535,36 @@ async fn empty_session(
 async fn drain(
     eventloop: &mut EventLoop,
     workers: &mut JoinSet<()>,
+    dispatcher: &mut Dispatcher,
+    finished: &mut mpsc::UnboundedReceiver<u64>,
     deadline: tokio::time::Instant,
 ) {
     loop {
         tokio::select! {
             joined = workers.join_next() => {
                 if joined.is_none() {
-                    return;
+                    break;
                 }
             }
+            Some(seq) = finished.recv() => dispatcher.finish(seq),
             event = eventloop.poll() => {
                 if event.is_err() {
+                    dispatcher.acks.reset();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
             () = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(lanes = workers.len(), "drain timed out; their messages will be delivered again");
                 workers.abort_all();
-                return;
+                break;
             }
         }
     }
+    while let Ok(seq) = finished.try_recv() {
+        dispatcher.finish(seq);
+    }
+    // Let the last acknowledgements out before the DISCONNECT that follows them.
+    dispatcher.acks.flush(&dispatcher.client);
 }
 
 #[cfg(test)]

@@ -14,7 +14,12 @@ const NOW: i64 = 1_700_000_000_000;
 fn evaluate(c: &mut Criterion) {
     let config = OdteConfig::seed_default();
     c.bench_function("odte/evaluate", |b| {
-        b.iter(|| config.evaluate(black_box(WindowStats { states: 6, timely: 5 })))
+        b.iter(|| {
+            config.evaluate(black_box(WindowStats {
+                states: 6,
+                timely: 5,
+            }))
+        })
     });
 }
 
@@ -24,15 +29,20 @@ fn window(c: &mut Criterion) {
     for states in [6usize, 60, 600, 3000] {
         // One state per 10 ms, all inside a window sized to hold them.
         let config = OdteConfig::new(100.0, states as f64 / 100.0, 1.0, 0.9).expect("valid");
-        let history: Vec<(i64, i64)> =
-            (0..states as i64).map(|i| (NOW - i * 10, NOW - i * 10 - 40)).collect();
+        let history: Vec<(i64, i64)> = (0..states as i64)
+            .map(|i| (NOW - i * 10, NOW - i * 10 - 40))
+            .collect();
         group.throughput(Throughput::Elements(states as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(states), &history, |b, history| {
-            b.iter(|| {
-                let stats = WindowStats::of(&config, NOW, history.iter().copied());
-                config.evaluate(black_box(stats))
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter(states),
+            &history,
+            |b, history| {
+                b.iter(|| {
+                    let stats = WindowStats::of(&config, NOW, history.iter().copied());
+                    config.evaluate(black_box(stats))
+                })
+            },
+        );
     }
     group.finish();
 }

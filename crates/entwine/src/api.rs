@@ -28,6 +28,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 
 /// Longest history page.
 pub const MAX_PAGE: u32 = 1000;
@@ -39,11 +40,18 @@ struct Api {
     store: Store,
     feed: DigitalFeed,
     metrics: Option<PrometheusHandle>,
+    closing: CancellationToken,
 }
 
-/// The API over `store`, streaming what the digital-event handler announces on `feed`, and
+/// The API over `store`, streaming what the digital-event handler announces on `feed` until
+/// `closing` is cancelled (a live stream would otherwise hold a graceful shutdown forever), and
 /// rendering `metrics` when a recorder is installed.
-pub fn router(store: Store, feed: DigitalFeed, metrics: Option<PrometheusHandle>) -> Router {
+pub fn router(
+    store: Store,
+    feed: DigitalFeed,
+    metrics: Option<PrometheusHandle>,
+    closing: CancellationToken,
+) -> Router {
     Router::new()
         .route("/api/twins", get(twins))
         .route("/api/twins/{id}", get(twin))
@@ -54,6 +62,7 @@ pub fn router(store: Store, feed: DigitalFeed, metrics: Option<PrometheusHandle>
             store,
             feed,
             metrics,
+            closing,
         })
 }
 
@@ -192,6 +201,8 @@ async fn stream(
         let data = serde_json::to_string(&state).ok()?;
         Some(Ok(Event::default().event("digitalstate").data(data)))
     });
+    let closing = api.closing.clone().cancelled_owned();
+    let states = futures_util::StreamExt::take_until(states, closing);
     Ok(Sse::new(states).keep_alive(KeepAlive::default()))
 }
 

@@ -60,6 +60,7 @@ pub async fn up(
     let store = open_migrated(&args.database).await?;
     let metrics = install_metrics()?;
 
+    let embedded_broker = args.broker_url.is_none();
     let (broker, broker_note) = match &args.broker_url {
         Some(url) => {
             let (host, port) = entwine_connector::parse_broker_url(url)?;
@@ -81,12 +82,13 @@ pub async fn up(
     let functions = Arc::new(
         TwinFunctions::new(store.clone(), odte, Arc::new(SystemClock)).with_feed(feed.clone()),
     );
+    let http_stop = CancellationToken::new();
     let app = with_fallbacks(routes(functions).merge(crate::api::router(
         store.clone(),
         feed.clone(),
         Some(metrics),
+        http_stop.clone(),
     )));
-    let http_stop = CancellationToken::new();
     let http_token = http_stop.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -103,6 +105,7 @@ pub async fn up(
         args.topic.clone()
     };
     let connector_stop = CancellationToken::new();
+    let connector_stats = Arc::new(ConnectorStats::default());
     let connector = if args.no_connector {
         None
     } else {
@@ -112,9 +115,11 @@ pub async fn up(
             &format!("http://{address}"),
         )?;
         config.client_id = args.connector_client_id.clone();
+        // The embedded broker stops with this process: nothing may be left in it at exit.
+        config.finish_backlog = embedded_broker;
         Some(tokio::spawn(entwine_connector::run(
             config,
-            Arc::new(ConnectorStats::default()),
+            connector_stats.clone(),
             connector_stop.clone(),
         )))
     };
@@ -198,8 +203,11 @@ pub async fn up(
     );
 
     devices_stop.cancel();
+    let mut published = 0;
     if let Some(emulator) = devices {
+        let stats = emulator.stats.clone();
         emulator.wait().await.context("devices")?;
+        published = stats.aggregated.load(std::sync::atomic::Ordering::Relaxed);
     }
     connector_stop.cancel();
     if let Some(connector) = connector {
@@ -208,10 +216,24 @@ pub async fn up(
             .context("the connector panicked")?
             .context("connector")?;
     }
+    // Live streams end with the server; a client that keeps its connection open cannot hold
+    // the shutdown longer than this.
     http_stop.cancel();
-    http.await
-        .context("the HTTP server panicked")?
-        .context("HTTP server")?;
+    match tokio::time::timeout(std::time::Duration::from_secs(5), http).await {
+        Ok(served) => served
+            .context("the HTTP server panicked")?
+            .context("HTTP server")?,
+        Err(_) => tracing::warn!("HTTP connections still open after 5 s: closing them"),
+    }
+    let completed = connector_stats
+        .completed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let dead = connector_stats
+        .dead_lettered
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "devices published {published} messages; the connector completed {completed} chains and dead-lettered {dead}"
+    );
     printer.abort();
     store.close().await;
     println!("entwine stopped");

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use entwine_testing::{eventually, mqtt_address, unique, Subscriber, TestStore};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{json, Value};
@@ -156,5 +157,99 @@ async fn calls_are_retried_until_the_functions_come_up() {
     .await;
     assert_eq!(physical_count(&functions.store.store).await, 1);
     assert_eq!(connector.stats.dead_lettered.load(Ordering::Relaxed), 0);
+    connector.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_function_keeps_failing_is_dead_lettered_and_the_lane_moves_on() {
+    // A physical-event route that answers 500 to one device, as a function does on a row it
+    // cannot handle; the real functions serve everything else behind it.
+    let functions = serve_functions(fast_odte()).await;
+    let upstream = functions.url.clone();
+    let proxy = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let upstream = upstream.clone();
+        async move {
+            let path = request.uri().path().to_owned();
+            let body = axum::body::to_bytes(request.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            if path == "/physicalevents" && String::from_utf8_lossy(&body).contains("\"cursed\"") {
+                return (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "{\"error\":\"internal error\"}",
+                )
+                    .into_response();
+            }
+            let answer = reqwest::Client::new()
+                .post(format!("{upstream}{path}"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = axum::http::StatusCode::from_u16(answer.status().as_u16()).unwrap();
+            (
+                status,
+                [("content-type", "application/json")],
+                answer.bytes().await.unwrap(),
+            )
+                .into_response()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, proxy).await.unwrap() });
+
+    let root = unique("poison");
+    let mut config = connector_config(&proxy_url, vec![format!("{root}/#")], &unique("connector"));
+    config.lanes = 1; // the poisoned message and the good one share the lane
+    let dead_letters = Subscriber::start(std::slice::from_ref(&config.dead_letter_topic)).await;
+    let connector = start_connector(config).await;
+    let client = publisher().await;
+    let event = |device: &str, t: i64| {
+        json!({"timestamp": t, "type": "iot.sensor.state.aggregated",
+        "data": {"iot.sensor.energy": 3.0, "iot.sensor.temperature": 26.0}, "device_id": device})
+    };
+    let t = now_ms();
+    client
+        .publish(
+            format!("{root}/cursed/telemetry/device_state"),
+            QoS::AtLeastOnce,
+            false,
+            event("cursed", t).to_string(),
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            format!("{root}/fine/telemetry/device_state"),
+            QoS::AtLeastOnce,
+            false,
+            event("fine", t).to_string(),
+        )
+        .await
+        .unwrap();
+
+    let letters = dead_letters
+        .wait_for(Duration::from_secs(20), "the poisoned message", |r| {
+            !r.is_empty()
+        })
+        .await;
+    let letter: Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(letter["stage"], "physicalevents");
+    assert_eq!(letter["status"], 500);
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("gave up after 5 attempts"),
+        "{letter}"
+    );
+    let store = functions.store.store.clone();
+    eventually(Duration::from_secs(10), "the message behind it", || {
+        let store = store.clone();
+        async move { physical_count(&store).await == 1 }
+    })
+    .await;
     connector.stop().await;
 }

@@ -8,7 +8,12 @@ use tower::ServiceExt;
 
 async fn get(store: &TestStore, uri: &str) -> (StatusCode, Value) {
     let (feed, _) = tokio::sync::broadcast::channel(8);
-    let app = entwine::api::router(store.store.clone(), feed, None);
+    let app = entwine::api::router(
+        store.store.clone(),
+        feed,
+        None,
+        tokio_util::sync::CancellationToken::new(),
+    );
     let response = app
         .oneshot(Request::get(uri).body(Body::empty()).unwrap())
         .await

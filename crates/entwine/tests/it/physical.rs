@@ -13,7 +13,7 @@ async fn spawn(dir: &std::path::Path, args: &[&str], marker: &str) -> (Child, St
         .args(args)
         .current_dir(dir)
         .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,rumqttd=off")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
