@@ -268,12 +268,15 @@ fn check_period(key: &str, ms: u64, min: u64) -> Result<(), InputError> {
     Ok(())
 }
 
+/// Slowest aggregated rate: one message per [`MAX_PERIOD_MS`].
+pub const MIN_MSG_PER_SEC: f64 = 1000.0 / MAX_PERIOD_MS as f64;
+
 fn check_rate(key: &str, rate: f64) -> Result<(), InputError> {
-    if !(rate.is_finite() && rate > 0.0 && rate <= MAX_MSG_PER_SEC) {
+    if !(rate.is_finite() && (MIN_MSG_PER_SEC..=MAX_MSG_PER_SEC).contains(&rate)) {
         return Err(InputError::new(
             key,
             format!(
-                "{rate} is not a rate above 0 and at most {MAX_MSG_PER_SEC} messages per second"
+                "{rate} is not a rate between one message a day ({MIN_MSG_PER_SEC:.8}) and {MAX_MSG_PER_SEC} messages per second"
             ),
         ));
     }
@@ -393,6 +396,10 @@ resourceMap:
             (json!({"updateInitialDelayMs": 1.5}), "updateInitialDelayMs"),
             (
                 json!({"aggregatedTelemetryMsgSec": 0}),
+                "aggregatedTelemetryMsgSec",
+            ),
+            (
+                json!({"aggregatedTelemetryMsgSec": 1e-20}),
                 "aggregatedTelemetryMsgSec",
             ),
             (

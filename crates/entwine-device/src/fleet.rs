@@ -174,7 +174,11 @@ pub async fn run(
         broker = %format!("{}:{}", broker.host, broker.port),
         "devices started"
     );
-    while devices.join_next().await.is_some() {}
+    while let Some(ended) = devices.join_next().await {
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "a device task failed");
+        }
+    }
     connections_stop.cancel();
     while let Some(result) = connections.join_next().await {
         result.context("a connection task panicked")?;
@@ -205,13 +209,18 @@ async fn connection(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 stats.connections.fetch_add(1, Ordering::Relaxed);
-                let filters = controls
+                let filters: Vec<SubscribeFilter> = controls
                     .iter()
-                    .map(|t| SubscribeFilter::new(t.clone(), QoS::AtMostOnce));
-                // The request queue is empty right after a connection, so this cannot block.
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    tracing::warn!(error = %e, "cannot subscribe to control topics");
-                }
+                    .map(|t| SubscribeFilter::new(t.clone(), QoS::AtMostOnce))
+                    .collect();
+                // Off the event loop: the queue may hold what the devices published while the
+                // broker was away, and only this loop empties it.
+                let client = client.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client.subscribe_many(filters).await {
+                        tracing::warn!(error = %e, "cannot subscribe to control topics");
+                    }
+                });
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 stats.control_messages.fetch_add(1, Ordering::Relaxed);

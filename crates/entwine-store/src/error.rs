@@ -12,7 +12,7 @@ pub enum StoreError {
     /// The database cannot be reached or refuses connections right now; retrying later may work.
     #[error("store unavailable")]
     Unavailable(#[source] sqlx::Error),
-    /// The tables are missing: the operator must run `entwine migrate`.
+    /// The tables or their keys are missing: the operator must run `entwine migrate`.
     #[error("store schema missing: run `entwine migrate`")]
     NotMigrated(#[source] sqlx::Error),
     /// The database URL cannot be used.
@@ -64,14 +64,17 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: connection exception (08…), shutdown or start-up (57P…), too many
-            // connections (53300). SQLite: SQLITE_BUSY (5), SQLITE_LOCKED (6),
-            // SQLITE_CANTOPEN (14).
+            // connections (53300). SQLite reports extended codes, whose low byte is the primary
+            // one: SQLITE_BUSY (5), SQLITE_LOCKED (6), SQLITE_CANTOPEN (14).
+            // (PostgreSQL's codes are five characters, SQLite's at most four digits.)
+            let sqlite_primary = (code.len() < 5)
+                .then(|| code.parse::<i32>().ok())
+                .flatten()
+                .map(|c| c & 0xff);
             code.starts_with("08")
                 || code.starts_with("57P")
                 || code == "53300"
-                || code == "5"
-                || code == "6"
-                || code == "14"
+                || matches!(sqlite_primary, Some(5 | 6 | 14))
         }
         _ => false,
     }
@@ -79,8 +82,13 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
 
 fn is_missing_table(error: &sqlx::Error) -> bool {
     match error {
+        // A missing table, or a missing idempotency key (PostgreSQL 42P10 and SQLite's "ON
+        // CONFLICT clause does not match…" when the second migration has not run, e.g. because
+        // it refused a seed database holding duplicates).
         sqlx::Error::Database(db) => {
-            db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table")
+            matches!(db.code().as_deref(), Some("42P01" | "42P10"))
+                || db.message().starts_with("no such table")
+                || db.message().contains("ON CONFLICT clause does not match")
         }
         _ => false,
     }

@@ -100,46 +100,73 @@ struct HistoryRow {
     lifecycle: String,
 }
 
-/// The latest evaluated state of every twin (or of device `$1` only, when it is not NULL).
+/// The latest evaluated state of every twin. It reads every device's evaluated states
+/// (`digitalstate_evaluated_idx`); a table of current twin status would make it O(twins).
 static TWINS: Sql = Sql::new(
     "SELECT d.device_id, d.id, d.timestamp, p.device_timestamp, d.availability, d.reliability, \
             d.timeliness, d.odte, d.lifecycle \
      FROM digitalstate d JOIN physicalstate p ON p.id = d.physicalstate_id \
-     WHERE d.id IN (SELECT MAX(id) FROM digitalstate \
-                    WHERE odte IS NOT NULL AND ($1 IS NULL OR device_id = $1) GROUP BY device_id) \
+     WHERE d.id IN (SELECT MAX(id) FROM digitalstate WHERE odte IS NOT NULL GROUP BY device_id) \
      ORDER BY d.device_id",
 );
 
-/// A twin's evaluated states with `since ≤ timestamp < before`, newest first.
+/// The latest evaluated state of device `$1`: one descent of `digitalstate_evaluated_idx`.
+static TWIN: Sql = Sql::new(
+    "SELECT d.device_id, d.id, d.timestamp, p.device_timestamp, d.availability, d.reliability, \
+            d.timeliness, d.odte, d.lifecycle \
+     FROM digitalstate d JOIN physicalstate p ON p.id = d.physicalstate_id \
+     WHERE d.id = (SELECT MAX(id) FROM digitalstate WHERE odte IS NOT NULL AND device_id = $1)",
+);
+
+/// A twin's evaluated states from `since` ($2) up to, not including, the cursor
+/// (timestamp $3, id $5), newest first.
 static HISTORY: Sql = Sql::new(
     "SELECT d.id, d.physicalstate_id, p.device_timestamp, d.timestamp, d.temperature, d.energy, \
             d.availability, d.reliability, d.timeliness, d.odte, d.lifecycle \
      FROM digitalstate d JOIN physicalstate p ON p.id = d.physicalstate_id \
-     WHERE d.device_id = $1 AND d.odte IS NOT NULL AND d.timestamp >= $2 AND d.timestamp < $3 \
+     WHERE d.device_id = $1 AND d.odte IS NOT NULL AND d.timestamp >= $2 \
+       AND (d.timestamp < $3 OR (d.timestamp = $3 AND d.id < $5)) \
      ORDER BY d.timestamp DESC, d.id DESC LIMIT $4",
 );
+
+/// Where a history page ends: the (timestamp, id) of its oldest entry; the next page starts
+/// strictly before it, so entries that share a millisecond are neither skipped nor repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryCursor {
+    /// Timestamp of the last entry seen (ms).
+    pub timestamp: i64,
+    /// Its id.
+    pub id: i32,
+}
+
+impl HistoryCursor {
+    /// The cursor before everything: the newest entries first.
+    pub const START: Self = Self {
+        timestamp: i64::MAX,
+        id: i32::MAX,
+    };
+}
 
 impl Store {
     /// Every twin's latest evaluation, ordered by device id.
     pub async fn twins(&self) -> Result<Vec<TwinStatus>, StoreError> {
-        let rows: Vec<StatusRow> = fetch!(self, TWINS, fetch_all, StatusRow, None::<String>)?;
+        let rows: Vec<StatusRow> = fetch!(self, TWINS, fetch_all, StatusRow)?;
         rows.into_iter().map(StatusRow::into_status).collect()
     }
 
     /// One twin's latest evaluation, or `None` when the device has none.
     pub async fn twin(&self, device_id: &str) -> Result<Option<TwinStatus>, StoreError> {
-        let row: Option<StatusRow> =
-            fetch!(self, TWINS, fetch_optional, StatusRow, Some(device_id))?;
+        let row: Option<StatusRow> = fetch!(self, TWIN, fetch_optional, StatusRow, device_id)?;
         row.map(StatusRow::into_status).transpose()
     }
 
-    /// A twin's evaluated states with `since_ms ≤ timestamp < before_ms`, newest first, at most
-    /// `limit` of them.
+    /// A twin's evaluated states with `timestamp ≥ since_ms` that come before `cursor`, newest
+    /// first, at most `limit` of them.
     pub async fn history(
         &self,
         device_id: &str,
         since_ms: i64,
-        before_ms: i64,
+        cursor: HistoryCursor,
         limit: u32,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
         let rows: Vec<HistoryRow> = fetch!(
@@ -149,8 +176,9 @@ impl Store {
             HistoryRow,
             device_id,
             since_ms,
-            before_ms,
-            i64::from(limit)
+            cursor.timestamp,
+            i64::from(limit),
+            cursor.id
         )?;
         rows.into_iter()
             .map(|r| {

@@ -3,8 +3,9 @@
 //! - `GET /api/twins`: every twin as it stands (lifecycle, ODTE and its factors, last physical
 //!   and digital timestamps);
 //! - `GET /api/twins/{id}`: one twin (404 when the device has no evaluated state);
-//! - `GET /api/twins/{id}/history?since=&before=&limit=`: its evaluated states, newest first,
-//!   `limit` per page (default 100, at most 1000), `next` names the following page;
+//! - `GET /api/twins/{id}/history?since=&limit=`: its evaluated states, newest first, `limit`
+//!   per page (default 100, at most 1000); `next` names the following page (a `before` /
+//!   `before_id` cursor);
 //! - `GET /api/stream[?device_id=]`: a live stream of digital states (Server-Sent Events,
 //!   event `digitalstate`);
 //! - `GET /metrics`: Prometheus text format.
@@ -23,7 +24,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use entwine_functions::handlers::DigitalFeed;
 use entwine_functions::http::error_chain;
-use entwine_store::{Store, StoreError};
+use entwine_store::{HistoryCursor, Store, StoreError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
@@ -153,26 +154,49 @@ async fn history(
     Path(id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let params = Params::new(raw, &["since", "before", "limit"])?;
+    let params = Params::new(raw, &["since", "before", "before_id", "limit"])?;
     let since = params.integer("since", 0..=i64::MAX)?.unwrap_or(0);
-    let before = params.integer("before", 0..=i64::MAX)?.unwrap_or(i64::MAX);
+    let cursor = HistoryCursor {
+        timestamp: params.integer("before", 0..=i64::MAX)?.unwrap_or(i64::MAX),
+        id: params
+            .integer("before_id", 0..=i64::from(i32::MAX))?
+            .map_or(i32::MAX, |id| id as i32),
+    };
     let limit = params
         .integer("limit", 1..=i64::from(MAX_PAGE))?
         .map_or(DEFAULT_PAGE, |l| l as u32);
     if api.store.twin(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no twin {id:?}")));
     }
-    let items = api.store.history(&id, since, before, limit).await?;
-    let next = (items.len() == limit as usize).then(|| {
-        let oldest = items.last().map_or(0, |h| h.timestamp);
-        format!("/api/twins/{id}/history?since={since}&before={oldest}&limit={limit}")
-    });
+    let items = api.store.history(&id, since, cursor, limit).await?;
+    let next = match items.last() {
+        Some(oldest) if items.len() == limit as usize => Some(format!(
+            "/api/twins/{}/history?since={since}&before={}&before_id={}&limit={limit}",
+            encode_path_segment(&id),
+            oldest.timestamp,
+            oldest.id
+        )),
+        _ => None,
+    };
     Ok(Json(HistoryPage {
         device_id: id,
         items,
         next,
     })
     .into_response())
+}
+
+/// `segment` percent-encoded for a URL path: everything but RFC 3986's unreserved characters.
+fn encode_path_segment(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A page of history; serialized directly so readings keep their `REAL` precision.

@@ -3,7 +3,7 @@
 
 use entwine_core::odte::{Lifecycle, OdteConfig, WindowStats};
 use entwine_core::state::{DeviceId, PendingDigitalState, PhysicalEvent, PhysicalState};
-use entwine_store::{Store, StoreError, StoreOptions, Written};
+use entwine_store::{HistoryCursor, Store, StoreError, StoreOptions, Written};
 use entwine_testing::{scalar, store_test};
 
 fn event(device: &str, device_timestamp: i64) -> PhysicalEvent {
@@ -454,24 +454,36 @@ store_test!(
         assert_eq!(b.lifecycle, Lifecycle::Disentangled);
         assert!(t.store.twin("press-z").await.unwrap().is_none());
 
-        let page = t.store.history("press-a", 0, i64::MAX, 3).await.unwrap();
+        let page = t
+            .store
+            .history("press-a", 0, HistoryCursor::START, 3)
+            .await
+            .unwrap();
         let stamps: Vec<i64> = page.iter().map(|h| h.timestamp).collect();
         assert_eq!(stamps, [base + 30_100, base + 25_100, base + 20_100]);
         let next = t
             .store
-            .history("press-a", 0, page[2].timestamp, 3)
+            .history(
+                "press-a",
+                0,
+                HistoryCursor {
+                    timestamp: page[2].timestamp,
+                    id: page[2].id,
+                },
+                3,
+            )
             .await
             .unwrap();
         assert_eq!(next[0].timestamp, base + 15_100);
         let since = t
             .store
-            .history("press-a", base + 20_000, i64::MAX, 100)
+            .history("press-a", base + 20_000, HistoryCursor::START, 100)
             .await
             .unwrap();
         assert_eq!(since.len(), 3);
         assert!(t
             .store
-            .history("press-z", 0, i64::MAX, 10)
+            .history("press-z", 0, HistoryCursor::START, 10)
             .await
             .unwrap()
             .is_empty());
