@@ -342,11 +342,13 @@ fn listen_address(env: &Environment) -> Result<SocketAddr, SettingsError> {
     Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
 }
 
-/// A mounted file's value with surrounding whitespace (a trailing newline) removed, or `None`
-/// when the file does not exist.
+/// A mounted file's value without its trailing line ending, or `None` when the file does not
+/// exist.
 fn read_optional(path: &Path) -> Result<Option<String>, SettingsError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text.trim().to_owned())),
+        // Only the line ending a file editor or `--from-file` leaves: spaces can belong to a
+        // password. Numbers, hosts and names are trimmed where they are parsed.
+        Ok(text) => Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SettingsError::Read {
             path: path.to_owned(),

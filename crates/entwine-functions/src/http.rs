@@ -110,7 +110,16 @@ pub async fn json_object(request: Request) -> Result<Map<String, Value>, InputEr
     }
     let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
         .await
-        .map_err(|_| too_large())?;
+        .map_err(|e| {
+            // The limit, or a client that went away mid-body.
+            let limited = std::error::Error::source(&e)
+                .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+            if limited {
+                too_large()
+            } else {
+                InputError::new("body", format!("cannot be read: {e}"))
+            }
+        })?;
     parse_object(&bytes)
 }
 

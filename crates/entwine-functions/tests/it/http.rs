@@ -259,6 +259,13 @@ store_test!(
             json!("a".repeat(MAX_BODY_BYTES)),
         );
         refused(&t, &app, p, JSON, big, "body").await;
+        let big = with(
+            good.clone(),
+            "/data/payload_overhead",
+            json!("a".repeat(MAX_BODY_BYTES)),
+        );
+        let (_, answer) = send(&app, p, JSON, big).await;
+        assert_eq!(answer["error"], "body: larger than 65536 bytes");
         // Just under the limit is fine: the seed's payload filler is ignored.
         let filler = "a".repeat(MAX_BODY_BYTES - 300);
         let (status, _) = send(
