@@ -86,6 +86,21 @@ pub struct ConnectorConfig {
     /// Finish the whole backlog on shutdown, because the broker will not keep it (an embedded
     /// broker that stops with the process).
     pub finish_backlog: bool,
+    /// In which order finished messages are acknowledged.
+    pub ack_order: AckOrder,
+}
+
+/// In which order the connector acknowledges the messages it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckOrder {
+    /// In the order they arrived, as MQTT 3.1.1 (§4.6) requires: a message is acknowledged once
+    /// every earlier one is finished. Works with every broker (rumqttd insists on it), but one
+    /// slow message holds the broker's in-flight window for all the others.
+    #[default]
+    Arrival,
+    /// As soon as each is finished. Mosquitto accepts this, and the in-flight window then never
+    /// waits for a slow message; no loss either way (a message is acknowledged only when done).
+    Completion,
 }
 
 impl ConnectorConfig {
@@ -115,6 +130,7 @@ impl ConnectorConfig {
             retry_max: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             finish_backlog: false,
+            ack_order: AckOrder::Arrival,
         })
     }
 }
@@ -220,14 +236,14 @@ pub fn device_id_of(topic: &str) -> Result<DeviceId, String> {
     DeviceId::parse("device_id", id).map_err(|e| format!("topic {topic:?}: {e}"))
 }
 
-/// Acknowledgements in the order the messages arrived, as MQTT 3.1.1 §4.6 requires (rumqttd,
-/// the embedded broker, drops a client that acknowledges out of order). Lanes finish messages in
-/// any order; a finished message is acknowledged once every message that arrived before it is
-/// finished too.
-#[derive(Default)]
+/// Acknowledgements, by default in the order the messages arrived, as MQTT 3.1.1 §4.6 requires
+/// (rumqttd, the embedded broker, drops a client that acknowledges out of order). Lanes finish
+/// messages in any order; with [`AckOrder::Arrival`] a finished message is acknowledged once
+/// every message that arrived before it is finished too.
 struct Acks {
     next: u64,
     pending: VecDeque<(u64, Publish, bool)>,
+    order: AckOrder,
 }
 
 impl Acks {
@@ -251,12 +267,19 @@ impl Acks {
     }
 
     fn flush(&mut self, client: &AsyncClient) {
-        while let Some((_, publish, true)) = self.pending.front() {
-            // Never wait here: this runs on the event loop, which is what empties the queue.
-            if client.try_ack(publish).is_err() {
-                return;
+        match self.order {
+            AckOrder::Arrival => {
+                while let Some((_, publish, true)) = self.pending.front() {
+                    // Never wait here: this runs on the event loop, which empties the queue.
+                    if client.try_ack(publish).is_err() {
+                        return;
+                    }
+                    self.pending.pop_front();
+                }
             }
-            self.pending.pop_front();
+            AckOrder::Completion => self
+                .pending
+                .retain(|(_, publish, done)| !(*done && client.try_ack(publish).is_ok())),
         }
     }
 
@@ -355,7 +378,11 @@ pub async fn run(
     let mut dispatcher = Dispatcher {
         lanes: Vec::with_capacity(lanes),
         finished: finished.clone(),
-        acks: Acks::default(),
+        acks: Acks {
+            next: 0,
+            pending: VecDeque::new(),
+            order: config.ack_order,
+        },
         client: client.clone(),
         config: config.clone(),
         stats: stats.clone(),

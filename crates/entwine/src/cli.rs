@@ -82,6 +82,10 @@ pub struct UpArgs {
     /// Client id of the connector's persistent MQTT session.
     #[arg(long, default_value = "entwine-up")]
     pub connector_client_id: String,
+    /// The connector's acknowledgement order (see `entwine connector --help`); the embedded
+    /// broker requires `arrival`.
+    #[arg(long, value_enum, default_value = "arrival")]
+    pub ack_order: crate::physical::AckOrderArg,
     /// Run no connector (when connectors run as processes of their own: `entwine connector`).
     #[arg(long)]
     pub no_connector: bool,

@@ -117,6 +117,11 @@ pub async fn up(
         config.client_id = args.connector_client_id.clone();
         // The embedded broker stops with this process: nothing may be left in it at exit.
         config.finish_backlog = embedded_broker;
+        anyhow::ensure!(
+            !(embedded_broker && args.ack_order == crate::physical::AckOrderArg::Completion),
+            "--ack-order completion needs a broker that accepts it (--broker-url to Mosquitto): the embedded one does not"
+        );
+        config.ack_order = args.ack_order.into();
         Some(tokio::spawn(entwine_connector::run(
             config,
             connector_stats.clone(),

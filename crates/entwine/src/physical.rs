@@ -33,6 +33,24 @@ impl From<Qos> for rumqttc::QoS {
     }
 }
 
+/// `--ack-order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AckOrderArg {
+    /// In arrival order (MQTT 3.1.1 §4.6).
+    Arrival,
+    /// As each message completes.
+    Completion,
+}
+
+impl From<AckOrderArg> for entwine_connector::AckOrder {
+    fn from(a: AckOrderArg) -> Self {
+        match a {
+            AckOrderArg::Arrival => Self::Arrival,
+            AckOrderArg::Completion => Self::Completion,
+        }
+    }
+}
+
 /// Flags of `entwine device`.
 #[derive(Debug, Args)]
 pub struct DeviceArgs {
@@ -142,6 +160,10 @@ pub struct ConnectorArgs {
     /// Devices processed at once.
     #[arg(long, default_value_t = 64)]
     pub lanes: usize,
+    /// Acknowledge messages in arrival order (as MQTT requires; every broker accepts it) or as
+    /// each completes (faster when one message is slow; Mosquitto accepts it, rumqttd does not).
+    #[arg(long, value_enum, default_value = "arrival")]
+    pub ack_order: AckOrderArg,
     /// Serve `GET /healthz` here (200 while connected and subscribed, 503 otherwise, with the
     /// connector's counters), for Kubernetes probes.
     #[arg(long)]
@@ -166,6 +188,7 @@ impl ConnectorArgs {
         config.qos = self.qos.into();
         config.dead_letter_topic = self.dead_letter_topic.clone();
         config.lanes = self.lanes.max(1);
+        config.ack_order = self.ack_order.into();
         Ok(config)
     }
 }
