@@ -239,6 +239,13 @@ pub async fn up(
     println!(
         "devices published {published} messages; the connector completed {completed} chains and dead-lettered {dead}"
     );
+    if !embedded_broker && published > completed + dead {
+        println!(
+            "the other {} wait in the broker's session {:?} for the next start",
+            published - completed - dead,
+            args.connector_client_id
+        );
+    }
     printer.abort();
     store.close().await;
     println!("entwine stopped");
