@@ -14,12 +14,10 @@ use crate::{device_id_of, ConnectorConfig, ConnectorStats, ROUTES};
 
 /// How a message's chain ended.
 #[derive(Debug, PartialEq)]
-pub enum ChainOutcome {
+pub(crate) enum ChainOutcome {
     /// All four functions answered.
     Completed {
-        /// The last answer: the digital state.
-        digital: Value,
-        /// The payload's `timestamp`, when it had one.
+        /// The payload's `timestamp`, when it had one (for the latency metric).
         device_timestamp: Option<i64>,
     },
     /// A function refused the message (4xx), or it could not be sent at all.
@@ -69,9 +67,7 @@ pub(crate) async fn lane(
             break;
         }
         match process(&http, &config, &stats, &publish, &abandon).await {
-            ChainOutcome::Completed {
-                device_timestamp, ..
-            } => {
+            ChainOutcome::Completed { device_timestamp } => {
                 stats.completed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("entwine_connector_completed_total").increment(1);
                 metrics::histogram!("entwine_chain_duration_seconds")
@@ -114,7 +110,7 @@ pub(crate) async fn process(
     config: &ConnectorConfig,
     stats: &ConnectorStats,
     publish: &Publish,
-    shutdown: &CancellationToken,
+    abandon: &CancellationToken,
 ) -> ChainOutcome {
     let device = match device_id_of(&publish.topic) {
         Ok(device) => device,
@@ -140,7 +136,7 @@ pub(crate) async fn process(
     body["device_id"] = Value::String(device.as_str().to_owned());
     for route in ROUTES {
         let url = format!("{}{route}", config.router_url);
-        body = match call(http, config, stats, &url, &body, shutdown).await {
+        body = match call(http, config, stats, &url, &body, abandon).await {
             Ok(answer) => answer,
             Err(CallError::Rejected { status, error }) => {
                 return ChainOutcome::Rejected {
@@ -152,10 +148,7 @@ pub(crate) async fn process(
             Err(CallError::Abandoned) => return ChainOutcome::Abandoned,
         };
     }
-    ChainOutcome::Completed {
-        digital: body,
-        device_timestamp,
-    }
+    ChainOutcome::Completed { device_timestamp }
 }
 
 enum CallError {

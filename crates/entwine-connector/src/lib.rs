@@ -46,8 +46,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use chain::ChainOutcome;
-
 /// The routes chained for each message, in order.
 pub const ROUTES: [&str; 4] = [
     "/physicalevents",

@@ -104,11 +104,7 @@ async fn each_bad_message_is_dead_lettered_with_its_reason_and_the_pipeline_carr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_retried_until_the_functions_come_up() {
     // A port where nothing listens yet: every call is refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = entwine_testing::free_port();
     let root = unique("retry");
     let config = connector_config(
         &format!("127.0.0.1:{port}"),

@@ -335,11 +335,7 @@ async fn a_device_reconnects_when_the_broker_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_whose_broker_is_away_still_stops_at_once() {
     // Nothing listens there: the client's queue fills up and publishing waits.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = entwine_testing::free_port();
     let device = start(
         conf(&unique("away"), 200.0),
         FleetOptions::default(),

@@ -2,12 +2,11 @@
 //! directory, `FISSION_RUNTIME_PORT`, ConfigMaps and Secret mounted as files under a temporary
 //! root. Then the four-step chain over HTTP with the seed's payloads, against real PostgreSQL.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use entwine_testing::TestDatabase;
+use entwine_testing::{free_port, TestDatabase};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
@@ -17,14 +16,6 @@ use crate::support::*;
 struct Running {
     child: Child,
     url: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `binary` as the runtime would: cwd = where the package was unpacked (the binary's

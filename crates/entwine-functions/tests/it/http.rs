@@ -140,141 +140,89 @@ store_test!(
         let clock = TestClock::at(T0 + 10);
         let app = router(functions(&t.store, &clock));
         let good = seed_event("press-1", T0);
-        let p = "/physicalevents";
-        refused(&t, &app, p, JSON, "{\"timestamp\": ", "body").await;
-        refused(&t, &app, p, JSON, "[1, 2]", "body").await;
-        refused(
-            &t,
-            &app,
-            p,
-            Some("text/plain"),
-            good.to_string(),
-            "content-type",
-        )
-        .await;
-        refused(&t, &app, p, None, good.to_string(), "content-type").await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            without(good.clone(), "timestamp"),
-            "timestamp",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            without(good.clone(), "device_id"),
-            "device_id",
-        )
-        .await;
-        refused(&t, &app, p, JSON, without(good.clone(), "data"), "data").await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/timestamp", json!("yesterday")),
-            "timestamp",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/data", json!([1, 2])),
-            "data",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/data/iot.sensor.temperature", json!("27.4")),
-            "data.iot.sensor.temperature",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/device_id", json!(42)),
-            "device_id",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/type", json!("iot.sensor.energy")),
-            "type",
-        )
-        .await;
-        // Non-finite numbers, as Python's json module writes them.
-        let nan = good.to_string().replace("27.42", "NaN");
-        refused(&t, &app, p, JSON, nan, "data.iot.sensor.temperature").await;
-        let inf = good.to_string().replace("3.71", "Infinity");
-        refused(&t, &app, p, JSON, inf, "data.iot.sensor.energy").await;
-        let huge = good.to_string().replace("3.71", "1e999");
-        refused(&t, &app, p, JSON, huge, "data.iot.sensor.energy").await;
-        // Timestamps: negative, in seconds (1970), in microseconds (far future).
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/timestamp", json!(-1)),
-            "timestamp",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/timestamp", json!(T0 / 1000)),
-            "timestamp",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/timestamp", json!(T0 * 1000)),
-            "timestamp",
-        )
-        .await;
-        // A body over 64 KiB, even when the rest is well-formed.
+        let body = good.to_string();
         let big = with(
             good.clone(),
             "/data/payload_overhead",
             json!("a".repeat(MAX_BODY_BYTES)),
         );
-        refused(&t, &app, p, JSON, big, "body").await;
-        let big = with(
-            good.clone(),
-            "/data/payload_overhead",
-            json!("a".repeat(MAX_BODY_BYTES)),
-        );
-        let (_, answer) = send(&app, p, JSON, big).await;
+        // (content type, body, field named in the 400)
+        let cases: Vec<(Option<&str>, String, &str)> = vec![
+            (JSON, "{\"timestamp\": ".into(), "body"),
+            (JSON, "[1, 2]".into(), "body"),
+            (Some("text/plain"), body.clone(), "content-type"),
+            (None, body.clone(), "content-type"),
+            (JSON, without(good.clone(), "timestamp"), "timestamp"),
+            (JSON, without(good.clone(), "device_id"), "device_id"),
+            (JSON, without(good.clone(), "data"), "data"),
+            (
+                JSON,
+                with(good.clone(), "/timestamp", json!("yesterday")),
+                "timestamp",
+            ),
+            (JSON, with(good.clone(), "/data", json!([1, 2])), "data"),
+            (
+                JSON,
+                with(good.clone(), "/data/iot.sensor.temperature", json!("27.4")),
+                "data.iot.sensor.temperature",
+            ),
+            (
+                JSON,
+                with(good.clone(), "/device_id", json!(42)),
+                "device_id",
+            ),
+            (
+                JSON,
+                with(good.clone(), "/type", json!("iot.sensor.energy")),
+                "type",
+            ),
+            // Non-finite numbers, as Python's json module writes them.
+            (
+                JSON,
+                body.replace("27.42", "NaN"),
+                "data.iot.sensor.temperature",
+            ),
+            (
+                JSON,
+                body.replace("3.71", "Infinity"),
+                "data.iot.sensor.energy",
+            ),
+            (
+                JSON,
+                body.replace("3.71", "1e999"),
+                "data.iot.sensor.energy",
+            ),
+            // Timestamps: negative, in seconds (1970), in microseconds (far future).
+            (
+                JSON,
+                with(good.clone(), "/timestamp", json!(-1)),
+                "timestamp",
+            ),
+            (
+                JSON,
+                with(good.clone(), "/timestamp", json!(T0 / 1000)),
+                "timestamp",
+            ),
+            (
+                JSON,
+                with(good.clone(), "/timestamp", json!(T0 * 1000)),
+                "timestamp",
+            ),
+            // A body over 64 KiB, even when the rest is well-formed.
+            (JSON, big.clone(), "body"),
+        ];
+        for (content_type, body, field) in cases {
+            refused(&t, &app, "/physicalevents", content_type, body, field).await;
+        }
+        let (_, answer) = send(&app, "/physicalevents", JSON, big).await;
         assert_eq!(answer["error"], "body: larger than 65536 bytes");
         // Just under the limit is fine: the seed's payload filler is ignored.
-        let filler = "a".repeat(MAX_BODY_BYTES - 300);
-        let (status, _) = send(
-            &app,
-            p,
-            JSON,
-            with(good.clone(), "/data/payload_overhead", json!(filler)),
-        )
-        .await;
+        let filler = with(
+            good.clone(),
+            "/data/payload_overhead",
+            json!("a".repeat(MAX_BODY_BYTES - 300)),
+        );
+        let (status, _) = send(&app, "/physicalevents", JSON, filler).await;
         assert_eq!(status, StatusCode::OK);
     }
 );
@@ -285,130 +233,82 @@ store_test!(
         let clock = TestClock::at(T0 + 10);
         let app = router(functions(&t.store, &clock));
         let (_, physical) = post_json(&app, "/physicalevents", &seed_event("press-1", T0)).await;
-        let unknown_id = physical["id"].as_i64().unwrap() + 1000;
-        refused(
-            &t,
-            &app,
-            "/physicalstates",
-            JSON,
-            with(physical.clone(), "/id", json!(unknown_id)),
-            "id",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/physicalstates",
-            JSON,
-            with(physical.clone(), "/id", json!("1")),
-            "id",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/physicalstates",
-            JSON,
-            with(physical.clone(), "/device_id", json!("press-2")),
-            "device_id",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/physicalstates",
-            JSON,
-            without(physical.clone(), "energy"),
-            "energy",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/physicalstates",
-            JSON,
-            with(physical.clone(), "/device_timestamp", json!(-5)),
-            "device_timestamp",
-        )
-        .await;
-
         let (_, pending) = post_json(&app, "/physicalstates", &physical).await;
-        let unknown = pending["id"].as_i64().unwrap() + 1000;
-        refused(
-            &t,
-            &app,
-            "/pendingdigitalstates",
-            JSON,
-            with(pending.clone(), "/id", json!(unknown)),
-            "id",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/pendingdigitalstates",
-            JSON,
-            with(pending.clone(), "/physicalstate_id", json!(unknown)),
-            "physicalstate_id",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/pendingdigitalstates",
-            JSON,
-            with(pending.clone(), "/timestamp", json!(1.5)),
-            "timestamp",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/pendingdigitalstates",
-            JSON,
-            without(pending.clone(), "device_id"),
-            "device_id",
-        )
-        .await;
-
         let (_, digital) = post_json(&app, "/pendingdigitalstates", &pending).await;
-        refused(
-            &t,
-            &app,
-            "/digitalstates",
-            JSON,
-            with(digital.clone(), "/lifecycle", json!("lost")),
-            "lifecycle",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/digitalstates",
-            JSON,
-            with(digital.clone(), "/odte", json!(2.0)),
-            "odte",
-        )
-        .await;
-        refused(
-            &t,
-            &app,
-            "/digitalstates",
-            JSON,
-            without(digital.clone(), "reliability"),
-            "reliability",
-        )
-        .await;
+        let unknown = pending["id"].as_i64().unwrap() + 1000;
+        let unknown_physical = physical["id"].as_i64().unwrap() + 1000;
+        // (route, body, field named in the 400)
+        let cases = [
+            (
+                "/physicalstates",
+                with(physical.clone(), "/id", json!(unknown_physical)),
+                "id",
+            ),
+            (
+                "/physicalstates",
+                with(physical.clone(), "/id", json!("1")),
+                "id",
+            ),
+            (
+                "/physicalstates",
+                with(physical.clone(), "/device_id", json!("press-2")),
+                "device_id",
+            ),
+            (
+                "/physicalstates",
+                without(physical.clone(), "energy"),
+                "energy",
+            ),
+            (
+                "/physicalstates",
+                with(physical.clone(), "/device_timestamp", json!(-5)),
+                "device_timestamp",
+            ),
+            (
+                "/pendingdigitalstates",
+                with(pending.clone(), "/id", json!(unknown)),
+                "id",
+            ),
+            (
+                "/pendingdigitalstates",
+                with(pending.clone(), "/physicalstate_id", json!(unknown)),
+                "physicalstate_id",
+            ),
+            (
+                "/pendingdigitalstates",
+                with(pending.clone(), "/timestamp", json!(1.5)),
+                "timestamp",
+            ),
+            (
+                "/pendingdigitalstates",
+                without(pending.clone(), "device_id"),
+                "device_id",
+            ),
+            (
+                "/digitalstates",
+                with(digital.clone(), "/lifecycle", json!("lost")),
+                "lifecycle",
+            ),
+            (
+                "/digitalstates",
+                with(digital.clone(), "/odte", json!(2.0)),
+                "odte",
+            ),
+            (
+                "/digitalstates",
+                without(digital.clone(), "reliability"),
+                "reliability",
+            ),
+        ];
+        for (route, body, field) in cases {
+            refused(&t, &app, route, JSON, body, field).await;
+        }
     }
 );
 
 #[tokio::test]
 async fn an_unreachable_store_is_a_503_and_the_function_keeps_serving() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = entwine_testing::free_port();
     let options = StoreOptions {
         max_connections: 1,
         acquire_timeout: std::time::Duration::from_millis(300),

@@ -355,11 +355,7 @@ store_test!(
 #[tokio::test]
 async fn a_postgres_store_that_is_down_is_unavailable() {
     // A port nothing listens on: bind one, then free it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = entwine_testing::free_port();
     let options = StoreOptions {
         max_connections: 1,
         acquire_timeout: std::time::Duration::from_millis(500),

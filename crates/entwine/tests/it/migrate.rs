@@ -128,11 +128,7 @@ async fn migrate_creates_a_sqlite_file_and_refuses_unknown_urls_by_name() {
 
 #[tokio::test]
 async fn migrate_against_a_server_that_is_down_fails_with_a_clear_message() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = entwine_testing::free_port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     let out = entwine(&["migrate", "--database-url", &url], &[]).await;
     assert!(!out.status.success());

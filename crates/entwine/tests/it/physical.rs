@@ -81,11 +81,7 @@ async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
     .await;
     let router = line.trim().trim_start_matches("functions: ").to_owned();
     let topic = format!("device/{id}/telemetry/device_state");
-    let health = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let health = entwine_testing::free_port();
     let (connector, _) = spawn(
         dir.path(),
         &[
