@@ -1,5 +1,6 @@
 //! The whole physical side carrying a fleet, and surviving a connector restart.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -25,11 +26,7 @@ async fn wait_until_stored(functions: &Functions, expected: usize) {
 async fn a_fleet_of_twenty_devices_is_mirrored_exactly_once_in_order_and_entangles() {
     let functions = serve_functions(fast_odte()).await;
     let prefix = unique("fleet");
-    let ids: Vec<String> = (1..=20).map(|i| format!("{prefix}-{i}")).collect();
-    let topics: Vec<String> = ids
-        .iter()
-        .map(|id| entwine_device::fleet::state_topic(id))
-        .collect();
+    let topics = fleet_topics(&prefix, 20);
     let witness = Subscriber::start(&topics).await;
     let connector = start_connector(connector_config(
         &functions.url,
@@ -40,40 +37,61 @@ async fn a_fleet_of_twenty_devices_is_mirrored_exactly_once_in_order_and_entangl
 
     let fleet = start_fleet(&prefix, 20, 10.0).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let published = stop_fleet(fleet).await;
-    let received = witness
-        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
-            r.len() >= published
-        })
-        .await;
-    let events = events(&received);
+    let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     assert!(
         events.len() >= 20 * 25,
         "the fleet published fast: {} events",
         events.len()
     );
-    wait_until_stored(&functions, events.len()).await;
     connector.stop().await;
 
     assert_exactly_once_in_order(&functions.store.store, &events).await;
     // A full window (ten updates in one second) entangles each twin.
     let rows = rows(&functions.store.store).await;
-    for id in &ids {
+    for id in (1..=20).map(|i| format!("{prefix}-{i}")) {
         let last = rows
             .iter()
-            .filter(|r| &r.device_id == id)
+            .filter(|r| r.device_id == id)
             .max_by_key(|r| r.device_timestamp)
             .unwrap();
         assert_eq!(last.lifecycle.as_deref(), Some("entangled"), "{last:?}");
     }
 }
 
-/// Stops a fleet; answers how many aggregated messages it published (QoS 1: all reach the
-/// broker before its connections close).
-async fn stop_fleet(fleet: Fleet) -> usize {
+/// The state topics of the fleet `<prefix>-1` … `<prefix>-count`.
+fn fleet_topics(prefix: &str, count: usize) -> Vec<String> {
+    (1..=count)
+        .map(|i| entwine_device::fleet::state_topic(&format!("{prefix}-{i}")))
+        .collect()
+}
+
+/// The same topics joined to the share group `group`.
+fn shared_filters(group: &str, topics: &[String]) -> Vec<String> {
+    topics
+        .iter()
+        .map(|t| format!("$share/{group}/{t}"))
+        .collect()
+}
+
+/// Stops a fleet, waits until the witness has seen all it published (QoS 1: all reach the
+/// broker before its connections close) and the store holds an evaluated digital state for as
+/// many events; answers the events the witness saw.
+async fn stop_fleet_and_wait_until_stored(
+    fleet: Fleet,
+    witness: &Subscriber,
+    functions: &Functions,
+) -> BTreeSet<(String, i64)> {
     let stats = fleet.emulator.stats.clone();
     fleet.stop().await;
-    stats.aggregated.load(Ordering::Relaxed) as usize
+    let published = stats.aggregated.load(Ordering::Relaxed) as usize;
+    let received = witness
+        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
+            r.len() >= published
+        })
+        .await;
+    let events = events(&received);
+    wait_until_stored(functions, events.len()).await;
+    events
 }
 
 type Interrupt = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -88,11 +106,7 @@ async fn restart_scenario(
     // holds a backlog (up to the broker's in-flight window) when it is interrupted.
     let functions = serve_slow_functions(fast_odte(), Duration::from_millis(15)).await;
     let prefix = unique("restart");
-    let ids: Vec<String> = (1..=5).map(|i| format!("{prefix}-{i}")).collect();
-    let topics: Vec<String> = ids
-        .iter()
-        .map(|id| entwine_device::fleet::state_topic(id))
-        .collect();
+    let topics = fleet_topics(&prefix, 5);
     let witness = Subscriber::start(&topics).await;
     let client_id = unique("connector");
     let mut config = connector_config(&functions.url, topics.clone(), &client_id);
@@ -114,14 +128,7 @@ async fn restart_scenario(
     config.ack_order = ack_order;
     let second = start_connector(config).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let published = stop_fleet(fleet).await;
-    let received = witness
-        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
-            r.len() >= published
-        })
-        .await;
-    let events = events(&received);
-    wait_until_stored(&functions, events.len()).await;
+    let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     assert!(
         second.stats.completed.load(Ordering::Relaxed) > 0,
         "the second connector took over"
@@ -158,17 +165,10 @@ async fn a_connector_that_crashes_mid_stream_loses_and_duplicates_nothing() {
 async fn two_connectors_on_a_shared_subscription_split_the_stream_without_loss() {
     let functions = serve_functions(fast_odte()).await;
     let prefix = unique("shared");
-    let ids: Vec<String> = (1..=10).map(|i| format!("{prefix}-{i}")).collect();
-    let topics: Vec<String> = ids
-        .iter()
-        .map(|id| entwine_device::fleet::state_topic(id))
-        .collect();
+    let topics = fleet_topics(&prefix, 10);
     let witness = Subscriber::start(&topics).await;
     let group = unique("group");
-    let shared: Vec<String> = topics
-        .iter()
-        .map(|t| format!("$share/{group}/{t}"))
-        .collect();
+    let shared = shared_filters(&group, &topics);
     let a = start_connector(connector_config(
         &functions.url,
         shared.clone(),
@@ -183,14 +183,7 @@ async fn two_connectors_on_a_shared_subscription_split_the_stream_without_loss()
     .await;
     let fleet = start_fleet(&prefix, 10, 10.0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let published = stop_fleet(fleet).await;
-    let received = witness
-        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
-            r.len() >= published
-        })
-        .await;
-    let events = events(&received);
-    wait_until_stored(&functions, events.len()).await;
+    let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     let (got_a, got_b) = (
         a.stats.received.load(Ordering::Relaxed),
         b.stats.received.load(Ordering::Relaxed),
@@ -220,17 +213,10 @@ async fn a_shared_connector_replaced_mid_stream_leaves_nothing_behind() {
     // the broker routes nothing more to its session.
     let functions = serve_slow_functions(fast_odte(), Duration::from_millis(5)).await;
     let prefix = unique("replaced");
-    let ids: Vec<String> = (1..=6).map(|i| format!("{prefix}-{i}")).collect();
-    let topics: Vec<String> = ids
-        .iter()
-        .map(|id| entwine_device::fleet::state_topic(id))
-        .collect();
+    let topics = fleet_topics(&prefix, 6);
     let witness = Subscriber::start(&topics).await;
     let group = unique("group");
-    let shared: Vec<String> = topics
-        .iter()
-        .map(|t| format!("$share/{group}/{t}"))
-        .collect();
+    let shared = shared_filters(&group, &topics);
     let leaving = start_connector(connector_config(
         &functions.url,
         shared.clone(),
@@ -242,14 +228,7 @@ async fn a_shared_connector_replaced_mid_stream_leaves_nothing_behind() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     leaving.stop().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let published = stop_fleet(fleet).await;
-    let received = witness
-        .wait_for(Duration::from_secs(10), "the fleet's messages", |r| {
-            r.len() >= published
-        })
-        .await;
-    let events = events(&received);
-    wait_until_stored(&functions, events.len()).await;
+    let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     staying.stop().await;
     assert_exactly_once(&functions.store.store, &events).await;
 }
