@@ -41,7 +41,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use entwine_core::state::DeviceId;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
+    SubscribeFilter,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -357,7 +360,19 @@ pub async fn run(
     // Generous on purpose: a message larger than this breaks the connection on every delivery,
     // while one that arrives is refused by the functions (64 KiB) and dead-lettered.
     mqtt.set_max_packet_size(16 * 1024 * 1024, 256 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
+    let (client, eventloop) = AsyncClient::new(mqtt, 1024);
+    // The event loop turns in a task of its own: `EventLoop::poll` is not cancel-safe (a
+    // request taken from the client's queue is lost when a poll is dropped halfway through
+    // writing it), so it must never lose a `select!` race against a timer or a channel.
+    let pump_stop = CancellationToken::new();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let pump = tokio::spawn(pump(
+        eventloop,
+        events_tx,
+        pump_stop.clone(),
+        config.retry_initial,
+        config.retry_max,
+    ));
     let http = reqwest::Client::builder()
         .timeout(config.request_timeout)
         .pool_max_idle_per_host(config.lanes)
@@ -413,7 +428,6 @@ pub async fn run(
         "connector started"
     );
 
-    let mut backoff = config.retry_initial;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -421,11 +435,13 @@ pub async fn run(
                 dispatcher.finish(seq);
                 continue;
             }
-            event = eventloop.poll() => event,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => anyhow::bail!("the MQTT event loop stopped unexpectedly"),
+            },
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = config.retry_initial;
                 tracing::info!(
                     session_present = ack.session_present,
                     "connected to the broker"
@@ -451,17 +467,12 @@ pub async fn run(
                 }
             }
             Ok(_) => {}
-            Err(e) => {
+            Err(_) => {
+                // The pump logs the error and waits before reconnecting.
                 dispatcher.acks.reset();
                 stats.connected.store(false, Ordering::Relaxed);
                 stats.mqtt_errors.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("entwine_connector_mqtt_errors_total").increment(1);
-                tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(config.retry_max);
             }
         }
     }
@@ -481,28 +492,31 @@ pub async fn run(
                 }
             }
         }
-        empty_session(&mut eventloop, &mut dispatcher, &mut finished_rx, deadline).await;
+        empty_session(&mut events, &mut dispatcher, &mut finished_rx, deadline).await;
         abandon.cancel();
     }
     dispatcher.lanes.clear();
     drain(
-        &mut eventloop,
+        &mut events,
         &mut workers,
         &mut dispatcher,
         &mut finished_rx,
         deadline,
     )
     .await;
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+    // The DISCONNECT queues behind the last acknowledgements; the pump ends once it is written
+    // (bounded, so that a broker that went away cannot hold the shutdown).
+    pump_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+    let pump_abort = pump.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), async {
+        while events.recv().await.is_some() {}
     })
-    .await;
+    .await
+    .is_err()
+    {
+        pump_abort.abort();
+    }
     tracing::info!(
         received = stats.received.load(Ordering::Relaxed),
         completed = stats.completed.load(Ordering::Relaxed),
@@ -513,10 +527,51 @@ pub async fn run(
     Ok(())
 }
 
+/// What the event loop reports, in order.
+type Events = mpsc::UnboundedReceiver<Result<Event, ConnectionError>>;
+
+/// Turns the MQTT event loop and forwards every event, reconnecting with exponential backoff
+/// (`initial` doubling up to `max`) while the broker is away. Ends once the DISCONNECT is
+/// written, or when `stop` is cancelled while the broker is away.
+async fn pump(
+    mut eventloop: EventLoop,
+    events: mpsc::UnboundedSender<Result<Event, ConnectionError>>,
+    stop: CancellationToken,
+    initial: Duration,
+    max: Duration,
+) {
+    let mut backoff = initial;
+    loop {
+        let event = eventloop.poll().await;
+        let wait = match &event {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = initial;
+                None
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
+                Some(backoff)
+            }
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+        if let Some(wait) = wait {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    }
+}
+
 /// Takes and processes everything the broker still holds for this session, until nothing is
 /// outstanding and nothing arrived for a while, or `deadline` passes.
 async fn empty_session(
-    eventloop: &mut EventLoop,
+    events: &mut Events,
     dispatcher: &mut Dispatcher,
     finished: &mut mpsc::UnboundedReceiver<u64>,
     deadline: tokio::time::Instant,
@@ -526,16 +581,13 @@ async fn empty_session(
     loop {
         tokio::select! {
             Some(seq) = finished.recv() => dispatcher.finish(seq),
-            event = eventloop.poll() => match event {
+            Some(event) = events.recv() => match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     last_arrival = tokio::time::Instant::now();
                     dispatcher.dispatch(publish);
                 }
                 Ok(_) => {}
-                Err(_) => {
-                    dispatcher.acks.reset();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(_) => dispatcher.acks.reset(),
             },
             () = tokio::time::sleep(Duration::from_millis(50)) => {
                 dispatcher.acks.flush(&dispatcher.client);
@@ -558,7 +610,7 @@ async fn empty_session(
 /// its message in progress, or `deadline` passes. Messages arriving meanwhile are left
 /// unacknowledged: the broker delivers them again to the next session.
 async fn drain(
-    eventloop: &mut EventLoop,
+    events: &mut Events,
     workers: &mut JoinSet<()>,
     dispatcher: &mut Dispatcher,
     finished: &mut mpsc::UnboundedReceiver<u64>,
@@ -572,10 +624,9 @@ async fn drain(
                 }
             }
             Some(seq) = finished.recv() => dispatcher.finish(seq),
-            event = eventloop.poll() => {
+            Some(event) = events.recv() => {
                 if event.is_err() {
                     dispatcher.acks.reset();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
             () = tokio::time::sleep_until(deadline) => {

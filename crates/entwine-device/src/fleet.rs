@@ -199,13 +199,31 @@ async fn connection(
     stats: Arc<FleetStats>,
     stop: CancellationToken,
 ) {
+    // `EventLoop::poll` is not cancel-safe: a publish taken from the client's queue is lost
+    // when a poll is dropped halfway through writing it. So stopping does not interrupt the
+    // loop: it queues a DISCONNECT behind what the devices published, and the loop ends when
+    // that is written — or 2 s later, when the broker is gone and nothing can be written.
+    let disconnect = {
+        let client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            let _ = client.disconnect().await;
+        })
+    };
+    let grace = async {
+        stop.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    tokio::pin!(grace);
     let mut backoff = Duration::from_millis(100);
     loop {
         let event = tokio::select! {
-            () = stop.cancelled() => break,
+            () = &mut grace => break,
             event = eventloop.poll() => event,
         };
         match event {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -231,6 +249,7 @@ async fn connection(
                 );
             }
             Ok(_) => {}
+            Err(_) if stop.is_cancelled() => break,
             Err(e) => {
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
@@ -242,17 +261,7 @@ async fn connection(
             }
         }
     }
-    // Flush what the devices queued, then say goodbye; bounded so a dead broker cannot hold us.
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    disconnect.abort();
 }
 
 fn now_ms() -> i64 {

@@ -106,7 +106,7 @@ pub async fn up(
     };
     let connector_stop = CancellationToken::new();
     let connector_stats = Arc::new(ConnectorStats::default());
-    let connector = if args.no_connector {
+    let mut connector = if args.no_connector {
         None
     } else {
         let mut config = ConnectorConfig::new(
@@ -129,6 +129,33 @@ pub async fn up(
         )))
     };
 
+    // Devices start once the connector's subscription holds: a fresh broker keeps nothing for a
+    // subscriber that does not exist yet, so what the devices published before it would be lost.
+    if let Some(connector) = &connector {
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while connector_stats
+                .subscribed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+                && !connector.is_finished()
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(
+                "the connector is not subscribed after 10 s; starting the devices anyway"
+            );
+        }
+    }
+    if let Some(connector) = connector.take_if(|c| c.is_finished()) {
+        connector
+            .await
+            .context("the connector panicked")?
+            .context("connector")?;
+        anyhow::bail!("the connector stopped before it subscribed");
+    }
     let devices_stop = CancellationToken::new();
     let devices = if ids.is_empty() {
         None
