@@ -47,7 +47,7 @@ pub use error::StoreError;
 use queries::{DigitalRow, PendingRow, PhysicalRow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;
-pub use twins::{HistoryCursor, HistoryEntry, TwinStatus};
+pub use twins::{HistoryCursor, HistoryEntry, Tally, TwinStatus};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");

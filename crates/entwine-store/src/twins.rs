@@ -56,6 +56,33 @@ pub struct HistoryEntry {
     pub lifecycle: Lifecycle,
 }
 
+/// The rows of the devices whose id starts with a prefix: what a benchmark checks for lost and
+/// duplicated events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, sqlx::FromRow)]
+pub struct Tally {
+    /// Physical states.
+    pub physical: i64,
+    /// Distinct `(device_id, device_timestamp)` among them: the events they record.
+    pub events: i64,
+    /// Digital states, evaluated or not.
+    pub digital: i64,
+    /// Digital states with their ODTE.
+    pub evaluated: i64,
+}
+
+static TALLY: Sql = Sql::new(
+    "SELECT \
+       (SELECT COUNT(*) FROM physicalstate \
+          WHERE substr(device_id, 1, length(CAST($1 AS TEXT))) = $1) AS physical, \
+       (SELECT COUNT(*) FROM (SELECT DISTINCT device_id, device_timestamp FROM physicalstate \
+          WHERE substr(device_id, 1, length(CAST($1 AS TEXT))) = $1) AS keys) AS events, \
+       (SELECT COUNT(*) FROM digitalstate \
+          WHERE substr(device_id, 1, length(CAST($1 AS TEXT))) = $1) AS digital, \
+       (SELECT COUNT(*) FROM digitalstate \
+          WHERE substr(device_id, 1, length(CAST($1 AS TEXT))) = $1 AND odte IS NOT NULL) \
+          AS evaluated",
+);
+
 #[derive(sqlx::FromRow)]
 struct StatusRow {
     device_id: String,
@@ -152,6 +179,11 @@ impl Store {
     pub async fn twins(&self) -> Result<Vec<TwinStatus>, StoreError> {
         let rows: Vec<StatusRow> = fetch!(self, TWINS, fetch_all, StatusRow)?;
         rows.into_iter().map(StatusRow::into_status).collect()
+    }
+
+    /// Counts the rows of the devices whose id starts with `prefix`.
+    pub async fn tally(&self, prefix: &str) -> Result<Tally, StoreError> {
+        fetch!(self, TALLY, fetch_one, Tally, prefix)
     }
 
     /// One twin's latest evaluation, or `None` when the device has none.

@@ -32,6 +32,9 @@ pub enum Command {
     Device(crate::physical::DeviceArgs),
     /// Chain the four function routes for each device message taken from the broker.
     Connector(crate::physical::ConnectorArgs),
+    /// Measure the full chain on this machine: events/s, latency percentiles from the device to
+    /// its twin, losses, CPU and memory; scaling curves; a table and a JSON file.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the store is.
@@ -138,6 +141,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => crate::status::status(&args).await,
         Command::Device(args) => crate::physical::device(args).await,
         Command::Connector(args) => crate::physical::connector(args).await,
+        Command::Bench(args) => crate::bench::bench(&args).await,
     }
 }
 

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod local;

@@ -485,3 +485,46 @@ store_test!(
             .is_empty());
     }
 );
+
+store_test!(
+    a_tally_counts_only_the_devices_of_its_prefix,
+    |t| async move {
+        let config = OdteConfig::seed_default();
+        for (device, ts) in [
+            ("bench_a-1", 1),
+            ("bench_a-2", 2),
+            ("bench_ab-1", 3),
+            ("other-1", 4),
+        ] {
+            chain(
+                &t.store,
+                &config,
+                device,
+                1_700_000_000_000 + ts,
+                1_700_000_000_100 + ts,
+            )
+            .await;
+        }
+        // A physical state whose twin was not made yet, and a redelivery that adds nothing.
+        t.store
+            .record_physical_event(&event("bench_a-3", 1_700_000_000_005), 1_700_000_000_105)
+            .await
+            .unwrap();
+        t.store
+            .record_physical_event(&event("bench_a-1", 1_700_000_000_001), 1_700_000_000_200)
+            .await
+            .unwrap();
+        let tally = t.store.tally("bench_a-").await.unwrap();
+        assert_eq!(
+            tally,
+            entwine_store::Tally {
+                physical: 3,
+                events: 3,
+                digital: 2,
+                evaluated: 2
+            },
+            "`_` is no wildcard: bench_ab-1 and other-1 are not counted"
+        );
+        assert_eq!(t.store.tally("nobody").await.unwrap(), Default::default());
+    }
+);

@@ -1,0 +1,366 @@
+//! What a bench measured: the figures of each run, the machine, the processes' CPU and memory
+//! (read from `/proc`), the table a person reads and the JSON a script reads.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::recorder::Percentiles;
+
+/// Everything one `entwine bench` invocation measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Where it ran.
+    pub machine: Machine,
+    /// The full-chain runs, in order.
+    pub runs: Vec<RunReport>,
+    /// The ODTE computation's cost against the window length, when asked for.
+    pub window_curve: Vec<WindowPoint>,
+}
+
+/// The machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// `/proc/cpuinfo`'s model name.
+    pub cpu_model: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// The entwine version.
+    pub entwine: String,
+}
+
+impl Machine {
+    /// This machine.
+    pub fn this() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            cpu_model,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned()),
+            entwine: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// One full-chain run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// `embedded` or `services`.
+    pub scenario: String,
+    /// `fixed` or `saturation`.
+    pub mode: String,
+    /// Devices publishing.
+    pub devices: usize,
+    /// Messages per second per device (fixed mode).
+    pub rate_per_device: Option<f64>,
+    /// Messages per second offered in all (fixed mode).
+    pub offered_per_s: Option<f64>,
+    /// Messages published and not yet mirrored, at most (saturation mode).
+    pub in_flight: Option<u64>,
+    /// Seconds measured, after the warm-up.
+    pub measured_s: f64,
+    /// Seconds of warm-up, not measured.
+    pub warmup_s: f64,
+    /// Events per second mirrored (digital state stored with its ODTE) while measured.
+    pub throughput_per_s: f64,
+    /// Messages the devices published over the whole run.
+    pub published: u64,
+    /// Of them, acknowledged by the broker.
+    pub acknowledged: u64,
+    /// Digital states of the bench's devices announced by the digital-event handler.
+    pub mirrored: u64,
+    /// The store's rows of the bench's devices after the run.
+    pub stored: entwine_store::Tally,
+    /// Acknowledged events that have no evaluated digital state: must be 0.
+    pub lost: u64,
+    /// Rows beyond one per published event (physical or digital): must be 0.
+    pub duplicated: u64,
+    /// Messages delivered more than once and answered from the store (idempotent
+    /// redeliveries, not duplicates).
+    pub redelivered: u64,
+    /// From the device's timestamp to its digital state stored with its ODTE.
+    pub latency: Option<Percentiles>,
+    /// Each function's own time (HTTP request in, answer out).
+    pub functions: BTreeMap<String, Percentiles>,
+    /// The connector's whole chain of four calls, from the message's arrival.
+    pub chain: Option<Percentiles>,
+    /// Twins after the run.
+    pub twins: usize,
+    /// Of them, `entangled`.
+    pub entangled: usize,
+    /// CPU while measured.
+    pub cpu: Cpu,
+    /// Peak resident memory of the bench process over the run (platform, devices and bench), MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// CPU spent while measured, in CPU seconds and per mirrored event.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cpu {
+    /// This process: devices, broker (embedded), connector, functions, store (SQLite).
+    pub entwine_s: f64,
+    /// PostgreSQL's processes (services scenario).
+    pub postgres_s: f64,
+    /// Mosquitto (services scenario).
+    pub mosquitto_s: f64,
+    /// This process, per mirrored event, µs.
+    pub entwine_us_per_event: f64,
+    /// PostgreSQL per mirrored event, µs.
+    pub postgres_us_per_event: f64,
+    /// Mosquitto per mirrored event, µs.
+    pub mosquitto_us_per_event: f64,
+}
+
+/// The ODTE computation's cost for one window length.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowPoint {
+    /// The store: `sqlite` or `postgres`.
+    pub backend: String,
+    /// Digital states in each evaluated window.
+    pub window_events: usize,
+    /// Evaluations timed.
+    pub evaluations: usize,
+    /// Mean cost of one evaluation (the twin-handler's store work: the window query and the
+    /// update), µs.
+    pub mean_us: f64,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Mean cost relative to the shortest window of the curve.
+    pub relative_to_shortest: f64,
+}
+
+/// CPU ticks of processes, read from `/proc`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    /// This process.
+    pub entwine: f64,
+    /// Every `postgres` process.
+    pub postgres: f64,
+    /// Every `mosquitto` process.
+    pub mosquitto: f64,
+}
+
+impl CpuSample {
+    /// CPU seconds so far of this process, and of every `postgres` and `mosquitto` process.
+    pub fn now() -> Self {
+        let mut sample = Self {
+            entwine: cpu_seconds("/proc/self/stat").unwrap_or(0.0),
+            ..Self::default()
+        };
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                let slot = match comm.trim() {
+                    "postgres" => &mut sample.postgres,
+                    "mosquitto" => &mut sample.mosquitto,
+                    _ => continue,
+                };
+                *slot += cpu_seconds(path.join("stat")).unwrap_or(0.0);
+            }
+        }
+        sample
+    }
+
+    /// The CPU spent between `self` and `later`, per event too.
+    pub fn until(&self, later: &Self, events: u64) -> Cpu {
+        let per = |s: f64| {
+            if events == 0 {
+                0.0
+            } else {
+                s * 1e6 / events as f64
+            }
+        };
+        let (e, p, m) = (
+            later.entwine - self.entwine,
+            later.postgres - self.postgres,
+            later.mosquitto - self.mosquitto,
+        );
+        Cpu {
+            entwine_s: e,
+            postgres_s: p,
+            mosquitto_s: m,
+            entwine_us_per_event: per(e),
+            postgres_us_per_event: per(p),
+            mosquitto_us_per_event: per(m),
+        }
+    }
+}
+
+/// User + system CPU seconds of the process whose `stat` file is `path`.
+fn cpu_seconds(path: impl AsRef<std::path::Path>) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis are
+    // state, ppid… with utime and stime the 12th and 13th of them.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture we build for.
+    Some(ticks / 100.0)
+}
+
+/// Starts a new peak of this process's resident memory (Linux: `clear_refs` 5 resets VmHWM).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's peak resident memory since the last reset, MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn ms(p: Option<&Percentiles>) -> String {
+    match p {
+        Some(p) => format!(
+            "{:>8.2} {:>8.2} {:>8.2} {:>9.2}",
+            p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms
+        ),
+        None => format!("{:>8} {:>8} {:>8} {:>9}", "–", "–", "–", "–"),
+    }
+}
+
+impl Report {
+    /// The human-readable tables.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            out,
+            "machine: {} × {}, Linux {}, entwine {}",
+            m.cpus, m.cpu_model, m.kernel, m.entwine
+        );
+        for run in &self.runs {
+            let load = match (run.rate_per_device, run.offered_per_s, run.in_flight) {
+                (Some(rate), Some(offered), _) => format!(
+                    "{} devices × {rate} msg/s = {offered:.0} events/s offered",
+                    run.devices
+                ),
+                (_, _, Some(in_flight)) => format!(
+                    "{} devices, saturation ({in_flight} events in flight at most)",
+                    run.devices
+                ),
+                _ => format!("{} devices", run.devices),
+            };
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "{} / {}: {load}; {:.0} s measured after {:.0} s warm-up",
+                run.scenario, run.mode, run.measured_s, run.warmup_s
+            );
+            let _ = writeln!(
+                out,
+                "  throughput    {:.1} events/s mirrored",
+                run.throughput_per_s
+            );
+            let _ = writeln!(
+                out,
+                "  events        {} published, {} acknowledged by the broker, {} mirrored; lost {}, duplicated {}, redelivered {}",
+                run.published, run.acknowledged, run.mirrored, run.lost, run.duplicated, run.redelivered
+            );
+            let _ = writeln!(
+                out,
+                "  twins         {} of {} entangled at the end",
+                run.entangled, run.twins
+            );
+            let _ = writeln!(
+                out,
+                "  latency (ms)                      p50      p90      p99       max"
+            );
+            let _ = writeln!(
+                out,
+                "    device → twin stored      {}",
+                ms(run.latency.as_ref())
+            );
+            let _ = writeln!(
+                out,
+                "    connector chain           {}",
+                ms(run.chain.as_ref())
+            );
+            for (name, p) in &run.functions {
+                let _ = writeln!(out, "    {name:<25} {}", ms(Some(p)));
+            }
+            let c = &run.cpu;
+            let _ = write!(
+                out,
+                "  CPU           entwine {:.2} s ({:.0} µs/event)",
+                c.entwine_s, c.entwine_us_per_event
+            );
+            if run.scenario == "services" {
+                let _ = write!(
+                    out,
+                    ", PostgreSQL {:.2} s ({:.0} µs/event), Mosquitto {:.2} s ({:.0} µs/event)",
+                    c.postgres_s, c.postgres_us_per_event, c.mosquitto_s, c.mosquitto_us_per_event
+                );
+            }
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "  memory        {:.1} MiB peak resident (this process)",
+                run.peak_rss_mib
+            );
+        }
+        if !self.window_curve.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "ODTE evaluation cost against the window (twin-handler store work per event)"
+            );
+            let _ = writeln!(
+                out,
+                "  backend   window events   mean µs    p50 µs    p99 µs   × shortest"
+            );
+            for p in &self.window_curve {
+                let _ = writeln!(
+                    out,
+                    "  {:<9} {:>13} {:>9.1} {:>9.1} {:>9.1} {:>11.2}",
+                    p.backend,
+                    p.window_events,
+                    p.mean_us,
+                    p.p50_us,
+                    p.p99_us,
+                    p.relative_to_shortest
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_reads_utime_and_stime_after_a_command_with_spaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stat");
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        std::fs::write(
+            &path,
+            "42 (tokio rt (1)) S 1 42 42 0 -1 4194560 10 0 0 0 250 50 0 0 20 0",
+        )
+        .unwrap();
+        assert_eq!(cpu_seconds(&path), Some(3.0));
+        assert!(CpuSample::now().entwine >= 0.0);
+        assert!(peak_rss_mib() > 0.0, "this process has a resident set");
+    }
+}
