@@ -9,6 +9,8 @@
 //! - [`state`]: the four states of the pipeline (physical event → physical state → pending
 //!   digital state → digital state) and their parsing from JSON.
 //! - [`odte`]: the ODTE configuration (validated) and the engine.
+//! - [`twin`]: the twin's lifecycle (unbound → bound → entangled ⇄ disentangled, unbound again
+//!   after silence) and availability measured from the gaps between updates.
 //! - [`input`]: the error that names the field a bad input got wrong, and the field readers.
 //!
 //! # Example
@@ -28,5 +30,6 @@
 pub mod input;
 pub mod odte;
 pub mod state;
+pub mod twin;
 
 pub use input::InputError;

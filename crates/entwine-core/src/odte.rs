@@ -21,6 +21,8 @@ pub struct OdteConfig {
     time_window_s: f64,
     desired_timeliness_s: f64,
     threshold: f64,
+    availability_max_gap_s: Option<f64>,
+    silence_threshold_s: Option<f64>,
 }
 
 /// A configuration value that would make the ODTE meaningless.
@@ -38,6 +40,12 @@ pub enum OdteConfigError {
     /// `threshold` must lie in [0, 1], the range of the ODTE.
     #[error("threshold must be a number in [0, 1], got {0}")]
     Threshold(f64),
+    /// `availability_max_gap` must be a finite number of seconds, 0 or more.
+    #[error("availability_max_gap must be a finite number of seconds, 0 or more, got {0}")]
+    AvailabilityMaxGap(f64),
+    /// `silence_threshold` must be a finite number of seconds above 0.
+    #[error("silence_threshold must be a finite number of seconds above 0, got {0}")]
+    SilenceThreshold(f64),
 }
 
 impl OdteConfig {
@@ -66,7 +74,55 @@ impl OdteConfig {
             time_window_s,
             desired_timeliness_s,
             threshold,
+            availability_max_gap_s: None,
+            silence_threshold_s: None,
         })
+    }
+
+    /// The same configuration with availability defined (see [`crate::twin`]): time in gaps
+    /// between twin updates longer than `max_gap_s` seconds is unavailable. `None` keeps the
+    /// seed's constant availability of 1.
+    pub fn with_availability_max_gap(
+        self,
+        max_gap_s: Option<f64>,
+    ) -> Result<Self, OdteConfigError> {
+        if let Some(gap) = max_gap_s {
+            if !(gap.is_finite() && (0.0..9.0e12).contains(&gap)) {
+                return Err(OdteConfigError::AvailabilityMaxGap(gap));
+            }
+        }
+        Ok(Self {
+            availability_max_gap_s: max_gap_s,
+            ..self
+        })
+    }
+
+    /// The same configuration with a silence threshold: a twin without an update for longer
+    /// than `silence_s` seconds is unbound. `None` means twice the window.
+    pub fn with_silence_threshold(self, silence_s: Option<f64>) -> Result<Self, OdteConfigError> {
+        if let Some(silence) = silence_s {
+            if !(silence.is_finite() && silence > 0.0 && silence < 9.0e12) {
+                return Err(OdteConfigError::SilenceThreshold(silence));
+            }
+        }
+        Ok(Self {
+            silence_threshold_s: silence_s,
+            ..self
+        })
+    }
+
+    /// The availability gap in whole ms, when availability is defined.
+    pub fn availability_max_gap_ms(&self) -> Option<i64> {
+        self.availability_max_gap_s
+            .map(|gap| (gap * 1000.0).floor() as i64)
+    }
+
+    /// The silence threshold in whole ms (twice the window unless configured).
+    pub fn silence_ms(&self) -> i64 {
+        match self.silence_threshold_s {
+            Some(silence) => (silence * 1000.0).floor() as i64,
+            None => self.window_ms().saturating_mul(2),
+        }
     }
 
     /// The seed's ConfigMap: `expected_update_rate` 0.2, `time_window` 30, `desired_timeliness` 1,
@@ -77,6 +133,8 @@ impl OdteConfig {
             time_window_s: 30.0,
             desired_timeliness_s: 1.0,
             threshold: 0.9,
+            availability_max_gap_s: None,
+            silence_threshold_s: None,
         }
     }
 
@@ -118,10 +176,14 @@ impl OdteConfig {
         (t_ms.saturating_sub(self.window_ms()), t_ms)
     }
 
-    /// Evaluates a window.
+    /// Evaluates a window with the seed's availability of 1.
     pub fn evaluate(&self, stats: WindowStats) -> Entanglement {
+        self.evaluate_with(stats, 1.0)
+    }
+
+    /// Evaluates a window whose availability was measured (see [`crate::twin::availability`]).
+    pub fn evaluate_with(&self, stats: WindowStats, availability: f64) -> Entanglement {
         let n = stats.states as f64;
-        let availability = 1.0;
         let reliability = (n / (self.expected_update_rate * self.time_window_s)).min(1.0);
         let timeliness = if stats.states == 0 {
             0.0

@@ -1,43 +1,85 @@
 //! The device's HTTP API, as the seed's: `GET /conf`, `PUT /conf` (204, or 400 naming the bad
-//! key), plus `GET /stats` with the fleet's counters.
+//! key), plus `GET /stats` with the fleet's counters and fault injection:
+//!
+//! - `GET /faults`: the plan, `{"fleet": {…}, "devices": {"<id>": {…}}}`, each entry
+//!   `{"delayMs", "jitterMs", "loss", "clockSkewMs"}`.
+//! - `PUT /faults`: `{"preset": "layer2-critical"}`, or explicit fields (`delayMs`, `jitterMs`,
+//!   `loss`, `clockSkewMs`; those not given are 0), or a preset with fields overriding its values;
+//!   with `"device": "<id>"` for that device only, fleet-wide otherwise (devices with faults of
+//!   their own keep them). Answers 200 with the new plan; 400 `{"error", "field"}` for a bad
+//!   value, 404 for a device not in the fleet.
+//! - `DELETE /faults`: no faults anywhere (204); `DELETE /faults?device=<id>`: that device
+//!   follows the fleet's faults again.
+//!
+//! Changes apply from each device's next message.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use entwine_core::input::{parse_object, InputError};
+use entwine_core::input::{parse_object, Fields, InputError};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::conf::DeviceConf;
+use crate::faults::{FaultPlan, Faults};
 use crate::fleet::FleetStats;
 
 #[derive(Clone)]
 struct Api {
     conf: Arc<watch::Sender<DeviceConf>>,
+    faults: Arc<watch::Sender<FaultPlan>>,
     stats: Arc<FleetStats>,
-    devices: usize,
+    devices: Arc<HashSet<String>>,
 }
 
-/// The API over the configuration channel the devices watch.
+/// The API over the configuration and fault-plan channels the devices watch, for the fleet of
+/// `device_ids`.
 pub fn router(
     conf: Arc<watch::Sender<DeviceConf>>,
+    faults: Arc<watch::Sender<FaultPlan>>,
     stats: Arc<FleetStats>,
-    devices: usize,
+    device_ids: &[String],
 ) -> Router {
     Router::new()
         .route("/conf", get(get_conf).put(put_conf))
+        .route(
+            "/faults",
+            get(get_faults).put(put_faults).delete(delete_faults),
+        )
         .route("/stats", get(get_stats))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(Api {
             conf,
+            faults,
             stats,
-            devices,
+            devices: Arc::new(device_ids.iter().cloned().collect()),
         })
+}
+
+fn bad_request(e: &InputError) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": e.to_string(), "field": e.field})),
+    )
+        .into_response()
+}
+
+fn unknown_device(id: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({
+            "error": format!("device: {id:?} is not a device of this fleet"),
+            "field": "device",
+        })),
+    )
+        .into_response()
 }
 
 async fn get_conf(State(api): State<Api>) -> Json<DeviceConf> {
@@ -61,16 +103,74 @@ async fn put_conf(State(api): State<Api>, body: Bytes) -> Response {
             api.conf.send_replace(conf);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": e.to_string(), "field": e.field})),
-        )
-            .into_response(),
+        Err(e) => bad_request(&e),
     }
+}
+
+async fn get_faults(State(api): State<Api>) -> Json<FaultPlan> {
+    Json(api.faults.borrow().clone())
+}
+
+async fn put_faults(State(api): State<Api>, body: Bytes) -> Response {
+    let parsed = parse_object(&body).and_then(|map| {
+        let fields = Fields::new(&map);
+        let device = match fields.optional("device") {
+            Some(_) => Some(fields.string("device")?.to_owned()),
+            None => None,
+        };
+        Ok::<_, InputError>((device, Faults::from_json(&map, &["device"])?))
+    });
+    let (device, faults) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => return bad_request(&e),
+    };
+    if let Some(id) = &device {
+        if !api.devices.contains(id) {
+            return unknown_device(id);
+        }
+    }
+    tracing::info!(
+        device = device.as_deref().unwrap_or("(fleet)"),
+        delay_ms = faults.delay_ms,
+        jitter_ms = faults.jitter_ms,
+        loss = faults.loss,
+        clock_skew_ms = faults.clock_skew_ms,
+        "faults changed"
+    );
+    api.faults.send_modify(|plan| match device {
+        Some(id) => {
+            plan.devices.insert(id, faults);
+        }
+        None => plan.fleet = faults,
+    });
+    Json(api.faults.borrow().clone()).into_response()
+}
+
+/// The query of `DELETE /faults`.
+#[derive(Debug, Deserialize)]
+struct Target {
+    device: Option<String>,
+}
+
+async fn delete_faults(State(api): State<Api>, Query(target): Query<Target>) -> Response {
+    match target.device {
+        Some(id) if !api.devices.contains(&id) => return unknown_device(&id),
+        Some(id) => {
+            tracing::info!(device = %id, "device faults removed: it follows the fleet's");
+            api.faults.send_modify(|plan| {
+                plan.devices.remove(&id);
+            });
+        }
+        None => {
+            tracing::info!("faults cleared");
+            api.faults.send_replace(FaultPlan::default());
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn get_stats(State(api): State<Api>) -> Json<serde_json::Value> {
     let mut stats = api.stats.to_json();
-    stats["devices"] = json!(api.devices);
+    stats["devices"] = json!(api.devices.len());
     Json(stats)
 }

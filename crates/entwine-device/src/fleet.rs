@@ -5,20 +5,33 @@
 //! connection, so ten thousand devices need tens of sockets, not ten thousand; each connection
 //! subscribes to its devices' control topics and reconnects with exponential backoff when the
 //! broker goes away.
+//!
+//! Each message first meets the device's [faults](crate::faults): it may be lost, delayed or
+//! stamped by a skewed clock. A delayed message is published by a task of its own, so the
+//! device's timers keep their pace; a stopping fleet waits for those tasks (see
+//! [`STOP_GRACE_FOR_DELAYED`]) before it disconnects.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::conf::DeviceConf;
+use crate::faults::{Decision, FaultPlan, Faults};
 use crate::sensor::Sensors;
+
+/// How long a stopping fleet still waits for the messages its faults delayed: a message whose
+/// delay ends within this time of the stop is published, one due later is counted in
+/// [`FleetStats::dropped_by_faults`]. Every preset's delays are far shorter.
+pub const STOP_GRACE_FOR_DELAYED: Duration = Duration::from_secs(2);
 
 /// How many devices, and how they publish.
 #[derive(Debug, Clone)]
@@ -62,12 +75,20 @@ impl FleetOptions {
 /// Counters of a running fleet.
 #[derive(Debug, Default)]
 pub struct FleetStats {
-    /// Messages handed to the MQTT client (aggregated and single-resource).
+    /// Messages handed to the MQTT client (aggregated and single-resource). A message delayed by
+    /// a fault is counted when its delay is over and it is handed over; a lost one never.
     pub published: AtomicU64,
     /// Aggregated state messages among them.
     pub aggregated: AtomicU64,
-    /// Messages the client refused (its connection task ended).
+    /// Messages the client refused (its connection task ended), or that a stopping fleet could
+    /// not queue any more.
     pub publish_failures: AtomicU64,
+    /// Messages not published because of fault injection: drawn as lost (`loss`), or delayed
+    /// past [`STOP_GRACE_FOR_DELAYED`] when the fleet stopped.
+    pub dropped_by_faults: AtomicU64,
+    /// Messages given a delay by fault injection (counted when delayed; they are counted in
+    /// `published` once handed over).
+    pub delayed_by_faults: AtomicU64,
     /// Messages received on control topics.
     pub control_messages: AtomicU64,
     /// Successful (re)connections to the broker.
@@ -83,6 +104,8 @@ impl FleetStats {
             "published": self.published.load(Ordering::Relaxed),
             "aggregated": self.aggregated.load(Ordering::Relaxed),
             "publish_failures": self.publish_failures.load(Ordering::Relaxed),
+            "dropped_by_faults": self.dropped_by_faults.load(Ordering::Relaxed),
+            "delayed_by_faults": self.delayed_by_faults.load(Ordering::Relaxed),
             "control_messages": self.control_messages.load(Ordering::Relaxed),
             "connections": self.connections.load(Ordering::Relaxed),
             "connection_errors": self.connection_errors.load(Ordering::Relaxed),
@@ -110,9 +133,11 @@ pub fn control_topic(device_id: &str) -> String {
 }
 
 /// Runs the devices until `shutdown` is cancelled; `conf` carries the configuration, and its
-/// schedule changes restart every device's timers.
+/// schedule changes restart every device's timers; `faults` carries the fault plan, which each
+/// device reads again for its next message when it changed.
 pub async fn run(
     conf: watch::Receiver<DeviceConf>,
+    faults: watch::Receiver<FaultPlan>,
     options: FleetOptions,
     broker: Broker,
     stats: Arc<FleetStats>,
@@ -130,6 +155,9 @@ pub async fn run(
     let connections_stop = CancellationToken::new();
     let mut connections = JoinSet::new();
     let mut devices = JoinSet::new();
+    // Every device and every delayed message holds a sender; none is ever sent on: the
+    // receiver learns that all are gone when `recv` answers `None`.
+    let (in_flight, mut all_delivered) = mpsc::channel::<()>(1);
     let run_id: u16 = rand::random();
     for (group, chunk) in ids.chunks(per_connection).enumerate() {
         let client_id = if count == 1 {
@@ -155,19 +183,26 @@ pub async fn run(
         ));
         for (offset, id) in chunk.iter().enumerate() {
             let index = group * per_connection + offset;
+            let seed = options.seed.wrapping_add(index as u64);
+            let publisher = Publisher {
+                client: client.clone(),
+                qos: options.qos,
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+                _in_flight: in_flight.clone(),
+            };
             devices.spawn(device(
                 id.clone(),
                 index,
                 count,
                 conf.clone(),
-                client.clone(),
-                options.qos,
-                options.seed.wrapping_add(index as u64),
-                stats.clone(),
-                shutdown.clone(),
+                publisher,
+                DeviceFaults::new(faults.clone(), id, seed),
+                seed,
             ));
         }
     }
+    drop(in_flight);
     tracing::info!(
         devices = count,
         connections = connections.len(),
@@ -179,12 +214,15 @@ pub async fn run(
             tracing::error!(error = %e, "a device task failed");
         }
     }
+    // Messages that faults delayed go out before the connections queue their DISCONNECT.
+    let _ = all_delivered.recv().await;
     connections_stop.cancel();
     while let Some(result) = connections.join_next().await {
         result.context("a connection task panicked")?;
     }
     tracing::info!(
         published = stats.published.load(Ordering::Relaxed),
+        dropped_by_faults = stats.dropped_by_faults.load(Ordering::Relaxed),
         "devices stopped"
     );
     Ok(())
@@ -271,41 +309,148 @@ fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// How a device's messages reach its MQTT connection: now, or later when a fault delays them.
+#[derive(Clone)]
+struct Publisher {
+    client: AsyncClient,
+    qos: QoS,
+    stats: Arc<FleetStats>,
+    shutdown: CancellationToken,
+    /// Keeps [`run`] waiting until this device and its delayed messages are done.
+    _in_flight: mpsc::Sender<()>,
+}
+
+impl Publisher {
+    /// Publishes now, or spawns its publication after `delay`. `false` when the fleet stopped
+    /// first (the device then ends).
+    async fn send(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        aggregated: bool,
+        delay: Duration,
+    ) -> bool {
+        if delay.is_zero() {
+            self.now(topic, payload, aggregated).await
+        } else {
+            self.later(topic, payload, aggregated, delay);
+            true
+        }
+    }
+
+    /// Publishing waits while the client's queue is full (the broker is away): that wait must
+    /// still give way to shutdown.
+    async fn now(&self, topic: String, payload: Vec<u8>, aggregated: bool) -> bool {
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => false,
+            sent = self.client.publish(topic, self.qos, false, payload) => {
+                self.count(sent.is_ok(), aggregated);
+                true
+            }
+        }
+    }
+
+    /// Publishes after `delay` from a task of its own, so the device's timers keep their pace.
+    /// When the fleet stops meanwhile, the message still goes out when its delay ends within
+    /// [`STOP_GRACE_FOR_DELAYED`], and is counted in `dropped_by_faults` otherwise.
+    fn later(&self, topic: String, payload: Vec<u8>, aggregated: bool, delay: Duration) {
+        self.stats.delayed_by_faults.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let due = Instant::now() + delay;
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(due) => {}
+                () = this.shutdown.cancelled() => {
+                    if due > Instant::now() + STOP_GRACE_FOR_DELAYED {
+                        this.stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    tokio::time::sleep_until(due).await;
+                }
+            }
+            // While the fleet runs, wait for room in the client's queue as `now` does; once it
+            // stops, take the room there is, or count a failure: never a silent loss.
+            let sent = if this.shutdown.is_cancelled() {
+                this.client
+                    .try_publish(topic, this.qos, false, payload)
+                    .is_ok()
+            } else {
+                tokio::select! {
+                    biased;
+                    () = this.shutdown.cancelled() => false,
+                    sent = this.client.publish(topic, this.qos, false, payload) => sent.is_ok(),
+                }
+            };
+            this.count(sent, aggregated);
+        });
+    }
+
+    fn count(&self, sent: bool, aggregated: bool) {
+        if sent {
+            self.stats.published.fetch_add(1, Ordering::Relaxed);
+            if aggregated {
+                self.stats.aggregated.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A device's view of the fault plan, and its own random source for the decisions.
+struct DeviceFaults {
+    plan: watch::Receiver<FaultPlan>,
+    current: Faults,
+    rng: SmallRng,
+}
+
+impl DeviceFaults {
+    /// The faults of device `id`. The decisions draw from a generator of their own, so the
+    /// sensors' random walks are the same with and without faults.
+    fn new(mut plan: watch::Receiver<FaultPlan>, id: &str, seed: u64) -> Self {
+        let current = plan.borrow_and_update().for_device(id);
+        Self {
+            plan,
+            current,
+            rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    /// The device's faults now. The plan is read again only when it changed, so a message
+    /// costs one atomic load while it does not.
+    fn current(&mut self, id: &str) -> Faults {
+        if self.plan.has_changed().unwrap_or(false) {
+            self.current = self.plan.borrow_and_update().for_device(id);
+        }
+        self.current
+    }
+
+    /// The fate of one message under `faults`: nothing is drawn when there are none.
+    fn decide(&mut self, faults: &Faults) -> Decision {
+        if faults.is_none() {
+            Decision::default()
+        } else {
+            faults.decide(&mut self.rng)
+        }
+    }
+}
+
 /// One device: its timers, its sensors, its messages.
-#[allow(clippy::too_many_arguments)]
 async fn device(
     id: String,
     index: usize,
     count: usize,
     mut conf: watch::Receiver<DeviceConf>,
-    client: AsyncClient,
-    qos: QoS,
+    publisher: Publisher,
+    mut faults: DeviceFaults,
     seed: u64,
-    stats: Arc<FleetStats>,
-    shutdown: CancellationToken,
 ) {
     let mut sensors = Sensors::new(&conf.borrow(), seed);
     let state_topic = state_topic(&id);
-    // Publishing waits while the client's queue is full (the broker is away): that wait must
-    // still give way to shutdown.
-    let publish = |topic: String, payload: Vec<u8>| {
-        let client = client.clone();
-        let stats = stats.clone();
-        let shutdown = shutdown.clone();
-        async move {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => false,
-                sent = client.publish(topic, qos, false, payload) => {
-                    match sent {
-                        Ok(()) => stats.published.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => stats.publish_failures.fetch_add(1, Ordering::Relaxed),
-                    };
-                    true
-                }
-            }
-        }
-    };
+    let shutdown = publisher.shutdown.clone();
+    let stats = publisher.stats.clone();
     loop {
         let current = conf.borrow_and_update().clone();
         let schedule = current.schedule();
@@ -333,22 +478,35 @@ async fn device(
                 _ = updates.tick() => {
                     sensors.update();
                     if current.single_resource_telemetry_enabled {
-                        for (key, payload) in sensors.single_payloads(now_ms()) {
-                            if !publish(format!("device/{id}/telemetry/{key}"), payload).await {
+                        let in_force = faults.current(&id);
+                        let timestamp = now_ms().saturating_add(in_force.clock_skew_ms);
+                        for (key, payload) in sensors.single_payloads(timestamp) {
+                            let fate = faults.decide(&in_force);
+                            if fate.drop {
+                                stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            let topic = format!("device/{id}/telemetry/{key}");
+                            if !publisher.send(topic, payload, false, fate.delay).await {
                                 return;
                             }
                         }
                     }
                 }
                 _ = messages.tick(), if current.aggregated_telemetry => {
+                    let in_force = faults.current(&id);
+                    let fate = faults.decide(&in_force);
+                    if fate.drop {
+                        stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let payload = sensors.aggregated_payload(
-                        now_ms(),
+                        now_ms().saturating_add(fate.skew_ms),
                         current.target_aggregated_telemetry_payload_size_byte,
                     );
-                    if !publish(state_topic.clone(), payload).await {
+                    if !publisher.send(state_topic.clone(), payload, true, fate.delay).await {
                         return;
                     }
-                    stats.aggregated.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -1,12 +1,15 @@
 //! The IIoT device emulator of entwine, compatible with the seed's device: the same
 //! `device_conf.yaml`, topics, payloads, sensor random walks and HTTP API (`GET`/`PUT /conf`),
-//! and beyond it a fleet mode (thousands of devices from one process), QoS 1 telemetry and
-//! reconnection with backoff.
+//! and beyond it a fleet mode (thousands of devices from one process), QoS 1 telemetry,
+//! reconnection with backoff, and fault injection (delay, jitter, loss, clock skew; `GET`/`PUT`/
+//! `DELETE /faults`).
 //!
 //! # Layout
 //! - [`conf`]: `device_conf.yaml` and the run-time schedule changes of `PUT /conf`.
 //! - [`sensor`]: the random walks and the payloads.
 //! - [`fleet`]: device tasks and their shared MQTT connections.
+//! - [`faults`]: fault injection: delay with jitter, loss and clock skew, fleet-wide or per
+//!   device, and the Purdue-level presets (`layer0-1`, `layer2-deteriorated`, `layer3-critical`, …).
 //! - [`api`]: the HTTP API.
 //!
 //! # Example
@@ -25,6 +28,7 @@
 
 pub mod api;
 pub mod conf;
+pub mod faults;
 pub mod fleet;
 pub mod sensor;
 
@@ -32,11 +36,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use entwine_core::input::InputError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use conf::DeviceConf;
+use faults::FaultPlan;
 use fleet::{Broker, FleetOptions, FleetStats};
 
 /// A running emulator: its devices and its HTTP API.
@@ -48,15 +54,29 @@ pub struct Emulator {
     pub http_address: SocketAddr,
     /// The device ids.
     pub device_ids: Vec<String>,
+    faults: Arc<watch::Sender<FaultPlan>>,
     devices: JoinHandle<anyhow::Result<()>>,
     api: JoinHandle<std::io::Result<()>>,
 }
 
 impl Emulator {
-    /// Starts the devices and serves the API on `http` until `shutdown` is cancelled.
+    /// Starts the devices, without faults, and serves the API on `http` until `shutdown` is
+    /// cancelled.
     pub fn start(
         conf: DeviceConf,
         options: FleetOptions,
+        broker: Broker,
+        http: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        Self::start_with_faults(conf, options, FaultPlan::default(), broker, http, shutdown)
+    }
+
+    /// As [`Emulator::start`], with `faults` in force from the first message.
+    pub fn start_with_faults(
+        conf: DeviceConf,
+        options: FleetOptions,
+        faults: FaultPlan,
         broker: Broker,
         http: tokio::net::TcpListener,
         shutdown: CancellationToken,
@@ -65,24 +85,49 @@ impl Emulator {
             .map_err(|e| anyhow::anyhow!("invalid device configuration: {e}"))?;
         let http_address = http.local_addr().context("API listener has no address")?;
         let device_ids = options.device_ids(&conf);
+        check_plan(&faults, &device_ids).map_err(|e| anyhow::anyhow!("invalid faults: {e}"))?;
         let stats = Arc::new(FleetStats::default());
         let (tx, rx) = watch::channel(conf);
         let tx = Arc::new(tx);
-        let api = api::router(tx.clone(), stats.clone(), device_ids.len());
+        let (faults_tx, faults_rx) = watch::channel(faults);
+        let faults = Arc::new(faults_tx);
+        let api = api::router(tx.clone(), faults.clone(), stats.clone(), &device_ids);
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(async move {
             axum::serve(http, api)
                 .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
                 .await
         });
-        let devices = tokio::spawn(fleet::run(rx, options, broker, stats.clone(), shutdown));
+        let devices = tokio::spawn(fleet::run(
+            rx,
+            faults_rx,
+            options,
+            broker,
+            stats.clone(),
+            shutdown,
+        ));
         Ok(Self {
             stats,
             http_address,
             device_ids,
+            faults,
             devices,
             api,
         })
+    }
+
+    /// The fault plan in force.
+    pub fn faults(&self) -> FaultPlan {
+        self.faults.borrow().clone()
+    }
+
+    /// Replaces the fault plan, as `PUT /faults` does; it applies from each device's next
+    /// message. Refused, naming the field, when a value is out of range or a device is not in
+    /// the fleet.
+    pub fn set_faults(&self, plan: FaultPlan) -> Result<(), InputError> {
+        check_plan(&plan, &self.device_ids)?;
+        self.faults.send_replace(plan);
+        Ok(())
     }
 
     /// Waits until the devices and the API have stopped.
@@ -93,5 +138,21 @@ impl Emulator {
             .context("HTTP API panicked")?
             .context("HTTP API failed")?;
         Ok(())
+    }
+}
+
+/// Checks a plan's values and that each device it names is one of the fleet's.
+fn check_plan(plan: &FaultPlan, device_ids: &[String]) -> Result<(), InputError> {
+    plan.validate()?;
+    if plan.devices.is_empty() {
+        return Ok(());
+    }
+    let known: std::collections::HashSet<&str> = device_ids.iter().map(String::as_str).collect();
+    match plan.devices.keys().find(|id| !known.contains(id.as_str())) {
+        Some(id) => Err(InputError::new(
+            format!("devices.{id}"),
+            "not a device of this fleet",
+        )),
+        None => Ok(()),
     }
 }

@@ -10,6 +10,10 @@
 //!    `ENTWINE_POSTGRES__USER`, `ENTWINE_POSTGRES__PASSWORD`, `ENTWINE_ODTE__EXPECTED_UPDATE_RATE`,
 //!    `ENTWINE_ODTE__TIME_WINDOW`, `ENTWINE_ODTE__DESIRED_TIMELINESS`, `ENTWINE_ODTE__THRESHOLD`;
 //!    and `DATABASE_URL`, which replaces all the PostgreSQL keys (and may name a SQLite file).
+//!    Beyond the seed, optional: `odte/availability_max_gap` and `odte/silence_threshold`
+//!    (seconds; see `entwine_core::twin`), and the `digital` ConfigMap's `broker_url`,
+//!    `state_topic`, `lifecycle_topic` (`ENTWINE_DIGITAL__BROKER_URL` …): where the
+//!    digital-event handler and the twin evaluator publish digital events (off when unset).
 //!
 //! The config root is `/configs` and the secret root `/secrets` (override with
 //! `ENTWINE_CONFIG_ROOT`, `ENTWINE_SECRET_ROOT`). The namespace is `ENTWINE_NAMESPACE`, else the
@@ -29,6 +33,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::handlers::{Clock, Function, SystemClock, TwinFunctions};
 use crate::http::{digital_event_router, function_router, DigitalEvents};
+use crate::publisher::{DigitalPublisher, PublisherSettings};
 
 /// The port Fission's Rust runtime gives a function when neither variable is set.
 pub const DEFAULT_PORT: u16 = 8889;
@@ -142,8 +147,10 @@ pub struct FunctionSettings {
     pub listen: SocketAddr,
     /// The database, for the functions that use one.
     pub database: Option<DatabaseSettings>,
-    /// The ODTE configuration (used by the twin handler).
+    /// The ODTE configuration (used by the twin handler and the twin evaluator).
     pub odte: OdteConfig,
+    /// Where digital events go (the digital-event handler and the twin evaluator), if anywhere.
+    pub digital: Option<PublisherSettings>,
 }
 
 /// The files Fission mounted for this function.
@@ -222,17 +229,29 @@ impl Lookup<'_> {
     }
 
     fn number(&self, section: &str, key: &str, default: f64) -> Result<f64, SettingsError> {
+        Ok(self.optional_number(section, key)?.unwrap_or(default))
+    }
+
+    fn text(&self, section: &str, key: &str) -> Result<Option<String>, SettingsError> {
+        Ok(self
+            .get(section, key, false)?
+            .map(|s| s.value.trim().to_owned()))
+    }
+
+    fn optional_number(&self, section: &str, key: &str) -> Result<Option<f64>, SettingsError> {
         match self.get(section, key, false)? {
-            None => Ok(default),
-            Some(s) => s
-                .value
-                .trim()
-                .parse::<f64>()
-                .map_err(|_| SettingsError::Invalid {
-                    key: format!("{section}.{key}"),
-                    origin: s.origin,
-                    reason: format!("{:?} is not a number", s.value),
-                }),
+            None => Ok(None),
+            Some(s) => {
+                s.value
+                    .trim()
+                    .parse::<f64>()
+                    .map(Some)
+                    .map_err(|_| SettingsError::Invalid {
+                        key: format!("{section}.{key}"),
+                        origin: s.origin,
+                        reason: format!("{:?} is not a number", s.value),
+                    })
+            }
         }
     }
 
@@ -259,12 +278,16 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
     let listen = listen_address(env)?;
 
     let seed = OdteConfig::seed_default();
+    let max_gap = lookup.optional_number("odte", "availability_max_gap")?;
+    let silence = lookup.optional_number("odte", "silence_threshold")?;
     let odte = OdteConfig::new(
         lookup.number("odte", "expected_update_rate", seed.expected_update_rate())?,
         lookup.number("odte", "time_window", seed.time_window_s())?,
         lookup.number("odte", "desired_timeliness", seed.desired_timeliness_s())?,
         lookup.number("odte", "threshold", seed.threshold())?,
     )
+    .and_then(|c| c.with_availability_max_gap(max_gap))
+    .and_then(|c| c.with_silence_threshold(silence))
     .map_err(|e| SettingsError::Invalid {
         key: "odte".into(),
         origin: format!(
@@ -283,10 +306,37 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
             &lookup,
         )?)))
     };
+    let digital = match lookup.text("digital", "broker_url")? {
+        None => None,
+        Some(broker_url) => {
+            let mut settings = PublisherSettings::new(
+                &broker_url,
+                &format!("entwine-{}-{}", function.name(), std::process::id()),
+            );
+            if let Some(topic) = lookup.text("digital", "state_topic")? {
+                settings.state_topic = topic;
+            }
+            if let Some(topic) = lookup.text("digital", "lifecycle_topic")? {
+                settings.lifecycle_topic = topic;
+            }
+            settings
+                .validate()
+                .map_err(|reason| SettingsError::Invalid {
+                    key: "digital".into(),
+                    origin: format!(
+                        "{} or ENTWINE_DIGITAL__*",
+                        mounts.config_dir.join("digital").display()
+                    ),
+                    reason,
+                })?;
+            Some(settings)
+        }
+    };
     Ok(FunctionSettings {
         listen,
         database,
         odte,
+        digital,
     })
 }
 
@@ -389,14 +439,33 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // States come from the digital-event handler, lifecycle changes from the twin handler and
+    // the evaluator; the others have nothing to say.
+    let publishes = matches!(
+        function,
+        Function::DigitalEvent | Function::Twin | Function::TwinEvaluator
+    );
+    let publisher = match (&settings.digital, publishes) {
+        (Some(digital), true) => Some(
+            DigitalPublisher::start(digital).map_err(|e| anyhow::anyhow!("digital broker: {e}"))?,
+        ),
+        _ => None,
+    };
     let (router, store) = match &settings.database {
         None => (
-            digital_event_router(DigitalEvents { clock, feed: None }),
+            digital_event_router(DigitalEvents {
+                clock,
+                feed: None,
+                publisher: publisher.as_ref().map(|(p, _)| p.clone()),
+            }),
             None,
         ),
         Some(database) => {
             let store = database.open(&StoreOptions::default())?;
-            let functions = Arc::new(TwinFunctions::new(store.clone(), settings.odte, clock));
+            let functions = Arc::new(
+                TwinFunctions::new(store.clone(), settings.odte, clock)
+                    .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
+            );
             (function_router(function, functions), Some(store))
         }
     };
@@ -408,6 +477,10 @@ pub async fn serve(
         .context("HTTP server failed")?;
     if let Some(store) = store {
         store.close().await;
+    }
+    if let Some((publisher, pump)) = publisher {
+        publisher.close().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), pump).await;
     }
     tracing::info!(function = function.name(), "stopped");
     Ok(())

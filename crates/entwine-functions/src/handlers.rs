@@ -6,8 +6,11 @@ use std::sync::Arc;
 use entwine_core::odte::OdteConfig;
 use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState};
 use entwine_core::InputError;
-use entwine_store::{Store, StoreError, Written};
+use entwine_store::{Store, StoreError, TwinChange, Written};
+use serde::Serialize;
 use serde_json::{Map, Value};
+
+use crate::publisher::DigitalPublisher;
 
 /// A source of the current time in ms since the Unix epoch. Injected so tests choose the
 /// shadow timestamps that the ODTE window depends on.
@@ -49,17 +52,29 @@ pub enum Function {
     Shadow,
     /// `POST /pendingdigitalstates`: pending digital state → digital state with its ODTE.
     Twin,
-    /// `POST /digitalstates`: digital state → logged and echoed.
+    /// `POST /digitalstates`: digital state → logged, echoed and published.
     DigitalEvent,
+    /// `POST /twinevaluations`: re-evaluates every twin at the current time (run by a timer:
+    /// a Fission time trigger, or `entwine up`'s), so that a silent device shows.
+    TwinEvaluator,
 }
 
 impl Function {
-    /// All four, in pipeline order.
-    pub const ALL: [Function; 4] = [
+    /// The seed's four, in pipeline order.
+    pub const CHAIN: [Function; 4] = [
         Function::PhysicalEvent,
         Function::Shadow,
         Function::Twin,
         Function::DigitalEvent,
+    ];
+
+    /// All five: the chain, then the twin evaluator.
+    pub const ALL: [Function; 5] = [
+        Function::PhysicalEvent,
+        Function::Shadow,
+        Function::Twin,
+        Function::DigitalEvent,
+        Function::TwinEvaluator,
     ];
 
     /// The function's name, which is also its binary's and its Fission function's.
@@ -69,6 +84,7 @@ impl Function {
             Self::Shadow => "shadow-handler",
             Self::Twin => "twin-handler",
             Self::DigitalEvent => "digital-event-handler",
+            Self::TwinEvaluator => "twin-evaluator",
         }
     }
 
@@ -79,6 +95,7 @@ impl Function {
             Self::Shadow => "/physicalstates",
             Self::Twin => "/pendingdigitalstates",
             Self::DigitalEvent => "/digitalstates",
+            Self::TwinEvaluator => "/twinevaluations",
         }
     }
 
@@ -97,6 +114,9 @@ impl Function {
 /// platform's live stream); lagging receivers miss states, they never slow the handler.
 pub type DigitalFeed = tokio::sync::broadcast::Sender<DigitalState>;
 
+/// Where lifecycle changes are announced in-process (`entwine up` prints them).
+pub type LifecycleFeed = tokio::sync::broadcast::Sender<TwinChange>;
+
 /// The functions that work on the store, with what they share.
 #[derive(Clone)]
 pub struct TwinFunctions {
@@ -104,6 +124,8 @@ pub struct TwinFunctions {
     odte: OdteConfig,
     clock: Arc<dyn Clock>,
     feed: Option<DigitalFeed>,
+    lifecycle: Option<LifecycleFeed>,
+    publisher: Option<DigitalPublisher>,
 }
 
 impl std::fmt::Debug for TwinFunctions {
@@ -123,7 +145,27 @@ impl TwinFunctions {
             odte,
             clock,
             feed: None,
+            lifecycle: None,
+            publisher: None,
         }
+    }
+
+    /// The same functions, announcing lifecycle changes to `lifecycle`.
+    pub fn with_lifecycle_feed(self, lifecycle: LifecycleFeed) -> Self {
+        Self {
+            lifecycle: Some(lifecycle),
+            ..self
+        }
+    }
+
+    /// The same functions, publishing digital events with `publisher`.
+    pub fn with_publisher(self, publisher: Option<DigitalPublisher>) -> Self {
+        Self { publisher, ..self }
+    }
+
+    /// The digital-event publisher, if any.
+    pub fn publisher(&self) -> Option<&DigitalPublisher> {
+        self.publisher.as_ref()
     }
 
     /// The same functions, with the digital-event handler announcing to `feed`.
@@ -177,13 +219,20 @@ impl TwinFunctions {
         Ok(pending)
     }
 
-    /// twin-handler: computes the ODTE of a pending digital state over its device's window.
+    /// twin-handler: computes the ODTE of a pending digital state over its device's window
+    /// (answering the seed's digital state), and advances the twin's lifecycle, publishing the
+    /// change when there is one and a digital broker is configured.
     #[tracing::instrument(name = "twin-handler", skip_all, fields(device_id))]
     pub async fn twin(&self, input: &Map<String, Value>) -> Result<DigitalState, FunctionError> {
         let pending = PendingDigitalState::from_json(input, self.clock.now_ms())?;
         tracing::Span::current().record("device_id", pending.device_id.as_str());
         let (digital, written) = self.store.evaluate_twin(&pending, &self.odte).await?;
         log_written(written, "evaluation of digital state", digital.pending.id);
+        // Also on a redelivery: a first call that failed between the two writes is completed
+        // (the same evaluation written again changes nothing).
+        if let Some(change) = self.store.advance_twin(&digital, &self.odte).await? {
+            self.announce(&change);
+        }
         let device = digital.pending.device_id.to_string();
         metrics::gauge!("entwine_twin_odte", "device_id" => device.clone()).set(digital.odte);
         metrics::gauge!("entwine_twin_entangled", "device_id" => device).set(
@@ -195,15 +244,58 @@ impl TwinFunctions {
         );
         Ok(digital)
     }
+
+    /// Publishes and announces a lifecycle change.
+    fn announce(&self, change: &TwinChange) {
+        tracing::info!(
+            device_id = %change.device_id,
+            from = change.from.map(|l| l.as_str()),
+            to = change.to.as_str(),
+            odte = change.odte,
+            "twin lifecycle changed"
+        );
+        if let Some(publisher) = &self.publisher {
+            publisher.change(change);
+        }
+        if let Some(feed) = &self.lifecycle {
+            let _ = feed.send(change.clone());
+        }
+    }
+
+    /// twin-evaluator: re-evaluates every twin at the current time; publishes and answers the
+    /// lifecycle changes.
+    #[tracing::instrument(name = "twin-evaluator", skip_all)]
+    pub async fn evaluate_twins(&self) -> Result<Evaluation, FunctionError> {
+        let now = self.clock.now_ms();
+        let changes = self.store.evaluate_twins(now, &self.odte).await?;
+        for change in &changes {
+            self.announce(change);
+        }
+        Ok(Evaluation {
+            evaluated_at: now,
+            changes,
+        })
+    }
+}
+
+/// What the twin evaluator answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// The time every twin was evaluated at (ms).
+    pub evaluated_at: i64,
+    /// The twins that changed lifecycle.
+    pub changes: Vec<TwinChange>,
 }
 
 /// digital-event-handler: validates a digital state, logs it and echoes it (as the seed does),
-/// and announces it on `feed` when there is one.
+/// announces it on `feed` when there is one, and publishes it when a digital broker is
+/// configured.
 #[tracing::instrument(name = "digital-event-handler", skip_all, fields(device_id))]
 pub fn digital_event(
     input: &Map<String, Value>,
     clock: &dyn Clock,
     feed: Option<&DigitalFeed>,
+    publisher: Option<&DigitalPublisher>,
 ) -> Result<DigitalState, FunctionError> {
     let digital = DigitalState::from_json(input, clock.now_ms())?;
     tracing::Span::current().record("device_id", digital.pending.device_id.as_str());
@@ -219,6 +311,9 @@ pub fn digital_event(
     if let Some(feed) = feed {
         // No receiver is not an error: nobody is watching.
         let _ = feed.send(digital.clone());
+    }
+    if let Some(publisher) = publisher {
+        publisher.state(&digital);
     }
     Ok(digital)
 }

@@ -15,6 +15,7 @@ use entwine_store::StoreError;
 use serde_json::{json, Map, Value};
 
 use crate::handlers::{digital_event, Clock, DigitalFeed, Function, FunctionError, TwinFunctions};
+use crate::publisher::DigitalPublisher;
 
 /// Largest request body accepted: 64 KiB. The seed device's largest configurable payload is far
 /// below it; anything bigger is a mistake or an attack.
@@ -181,6 +182,13 @@ async fn twin(
     .await
 }
 
+async fn evaluate(State(functions): State<Arc<TwinFunctions>>) -> Result<Response, ApiError> {
+    observed(Function::TwinEvaluator, async {
+        Ok(Json(functions.evaluate_twins().await?).into_response())
+    })
+    .await
+}
+
 /// What the digital-event handler needs: a clock, and where to announce states.
 #[derive(Clone)]
 pub struct DigitalEvents {
@@ -188,6 +196,19 @@ pub struct DigitalEvents {
     pub clock: Arc<dyn Clock>,
     /// The in-process feed, if any.
     pub feed: Option<DigitalFeed>,
+    /// The digital broker's publisher, if one is configured.
+    pub publisher: Option<DigitalPublisher>,
+}
+
+impl DigitalEvents {
+    /// What the digital-event handler of `functions` needs.
+    pub fn of(functions: &TwinFunctions) -> Self {
+        Self {
+            clock: functions.clock().clone(),
+            feed: functions.feed().cloned(),
+            publisher: functions.publisher().cloned(),
+        }
+    }
 }
 
 async fn digital(
@@ -196,7 +217,12 @@ async fn digital(
 ) -> Result<Response, ApiError> {
     observed(Function::DigitalEvent, async {
         let input = json_object(request).await?;
-        let state = digital_event(&input, events.clock.as_ref(), events.feed.as_ref())?;
+        let state = digital_event(
+            &input,
+            events.clock.as_ref(),
+            events.feed.as_ref(),
+            events.publisher.as_ref(),
+        )?;
         Ok(Json(state).into_response())
     })
     .await
@@ -207,14 +233,13 @@ async fn digital(
 /// [`Function::DigitalEvent`] gets [`digital_event_router`], which does not touch the store.
 pub fn function_router(function: Function, functions: Arc<TwinFunctions>) -> Router {
     if function == Function::DigitalEvent {
-        return digital_event_router(DigitalEvents {
-            clock: functions.clock().clone(),
-            feed: functions.feed().cloned(),
-        });
+        return digital_event_router(DigitalEvents::of(&functions));
     }
     let handler = match function {
         Function::PhysicalEvent => post(physical_event),
         Function::Shadow => post(shadow),
+        // A time trigger may call with any method; evaluating twice is harmless.
+        Function::TwinEvaluator => post(evaluate).get(evaluate),
         Function::Twin | Function::DigitalEvent => post(twin),
     };
     with_fallbacks(
@@ -235,21 +260,22 @@ pub fn digital_event_router(events: DigitalEvents) -> Router {
     )
 }
 
-/// All four functions on their seed routes, as Fission's router exposes them: the local router.
+/// All five functions on their routes, as Fission's router exposes them: the local router.
 pub fn router(functions: Arc<TwinFunctions>) -> Router {
     with_fallbacks(routes(functions))
 }
 
-/// The four routes without the JSON fallbacks, to merge into a larger router.
+/// The five routes without the JSON fallbacks, to merge into a larger router.
 pub fn routes(functions: Arc<TwinFunctions>) -> Router {
-    let events = DigitalEvents {
-        clock: functions.clock().clone(),
-        feed: functions.feed().cloned(),
-    };
+    let events = DigitalEvents::of(&functions);
     Router::new()
         .route(Function::PhysicalEvent.route(), post(physical_event))
         .route(Function::Shadow.route(), post(shadow))
         .route(Function::Twin.route(), post(twin))
+        .route(
+            Function::TwinEvaluator.route(),
+            post(evaluate).get(evaluate),
+        )
         .with_state(functions)
         .route(
             Function::DigitalEvent.route(),

@@ -35,4 +35,5 @@
 pub mod fission;
 pub mod handlers;
 pub mod http;
+pub mod publisher;
 pub mod telemetry;

@@ -6,6 +6,9 @@
 //!   ([`Store::record_physical_event`], [`Store::record_shadow`], [`Store::evaluate_twin`]),
 //!   each idempotent: calling it again with the same input answers the row it already wrote.
 //! - [`Store::twins`], [`Store::twin`], [`Store::history`]: the twins read back for the API.
+//! - [`Store::advance_twin`], [`Store::evaluate_twins`]: the twin table, each twin's place in
+//!   its lifecycle (unbound, bound, entangled, disentangled), advanced on every evaluation and
+//!   re-evaluated at the current time so that a silent device shows.
 //! - [`StoreError`]: what went wrong, typed by who must act (the caller's input, the operator's
 //!   database, or a bug).
 //! - `migrations/` at the repository root: one folder per backend, embedded in the binary and
@@ -28,6 +31,7 @@
 mod error;
 #[macro_use]
 mod queries;
+mod lifecycle;
 mod twins;
 
 use std::str::FromStr;
@@ -44,6 +48,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 pub use error::StoreError;
+pub use lifecycle::TwinChange;
 use queries::{DigitalRow, PendingRow, PhysicalRow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;
@@ -351,7 +356,14 @@ impl Store {
             states: u64::try_from(row.window_states).unwrap_or(0),
             timely: u64::try_from(row.window_timely).unwrap_or(0),
         };
-        let state = DigitalState::new(stored_pending, &config.evaluate(stats));
+        let evaluation = match self
+            .availability_of(pending.device_id.as_str(), pending.timestamp, config)
+            .await?
+        {
+            Some(availability) => config.evaluate_with(stats, availability),
+            None => config.evaluate(stats),
+        };
+        let state = DigitalState::new(stored_pending, &evaluation);
         let updated = execute!(
             self,
             queries::STORE_EVALUATION,

@@ -1,18 +1,23 @@
 //! Reading the twins back: each device's latest evaluation, and its history.
 
 use entwine_core::odte::Lifecycle;
+use entwine_core::twin::TwinLifecycle;
 use serde::Serialize;
 
+use crate::lifecycle::stored_twin_lifecycle;
 use crate::queries::Sql;
 use crate::{stored_lifecycle, Store, StoreError};
 
-/// A twin as it stands: its latest evaluated digital state.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A twin as it stands (the twin table): its lifecycle and its latest evaluation, by the twin
+/// handler or by the twin evaluator.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct TwinStatus {
     /// The device it mirrors.
     pub device_id: String,
-    /// `entangled` or `disentangled`.
-    pub lifecycle: Lifecycle,
+    /// `unbound`, `bound`, `entangled` or `disentangled`.
+    pub lifecycle: TwinLifecycle,
+    /// Since when (ms).
+    pub since: i64,
     /// Latest ODTE.
     pub odte: f32,
     /// Its availability.
@@ -21,12 +26,14 @@ pub struct TwinStatus {
     pub reliability: f32,
     /// Its timeliness.
     pub timeliness: f32,
+    /// When these figures were computed (ms).
+    pub evaluated_at: i64,
     /// The device's timestamp of the latest mirrored event (ms).
-    pub last_physical_timestamp: i64,
+    pub last_physical_timestamp: Option<i64>,
     /// When the twin mirrored it (ms).
-    pub last_digital_timestamp: i64,
-    /// The digital state these figures come from.
-    pub digital_state_id: i32,
+    pub last_digital_timestamp: Option<i64>,
+    /// The latest digital state.
+    pub digital_state_id: Option<i32>,
 }
 
 /// One evaluated digital state of a twin's history.
@@ -86,28 +93,32 @@ static TALLY: Sql = Sql::new(
 #[derive(sqlx::FromRow)]
 struct StatusRow {
     device_id: String,
-    id: i32,
-    timestamp: i64,
-    device_timestamp: i64,
+    lifecycle: String,
+    since: i64,
+    evaluated_at: i64,
+    digitalstate_id: Option<i32>,
+    last_update: Option<i64>,
+    last_device_timestamp: Option<i64>,
     availability: f32,
     reliability: f32,
     timeliness: f32,
     odte: f32,
-    lifecycle: String,
 }
 
 impl StatusRow {
     fn into_status(self) -> Result<TwinStatus, StoreError> {
         Ok(TwinStatus {
-            lifecycle: stored_lifecycle(self.id, &self.lifecycle)?,
+            lifecycle: stored_twin_lifecycle(&self.device_id, &self.lifecycle)?,
             device_id: self.device_id,
+            since: self.since,
             odte: self.odte,
             availability: self.availability,
             reliability: self.reliability,
             timeliness: self.timeliness,
-            last_physical_timestamp: self.device_timestamp,
-            last_digital_timestamp: self.timestamp,
-            digital_state_id: self.id,
+            evaluated_at: self.evaluated_at,
+            last_physical_timestamp: self.last_device_timestamp,
+            last_digital_timestamp: self.last_update,
+            digital_state_id: self.digitalstate_id,
         })
     }
 }
@@ -127,22 +138,18 @@ struct HistoryRow {
     lifecycle: String,
 }
 
-/// The latest evaluated state of every twin. It reads every device's evaluated states
-/// (`digitalstate_evaluated_idx`); a table of current twin status would make it O(twins).
+/// Every twin, from the twin table.
 static TWINS: Sql = Sql::new(
-    "SELECT d.device_id, d.id, d.timestamp, p.device_timestamp, d.availability, d.reliability, \
-            d.timeliness, d.odte, d.lifecycle \
-     FROM digitalstate d JOIN physicalstate p ON p.id = d.physicalstate_id \
-     WHERE d.id IN (SELECT MAX(id) FROM digitalstate WHERE odte IS NOT NULL GROUP BY device_id) \
-     ORDER BY d.device_id",
+    "SELECT device_id, lifecycle, since, evaluated_at, digitalstate_id, last_update, \
+            last_device_timestamp, availability, reliability, timeliness, odte \
+     FROM twin ORDER BY device_id",
 );
 
-/// The latest evaluated state of device `$1`: one descent of `digitalstate_evaluated_idx`.
+/// One twin.
 static TWIN: Sql = Sql::new(
-    "SELECT d.device_id, d.id, d.timestamp, p.device_timestamp, d.availability, d.reliability, \
-            d.timeliness, d.odte, d.lifecycle \
-     FROM digitalstate d JOIN physicalstate p ON p.id = d.physicalstate_id \
-     WHERE d.id = (SELECT MAX(id) FROM digitalstate WHERE odte IS NOT NULL AND device_id = $1)",
+    "SELECT device_id, lifecycle, since, evaluated_at, digitalstate_id, last_update, \
+            last_device_timestamp, availability, reliability, timeliness, odte \
+     FROM twin WHERE device_id = $1",
 );
 
 /// A twin's evaluated states from `since` ($2) up to, not including, the cursor
@@ -175,7 +182,7 @@ impl HistoryCursor {
 }
 
 impl Store {
-    /// Every twin's latest evaluation, ordered by device id.
+    /// Every twin, ordered by device id.
     pub async fn twins(&self) -> Result<Vec<TwinStatus>, StoreError> {
         let rows: Vec<StatusRow> = fetch!(self, TWINS, fetch_all, StatusRow)?;
         rows.into_iter().map(StatusRow::into_status).collect()
@@ -186,7 +193,7 @@ impl Store {
         fetch!(self, TALLY, fetch_one, Tally, prefix)
     }
 
-    /// One twin's latest evaluation, or `None` when the device has none.
+    /// One twin, or `None` when the device has none.
     pub async fn twin(&self, device_id: &str) -> Result<Option<TwinStatus>, StoreError> {
         let row: Option<StatusRow> = fetch!(self, TWIN, fetch_optional, StatusRow, device_id)?;
         row.map(StatusRow::into_status).transpose()

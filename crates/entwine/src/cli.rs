@@ -35,6 +35,9 @@ pub enum Command {
     /// Measure the full chain on this machine: events/s, latency percentiles from the device to
     /// its twin, losses, CPU and memory; scaling curves; a table and a JSON file.
     Bench(crate::bench::BenchArgs),
+    /// Run a scripted scenario (faults on and off, rate changes, silent devices) on the local
+    /// platform and write every twin's ODTE over time as CSV and an SVG plot.
+    Experiment(crate::experiment::ExperimentArgs),
 }
 
 /// Where the store is.
@@ -92,6 +95,20 @@ pub struct UpArgs {
     /// Run no connector (when connectors run as processes of their own: `entwine connector`).
     #[arg(long)]
     pub no_connector: bool,
+    /// Publish no digital events (by default each digital state and each lifecycle change go
+    /// to the platform's broker).
+    #[arg(long)]
+    pub no_digital_events: bool,
+    /// Topic of digital states; `{device_id}` names the device.
+    #[arg(long, default_value = entwine_functions::publisher::DEFAULT_STATE_TOPIC)]
+    pub digital_state_topic: String,
+    /// Topic of lifecycle changes; `{device_id}` names the device.
+    #[arg(long, default_value = entwine_functions::publisher::DEFAULT_LIFECYCLE_TOPIC)]
+    pub digital_lifecycle_topic: String,
+    /// How often the twin evaluator re-evaluates every twin, seconds (default: a sixth of the
+    /// window, between 0.5 and 10 s).
+    #[arg(long)]
+    pub evaluator_period: Option<f64>,
     #[command(flatten)]
     /// The ODTE configuration.
     pub odte: OdteArgs,
@@ -116,6 +133,13 @@ pub struct OdteArgs {
     /// ODTE at or above which a twin is `entangled`.
     #[arg(long, env = "ENTWINE_ODTE__THRESHOLD", default_value_t = 0.9)]
     pub threshold: f64,
+    /// Measure availability: time in gaps between twin updates longer than this many seconds is
+    /// unavailable (without it availability is the seed's constant 1).
+    #[arg(long, env = "ENTWINE_ODTE__AVAILABILITY_MAX_GAP")]
+    pub availability_max_gap: Option<f64>,
+    /// Seconds without an update after which a twin is unbound (default: twice the window).
+    #[arg(long, env = "ENTWINE_ODTE__SILENCE_THRESHOLD")]
+    pub silence_threshold: Option<f64>,
 }
 
 impl OdteArgs {
@@ -127,6 +151,8 @@ impl OdteArgs {
             self.desired_timeliness,
             self.threshold,
         )
+        .and_then(|c| c.with_availability_max_gap(self.availability_max_gap))
+        .and_then(|c| c.with_silence_threshold(self.silence_threshold))
         .context("invalid ODTE configuration")
     }
 }
@@ -142,6 +168,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Device(args) => crate::physical::device(args).await,
         Command::Connector(args) => crate::physical::connector(args).await,
         Command::Bench(args) => crate::bench::bench(&args).await,
+        Command::Experiment(args) => crate::experiment::experiment(&args).await,
     }
 }
 

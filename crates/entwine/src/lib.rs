@@ -14,6 +14,7 @@ pub mod api;
 pub mod bench;
 pub mod broker;
 pub mod cli;
+pub mod experiment;
 pub mod local;
 pub mod physical;
 pub mod status;

@@ -5,19 +5,18 @@
 //! Stop order on SIGINT/SIGTERM is the reverse: devices stop publishing, the connector finishes
 //! the chains in progress, the HTTP server drains, the store closes.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use entwine_connector::{ConnectorConfig, ConnectorStats};
-use entwine_core::odte::Lifecycle;
 use entwine_device::conf::DeviceConf;
 use entwine_device::fleet::{Broker, FleetOptions};
 use entwine_device::Emulator;
 use entwine_functions::handlers::{Function, SystemClock, TwinFunctions};
 use entwine_functions::http::{routes, with_fallbacks};
+use entwine_functions::publisher::{DigitalPublisher, PublisherSettings};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -79,9 +78,51 @@ pub async fn up(
     let listener = bind_or_free_port(args.listen).await?;
     let address = listener.local_addr().context("listener has no address")?;
     let (feed, _) = broadcast::channel(4096);
+    let (lifecycle, _) = broadcast::channel(4096);
+    let publisher = if args.no_digital_events {
+        None
+    } else {
+        let mut settings = PublisherSettings::new(
+            &format!("{}:{}", broker.host, broker.port),
+            &format!("{}-digital", args.connector_client_id),
+        );
+        settings.state_topic = args.digital_state_topic.clone();
+        settings.lifecycle_topic = args.digital_lifecycle_topic.clone();
+        Some(
+            DigitalPublisher::start(&settings)
+                .map_err(|e| anyhow::anyhow!("digital events: {e}"))?,
+        )
+    };
     let functions = Arc::new(
-        TwinFunctions::new(store.clone(), odte, Arc::new(SystemClock)).with_feed(feed.clone()),
+        TwinFunctions::new(store.clone(), odte, Arc::new(SystemClock))
+            .with_feed(feed.clone())
+            .with_lifecycle_feed(lifecycle.clone())
+            .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
     );
+    let evaluator_period = match args.evaluator_period {
+        Some(period) => {
+            anyhow::ensure!(
+                period.is_finite() && period > 0.0,
+                "--evaluator-period must be a number of seconds above 0, got {period}"
+            );
+            period
+        }
+        None => (odte.time_window_s() / 6.0).clamp(0.5, 10.0),
+    };
+    let evaluator = {
+        let functions = functions.clone();
+        tokio::spawn(async move {
+            let mut ticks =
+                tokio::time::interval(std::time::Duration::from_secs_f64(evaluator_period));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(e) = functions.evaluate_twins().await {
+                    tracing::warn!(error = %e, "the twin evaluator failed; next try in {evaluator_period} s");
+                }
+            }
+        })
+    };
     let http_stop = CancellationToken::new();
     let app = with_fallbacks(routes(functions).merge(crate::api::router(
         store.clone(),
@@ -225,10 +266,20 @@ pub async fn up(
         odte.desired_timeliness_s(),
         odte.threshold()
     );
+    println!(
+        "  twins:      re-evaluated every {evaluator_period} s; unbound after {} s of silence",
+        odte.silence_ms() as f64 / 1000.0
+    );
+    if !args.no_digital_events {
+        println!(
+            "  digital:    {} and {} on the broker",
+            args.digital_state_topic, args.digital_lifecycle_topic
+        );
+    }
     println!("  try:        curl -s http://{address}/api/twins   or   entwine status --url http://{address}");
     println!("  stop:       Ctrl-C");
 
-    let printer = tokio::spawn(print_lifecycle_changes(feed.subscribe()));
+    let printer = tokio::spawn(print_lifecycle_changes(lifecycle.subscribe()));
     shutdown.await;
     println!(
         "stopping: devices, then the connector (finishing chains in progress), then the store"
@@ -274,32 +325,34 @@ pub async fn up(
         );
     }
     printer.abort();
+    evaluator.abort();
+    if let Some((publisher, pump)) = publisher {
+        publisher.close().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), pump).await;
+    }
     store.close().await;
     println!("entwine stopped");
     Ok(())
 }
 
-/// Prints a line when a twin first appears and whenever its lifecycle changes.
-async fn print_lifecycle_changes(mut feed: broadcast::Receiver<entwine_core::state::DigitalState>) {
-    let mut known: HashMap<String, Lifecycle> = HashMap::new();
+/// Prints a line whenever a twin changes lifecycle.
+async fn print_lifecycle_changes(mut changes: broadcast::Receiver<entwine_store::TwinChange>) {
     loop {
-        let state = match feed.recv().await {
-            Ok(state) => state,
+        let change = match changes.recv().await {
+            Ok(change) => change,
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let id = state.pending.device_id.to_string();
-        if known.get(&id) != Some(&state.lifecycle) {
-            println!(
-                "twin {id}: {} (ODTE {:.2} = A {:.2} × R {:.2} × T {:.2})",
-                state.lifecycle.as_str(),
-                state.odte,
-                state.availability,
-                state.reliability,
-                state.timeliness
-            );
-            known.insert(id, state.lifecycle);
-        }
+        println!(
+            "twin {}: {} → {} (ODTE {:.2} = A {:.2} × R {:.2} × T {:.2})",
+            change.device_id,
+            change.from.map_or("new", |l| l.as_str()),
+            change.to.as_str(),
+            change.odte,
+            change.availability,
+            change.reliability,
+            change.timeliness
+        );
     }
 }
 

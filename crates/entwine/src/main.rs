@@ -7,9 +7,11 @@ fn main() -> std::process::ExitCode {
     let cli = entwine::cli::Cli::parse();
     // Each digital state is printed as a lifecycle change by `entwine up`, not logged; the
     // embedded broker logs every connection at info, and routine disconnections as errors.
-    // A bench prints its own progress and tables; only problems are logged.
+    // A bench or an experiment prints its own progress and results; only problems are logged.
     let default_filter = match cli.command {
-        entwine::cli::Command::Bench(_) => "warn,rumqttd=off",
+        entwine::cli::Command::Bench(_) | entwine::cli::Command::Experiment(_) => {
+            "warn,rumqttd=off"
+        }
         _ => "info,rumqttd=off,entwine_functions::handlers=warn",
     };
     entwine_functions::telemetry::init(

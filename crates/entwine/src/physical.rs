@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use entwine_connector::{ConnectorConfig, ConnectorStats};
 use entwine_device::conf::DeviceConf;
+use entwine_device::faults::{FaultPlan, Preset};
 use entwine_device::fleet::{Broker, FleetOptions};
 use entwine_device::Emulator;
 use tokio_util::sync::CancellationToken;
@@ -76,6 +77,11 @@ pub struct DeviceArgs {
     /// Devices sharing one MQTT connection.
     #[arg(long, default_value_t = 500)]
     pub devices_per_connection: usize,
+    /// Fleet-wide faults from the start, by Purdue level: layer0-1, layer2, layer3, each also
+    /// with -deteriorated or -critical (e.g. layer2-critical), or none. Changeable at run time
+    /// with PUT /faults.
+    #[arg(long, value_name = "PRESET")]
+    pub faults: Option<Preset>,
 }
 
 /// Runs `entwine device` until SIGINT/SIGTERM.
@@ -111,24 +117,41 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
         devices_per_connection: args.devices_per_connection,
         ..FleetOptions::default()
     };
+    let faults = FaultPlan::fleet(args.faults.unwrap_or(Preset::None).faults());
     let shutdown = CancellationToken::new();
-    let emulator = Emulator::start(conf, options, broker.clone(), http, shutdown.clone())?;
+    let emulator = Emulator::start_with_faults(
+        conf,
+        options,
+        faults,
+        broker.clone(),
+        http,
+        shutdown.clone(),
+    )?;
     println!(
-        "{} device(s) publishing to {}:{}; API on http://{} (GET/PUT /conf, GET /stats)",
+        "{} device(s) publishing to {}:{}; API on http://{} (GET/PUT /conf, GET/PUT/DELETE /faults, GET /stats)",
         emulator.device_ids.len(),
         broker.host,
         broker.port,
         emulator.http_address
     );
+    if let Some(preset) = args.faults {
+        println!("faults: {preset} fleet-wide");
+    }
     let stats = emulator.stats.clone();
     tokio::spawn(async move {
         entwine_functions::fission::shutdown_signal().await;
         shutdown.cancel();
     });
     emulator.wait().await?;
+    let lost = stats.dropped_by_faults.load(Ordering::Relaxed);
     println!(
-        "devices stopped after {} messages",
-        stats.published.load(Ordering::Relaxed)
+        "devices stopped after {} messages{}",
+        stats.published.load(Ordering::Relaxed),
+        if lost > 0 {
+            format!(" ({lost} more lost to injected faults)")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

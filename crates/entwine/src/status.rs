@@ -68,23 +68,7 @@ async fn fetch(base: &str) -> anyhow::Result<Vec<TwinStatus>> {
 }
 
 fn parse_twin(v: &serde_json::Value) -> Option<TwinStatus> {
-    let real = |k: &str| {
-        v.get(k)
-            .and_then(serde_json::Value::as_f64)
-            .map(|f| f as f32)
-    };
-    let int = |k: &str| v.get(k).and_then(serde_json::Value::as_i64);
-    Some(TwinStatus {
-        device_id: v.get("device_id")?.as_str()?.to_owned(),
-        lifecycle: entwine_core::odte::Lifecycle::parse(v.get("lifecycle")?.as_str()?)?,
-        odte: real("odte")?,
-        availability: real("availability")?,
-        reliability: real("reliability")?,
-        timeliness: real("timeliness")?,
-        last_physical_timestamp: int("last_physical_timestamp")?,
-        last_digital_timestamp: int("last_digital_timestamp")?,
-        digital_state_id: i32::try_from(int("digital_state_id")?).ok()?,
-    })
+    serde_json::from_value(v.clone()).ok()
 }
 
 fn now_ms() -> i64 {
@@ -117,11 +101,12 @@ pub fn table(twins: &[TwinStatus], now_ms: i64) -> String {
             t.availability,
             t.reliability,
             t.timeliness,
-            age(now_ms - t.last_physical_timestamp),
-            format!(
-                "+{} ms",
-                t.last_digital_timestamp - t.last_physical_timestamp
-            ),
+            t.last_physical_timestamp
+                .map_or_else(|| "never".into(), |seen| age(now_ms - seen)),
+            match (t.last_digital_timestamp, t.last_physical_timestamp) {
+                (Some(digital), Some(physical)) => format!("+{} ms", digital - physical),
+                _ => "–".into(),
+            },
         ));
     }
     out
@@ -139,21 +124,29 @@ fn age(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use entwine_core::odte::Lifecycle;
+    use entwine_core::twin::TwinLifecycle;
 
     #[test]
     fn the_table_shows_each_twin_with_its_figures_and_ages() {
         let twin = TwinStatus {
             device_id: "iiot-device-1".into(),
-            lifecycle: Lifecycle::Entangled,
+            lifecycle: TwinLifecycle::Entangled,
+            since: 1_000_000,
             odte: 1.0,
             availability: 1.0,
             reliability: 1.0,
             timeliness: 1.0,
-            last_physical_timestamp: 1_000_000,
-            last_digital_timestamp: 1_000_004,
-            digital_state_id: 9,
+            evaluated_at: 1_000_004,
+            last_physical_timestamp: Some(1_000_000),
+            last_digital_timestamp: Some(1_000_004),
+            digital_state_id: Some(9),
         };
+        let json = serde_json::to_value(&twin).unwrap();
+        assert_eq!(
+            parse_twin(&json),
+            Some(twin.clone()),
+            "the API's JSON reads back"
+        );
         let table = table(&[twin], 1_012_000);
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("DEVICE"));

@@ -10,6 +10,8 @@ use entwine_testing::{eventually, mqtt_address, unique, Received, Subscriber};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+mod faults;
+
 struct Running {
     emulator: Emulator,
     stop: CancellationToken,

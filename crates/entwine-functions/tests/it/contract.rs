@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use entwine_testing::{free_port, TestDatabase};
+use entwine_testing::{free_port, mqtt_address, unique, Subscriber, TestDatabase};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
@@ -76,7 +76,9 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value)
     (status, response.json().await.unwrap())
 }
 
-fn mount_seed_configuration(root: &Path, db: &TestDatabase) {
+/// The seed's configuration, and a `digital` ConfigMap that sends digital events under
+/// `topic_root` on the test broker.
+fn mount_seed_configuration(root: &Path, db: &TestDatabase, topic_root: &str) {
     let options = db.options();
     let port = options.get_port().to_string();
     let configs = root.join("configs");
@@ -93,6 +95,20 @@ fn mount_seed_configuration(root: &Path, db: &TestDatabase) {
         ],
     );
     mount(&configs, "default", "odte", &SEED_ODTE);
+    let (host, port) = mqtt_address();
+    mount(
+        &configs,
+        "default",
+        "digital",
+        &[
+            ("broker_url", format!("{host}:{port}").as_str()),
+            ("state_topic", &format!("{topic_root}/{{device_id}}/state")),
+            (
+                "lifecycle_topic",
+                &format!("{topic_root}/{{device_id}}/lifecycle"),
+            ),
+        ],
+    );
     mount(
         &root.join("secrets"),
         "default",
@@ -101,8 +117,8 @@ fn mount_seed_configuration(root: &Path, db: &TestDatabase) {
     );
 }
 
-/// The four binaries as cargo built them.
-fn built_binaries() -> [(&'static str, PathBuf); 4] {
+/// The five binaries as cargo built them.
+fn built_binaries() -> [(&'static str, PathBuf); 5] {
     [
         (
             "physical-event-handler",
@@ -117,13 +133,17 @@ fn built_binaries() -> [(&'static str, PathBuf); 4] {
             "digital-event-handler",
             env!("CARGO_BIN_EXE_digital-event-handler").into(),
         ),
+        (
+            "twin-evaluator",
+            env!("CARGO_BIN_EXE_twin-evaluator").into(),
+        ),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_binary_serves_its_step_of_the_seed_chain_as_the_fission_runtime_starts_it() {
-    let [physical, shadow, twin, digital] = built_binaries().map(|(_, path)| path);
-    seed_chain_through(&physical, &shadow, &twin, &digital).await;
+    let [physical, shadow, twin, digital, evaluator] = built_binaries().map(|(_, path)| path);
+    seed_chain_through(&physical, &shadow, &twin, &digital, &evaluator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,27 +187,38 @@ async fn the_deploy_archive_unpacked_as_fission_does_serves_the_seed_chain() {
             "digital-event-handler",
             "physical-event-handler",
             "shadow-handler",
+            "twin-evaluator",
             "twin-handler"
         ],
-        "the four binaries at the archive root, named as the functions' functionName"
+        "the five binaries at the archive root, named as the functions' functionName"
     );
-    let [physical, shadow, twin, digital] =
+    let [physical, shadow, twin, digital, evaluator] =
         built_binaries().map(|(name, _)| deployarchive.join(name));
-    seed_chain_through(&physical, &shadow, &twin, &digital).await;
+    seed_chain_through(&physical, &shadow, &twin, &digital, &evaluator).await;
 }
 
-/// Starts the four binaries with the seed's ConfigMaps mounted (password in a Secret) on a fresh
-/// database, drives six seed payloads through the chain and checks every answer.
-async fn seed_chain_through(physical: &Path, shadow: &Path, twin: &Path, digital: &Path) {
+/// Starts the five binaries with the seed's ConfigMaps mounted (password in a Secret) and a
+/// digital broker on a fresh database, drives six seed payloads through the chain and checks
+/// every answer, the digital events a real subscriber receives, and the evaluator's answer.
+async fn seed_chain_through(
+    physical: &Path,
+    shadow: &Path,
+    twin: &Path,
+    digital: &Path,
+    evaluator: &Path,
+) {
     let db = TestDatabase::create().await;
     db.migrated_store().await.close().await;
     let root = tempfile::tempdir().unwrap();
-    mount_seed_configuration(root.path(), &db);
+    let topics = unique("digital");
+    mount_seed_configuration(root.path(), &db, &topics);
+    let subscriber = Subscriber::start(&[format!("{topics}/#")]).await;
 
     let physical_fn = start(physical, root.path()).await;
     let shadow_fn = start(shadow, root.path()).await;
     let twin_fn = start(twin, root.path()).await;
     let digital_fn = start(digital, root.path()).await;
+    let evaluator_fn = start(evaluator, root.path()).await;
     let client = reqwest::Client::new();
 
     let now = std::time::SystemTime::now()
@@ -255,7 +286,49 @@ async fn seed_chain_through(physical: &Path, shadow: &Path, twin: &Path, digital
         "{error}"
     );
 
-    for running in [physical_fn, shadow_fn, twin_fn, digital_fn] {
+    // Digital events: six states, and the new twin bound by its first evaluation.
+    let received = subscriber
+        .wait_for(
+            Duration::from_secs(10),
+            "six states and a lifecycle change",
+            |r| {
+                r.iter().filter(|m| m.topic.ends_with("/state")).count() == 6
+                    && r.iter().any(|m| m.topic.ends_with("/lifecycle"))
+            },
+        )
+        .await;
+    let states: Vec<Value> = received
+        .iter()
+        .filter(|m| m.topic == format!("{topics}/iiot-device-1/state"))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    assert_eq!(states.len(), 6);
+    assert_eq!(states[5], last, "the published state is the digital state");
+    let change: Value = received
+        .iter()
+        .find(|m| m.topic == format!("{topics}/iiot-device-1/lifecycle"))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .unwrap();
+    assert_eq!(
+        (&change["device_id"], &change["from"], &change["to"]),
+        (&json!("iiot-device-1"), &Value::Null, &json!("bound"))
+    );
+    // The evaluator, as a time trigger calls it (its method, an empty body, on `/`).
+    let response = client
+        .post(format!("{}/", evaluator_fn.url))
+        .header("X-Fission-Timer-Name", "twin-evaluator")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let evaluation: Value = response.json().await.unwrap();
+    assert!(
+        evaluation["evaluated_at"].as_i64().unwrap() >= now,
+        "{evaluation}"
+    );
+    assert!(evaluation["changes"].is_array(), "{evaluation}");
+
+    for running in [physical_fn, shadow_fn, twin_fn, digital_fn, evaluator_fn] {
         stop(running).await;
     }
     let mut conn = db.connect().await;

@@ -1,4 +1,5 @@
 //! Store tests, each against real PostgreSQL (a schema of its own) and SQLite (a file of its own).
 
+mod lifecycle;
 mod migrations;
 mod pipeline;

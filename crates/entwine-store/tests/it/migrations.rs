@@ -164,7 +164,7 @@ async fn migrate_concurrently(t: &TestStore) {
     }
     assert_eq!(
         scalar(&t.store, "SELECT COUNT(*) FROM _sqlx_migrations").await,
-        3
+        4
     );
     assert_eq!(
         scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
@@ -200,6 +200,16 @@ async fn a_seed_database_is_upgraded_in_place_with_its_rows() {
         .await,
         2
     );
+
+    // The seed's twins are in the twin table, as their latest evaluation left them.
+    let twins = t.store.twins().await.unwrap();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    assert_eq!(twins[0].device_id, "iiot-device-1");
+    assert_eq!(
+        twins[0].lifecycle,
+        entwine_core::twin::TwinLifecycle::Disentangled
+    );
+    assert_eq!(twins[0].digital_state_id, Some(2));
 
     // The seed's history counts in the next evaluation, and the seed's ids carry on.
     let config = OdteConfig::seed_default();

@@ -3,6 +3,7 @@
 
 use entwine_core::odte::{Lifecycle, OdteConfig, WindowStats};
 use entwine_core::state::{DeviceId, PendingDigitalState, PhysicalEvent, PhysicalState};
+use entwine_core::twin::TwinLifecycle;
 use entwine_store::{HistoryCursor, Store, StoreError, StoreOptions, Written};
 use entwine_testing::{scalar, store_test};
 
@@ -30,6 +31,8 @@ async fn chain(
     let (pending, _) = store.record_shadow(&physical, shadow_ts).await.unwrap();
     let (digital, written) = store.evaluate_twin(&pending, config).await.unwrap();
     assert_eq!(written, Written::Created);
+    // As the twin handler does.
+    store.advance_twin(&digital, config).await.unwrap();
     digital
 }
 
@@ -442,12 +445,16 @@ store_test!(
         let ids: Vec<&str> = twins.iter().map(|t| t.device_id.as_str()).collect();
         assert_eq!(ids, ["press-a", "press-b"]);
         let a = &twins[0];
-        assert_eq!(a.lifecycle, Lifecycle::Entangled);
-        assert_eq!(a.last_physical_timestamp, base + 30_000);
-        assert_eq!(a.last_digital_timestamp, base + 30_100);
+        assert_eq!(a.lifecycle, TwinLifecycle::Entangled);
+        assert_eq!(a.last_physical_timestamp, Some(base + 30_000));
+        assert_eq!(a.last_digital_timestamp, Some(base + 30_100));
         let b = t.store.twin("press-b").await.unwrap().unwrap();
         assert_eq!(b.timeliness, 0.0, "3 s late");
-        assert_eq!(b.lifecycle, Lifecycle::Disentangled);
+        assert_eq!(
+            b.lifecycle,
+            TwinLifecycle::Bound,
+            "one update: bound for a window"
+        );
         assert!(t.store.twin("press-z").await.unwrap().is_none());
 
         let page = t

@@ -534,7 +534,7 @@ async fn run_chain(
         .collect();
     let entangled = ours
         .iter()
-        .filter(|t| t.lifecycle == entwine_core::odte::Lifecycle::Entangled)
+        .filter(|t| t.lifecycle == entwine_core::twin::TwinLifecycle::Entangled)
         .count();
     let published = load_stats.published.load(Ordering::Relaxed);
     let mirrored = progress.mirrored.load(Ordering::Relaxed);

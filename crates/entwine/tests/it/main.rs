@@ -2,6 +2,7 @@
 
 mod api;
 mod bench;
+mod experiment;
 mod migrate;
 mod physical;
 mod up;

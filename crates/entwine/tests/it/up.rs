@@ -14,6 +14,8 @@ const DEVICES: usize = 3;
 struct Up {
     child: Child,
     api: String,
+    /// The devices' API (`/conf`, `/faults`), when there are devices.
+    devices: Option<String>,
     output: tokio::task::JoinHandle<Vec<String>>,
 }
 
@@ -53,10 +55,20 @@ async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let api = tokio::time::timeout(Duration::from_secs(30), async {
+    let (api, devices) = tokio::time::timeout(Duration::from_secs(30), async {
+        let (mut api, mut devices) = (None, None);
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(url) = line.trim().strip_prefix("functions:") {
-                return url.trim().to_owned();
+            let line = line.trim();
+            if let Some(url) = line.strip_prefix("functions:") {
+                api = Some(url.trim().to_owned());
+            }
+            if line.starts_with("devices:") {
+                devices = line
+                    .split_once("API ")
+                    .map(|(_, url)| url.trim_end_matches("/conf").to_owned());
+            }
+            if line.starts_with("stop:") {
+                return (api.expect("the functions' address is printed"), devices);
             }
         }
         panic!("entwine up ended without saying where it listens");
@@ -70,7 +82,12 @@ async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
         }
         rest
     });
-    Up { child, api, output }
+    Up {
+        child,
+        api,
+        devices,
+        output,
+    }
 }
 
 impl Up {
@@ -224,7 +241,9 @@ async fn up_runs_the_whole_platform_on_sqlite_and_continues_after_a_restart() {
     check_api(&up).await;
     let printed = up.interrupt().await;
     assert!(
-        printed.iter().any(|l| l.contains(": entangled (ODTE")),
+        printed
+            .iter()
+            .any(|l| l.contains(": bound → entangled (ODTE")),
         "lifecycle changes are printed: {printed:?}"
     );
     assert_eq!(printed.last().map(String::as_str), Some("entwine stopped"));
@@ -335,4 +354,85 @@ async fn under_load_on_the_embedded_broker_every_message_is_stored_and_ctrl_c_en
         one_digital_state_per_physical_state(&store).await,
         published
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silenced_device_disentangles_unbinds_and_entangles_again_when_it_returns() {
+    // A 2 s window, unbound after 4 s of silence, the evaluator every 0.25 s.
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(
+        dir.path(),
+        &["--silence-threshold", "4", "--evaluator-period", "0.25"],
+    )
+    .await;
+    up.wait_until_all_entangled().await;
+    let devices = up.devices.clone().expect("the devices' API is printed");
+    let http = reqwest::Client::new();
+    let lifecycle = |id: &'static str| {
+        let url = format!("{}/api/twins/{id}", up.api);
+        async move {
+            let twin: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+            twin["lifecycle"].as_str().unwrap().to_owned()
+        }
+    };
+    // iiot-device-2 falls silent: every one of its messages lost at the device.
+    let silenced = http
+        .put(format!("{devices}/faults"))
+        .json(&serde_json::json!({"device": "iiot-device-2", "loss": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert!(silenced.status().is_success(), "{silenced:?}");
+    let silent_since = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the silent twin disentangled",
+        || async { lifecycle("iiot-device-2").await == "disentangled" },
+    )
+    .await;
+    assert!(
+        silent_since.elapsed() <= Duration::from_millis(2_000 + 1_500),
+        "disentangled within one 2 s window (and the evaluator's period, and this test's polling)"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the silent twin unbound",
+        || async { lifecycle("iiot-device-2").await == "unbound" },
+    )
+    .await;
+    // Its last message may have left up to 0.2 s before the fault was switched on.
+    assert!(
+        silent_since.elapsed() >= Duration::from_millis(3_500),
+        "not before the 4 s threshold"
+    );
+    assert_eq!(
+        lifecycle("iiot-device-1").await,
+        "entangled",
+        "the others carry on"
+    );
+    // It returns.
+    let cleared = http
+        .delete(format!("{devices}/faults"))
+        .send()
+        .await
+        .unwrap();
+    assert!(cleared.status().is_success(), "{cleared:?}");
+    eventually(
+        Duration::from_secs(15),
+        "the twin entangled again",
+        || async { lifecycle("iiot-device-2").await == "entangled" },
+    )
+    .await;
+    let printed = up.interrupt().await;
+    for change in [
+        "twin iiot-device-2: entangled → disentangled",
+        "twin iiot-device-2: disentangled → unbound",
+        "twin iiot-device-2: unbound → bound",
+        "twin iiot-device-2: bound → entangled",
+    ] {
+        assert!(
+            printed.iter().any(|l| l.starts_with(change)),
+            "no {change:?} in {printed:?}"
+        );
+    }
 }
