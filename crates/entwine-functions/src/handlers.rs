@@ -226,11 +226,10 @@ impl TwinFunctions {
     pub async fn twin(&self, input: &Map<String, Value>) -> Result<DigitalState, FunctionError> {
         let pending = PendingDigitalState::from_json(input, self.clock.now_ms())?;
         tracing::Span::current().record("device_id", pending.device_id.as_str());
-        let (digital, written) = self.store.evaluate_twin(&pending, &self.odte).await?;
+        let (digital, written, change) =
+            self.store.evaluate_and_advance(&pending, &self.odte).await?;
         log_written(written, "evaluation of digital state", digital.pending.id);
-        // Also on a redelivery: a first call that failed between the two writes is completed
-        // (the same evaluation written again changes nothing).
-        if let Some(change) = self.store.advance_twin(&digital, &self.odte).await? {
+        if let Some(change) = change {
             self.announce(&change);
         }
         let device = digital.pending.device_id.to_string();

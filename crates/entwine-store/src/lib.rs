@@ -49,6 +49,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use error::StoreError;
 pub use lifecycle::TwinChange;
+use entwine_core::twin::TwinPosition;
 use queries::{DigitalRow, PendingRow, PhysicalRow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;
@@ -315,6 +316,29 @@ impl Store {
         pending: &PendingDigitalState,
         config: &OdteConfig,
     ) -> Result<(DigitalState, Written), StoreError> {
+        let (state, written, _) = self.evaluate(pending, config).await?;
+        Ok((state, written))
+    }
+
+    /// The twin handler's store work: [`Store::evaluate_twin`], then the twin's lifecycle
+    /// advanced by the evaluation (also on a redelivery, so that a first call cut short between
+    /// the two is completed). The twin's position comes with the window, in the same query;
+    /// the twin row is written only when its lifecycle changes. Answers the change, if any.
+    pub async fn evaluate_and_advance(
+        &self,
+        pending: &PendingDigitalState,
+        config: &OdteConfig,
+    ) -> Result<(DigitalState, Written, Option<TwinChange>), StoreError> {
+        let (state, written, position) = self.evaluate(pending, config).await?;
+        let change = self.advance_from(position, &state, config).await?;
+        Ok((state, written, change))
+    }
+
+    async fn evaluate(
+        &self,
+        pending: &PendingDigitalState,
+        config: &OdteConfig,
+    ) -> Result<(DigitalState, Written, Option<TwinPosition>), StoreError> {
         let row = self.digital_row(pending.id, config).await?;
         let row = row.ok_or_else(|| {
             StoreError::Rejected(InputError::new(
@@ -348,8 +372,9 @@ impl Store {
             ));
         }
         let stored_pending = row.pending(pending.id)?;
+        let position = row.twin_position(pending.device_id.as_str())?;
         if let Some(stored) = row.evaluation(stored_pending.clone())? {
-            return Ok((stored, Written::Existing));
+            return Ok((stored, Written::Existing, position));
         }
 
         let stats = WindowStats {
@@ -375,7 +400,7 @@ impl Store {
             state.lifecycle.as_str()
         )?;
         if updated == 1 {
-            return Ok((state, Written::Created));
+            return Ok((state, Written::Created, position));
         }
         // Another call evaluated the same state in between: answer what it stored.
         let again = self.digital_row(pending.id, config).await?;
@@ -389,7 +414,7 @@ impl Store {
                     pending.id
                 ))
             })?;
-        Ok((stored, Written::Existing))
+        Ok((stored, Written::Existing, position))
     }
 }
 

@@ -107,9 +107,16 @@ static UPDATES_OF_DEVICE: Sql = Sql::new(
      ORDER BY timestamp",
 );
 
-/// Every twin with the counts of its window `[$1, $2]` (timely within `$3` ms).
+/// Every twin with the counts of its window `[$1, $2]` (timely within `$3` ms), and its latest
+/// digital state (the twin handler writes the twin row only when the lifecycle changes).
 static WINDOWS_AT: Sql = Sql::new(
-    "SELECT t.device_id, t.lifecycle, t.since, t.bound_at, t.last_update, \
+    "SELECT t.device_id, t.lifecycle, t.since, t.bound_at, \
+            (SELECT MAX(x.timestamp) FROM digitalstate x WHERE x.device_id = t.device_id) \
+                AS last_update, \
+            (SELECT x.id FROM digitalstate x WHERE x.device_id = t.device_id \
+             ORDER BY x.timestamp DESC, x.id DESC LIMIT 1) AS latest_id, \
+            (SELECT x.physicalstate_id FROM digitalstate x WHERE x.device_id = t.device_id \
+             ORDER BY x.timestamp DESC, x.id DESC LIMIT 1) AS latest_physical_id, \
             COUNT(p.id) AS window_states, \
             COALESCE(SUM(CASE WHEN w.timestamp - p.device_timestamp <= $3 THEN 1 ELSE 0 END), 0) \
                 AS window_timely \
@@ -117,7 +124,7 @@ static WINDOWS_AT: Sql = Sql::new(
      LEFT JOIN digitalstate w ON w.device_id = t.device_id \
           AND w.timestamp >= $1 AND w.timestamp <= $2 \
      LEFT JOIN physicalstate p ON p.id = w.physicalstate_id \
-     GROUP BY t.device_id, t.lifecycle, t.since, t.bound_at, t.last_update \
+     GROUP BY t.device_id, t.lifecycle, t.since, t.bound_at \
      ORDER BY t.device_id",
 );
 
@@ -135,6 +142,8 @@ struct WindowRow {
     since: i64,
     bound_at: Option<i64>,
     last_update: Option<i64>,
+    latest_id: Option<i32>,
+    latest_physical_id: Option<i32>,
     window_states: i64,
     window_timely: i64,
 }
@@ -169,18 +178,32 @@ impl Store {
         )))
     }
 
-    /// Advances the twin of a digital state the twin handler just evaluated; answers the
-    /// lifecycle change, if any.
+    /// Advances the twin of a digital state the twin handler evaluated; answers the lifecycle
+    /// change, if any. (The twin handler uses [`Store::evaluate_and_advance`], which reads the
+    /// twin's position with the window and saves this read.)
     pub async fn advance_twin(
         &self,
         state: &DigitalState,
         config: &OdteConfig,
     ) -> Result<Option<TwinChange>, StoreError> {
         let device = state.pending.device_id.as_str();
-        let t = state.pending.timestamp;
         let previous: Option<PositionRow> =
             fetch!(self, POSITION, fetch_optional, PositionRow, device)?;
         let previous = previous.map(|row| position(device, row)).transpose()?;
+        self.advance_from(previous, state, config).await
+    }
+
+    /// Moves a twin from `previous` by the evaluation `state`. The row is written only when the
+    /// lifecycle changes: between changes it would only repeat the figures of the digital
+    /// state, and the hot path saves a write per event (the evaluator refreshes the figures).
+    pub(crate) async fn advance_from(
+        &self,
+        previous: Option<TwinPosition>,
+        state: &DigitalState,
+        config: &OdteConfig,
+    ) -> Result<Option<TwinChange>, StoreError> {
+        let device = state.pending.device_id.as_str();
+        let t = state.pending.timestamp;
         let next = next_position(
             previous,
             t,
@@ -190,6 +213,18 @@ impl Store {
             config.window_ms(),
             config.silence_ms(),
         );
+        let Some(change) = change(
+            device,
+            previous,
+            next,
+            t,
+            state.odte,
+            state.availability,
+            state.reliability,
+            state.timeliness,
+        ) else {
+            return Ok(None);
+        };
         execute!(
             self,
             UPSERT,
@@ -206,16 +241,7 @@ impl Store {
             state.timeliness,
             state.odte
         )?;
-        Ok(change(
-            device,
-            previous,
-            next,
-            t,
-            state.odte,
-            state.availability,
-            state.reliability,
-            state.timeliness,
-        ))
+        Ok(Some(change))
     }
 
     /// Re-evaluates every twin at `now_ms` (the twin evaluator): a twin whose device fell
@@ -305,9 +331,9 @@ impl Store {
                 next.lifecycle.as_str(),
                 next.since_ms,
                 next.bound_ms,
-                None::<i32>,
-                None::<i64>,
-                None::<i32>,
+                row.latest_id,
+                row.last_update,
+                row.latest_physical_id,
                 now_ms,
                 a,
                 r,

@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 
 use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalState};
+use entwine_core::twin::TwinPosition;
 
 use crate::{stored_device, stored_lifecycle, StoreError};
 
@@ -100,6 +101,9 @@ pub(crate) static SHADOW_BY_PHYSICAL: Sql = Sql::new(
 pub(crate) static DIGITAL_WITH_WINDOW: Sql = Sql::new(
     "SELECT d.physicalstate_id, d.device_id, d.timestamp, d.temperature, d.energy, \
             d.availability, d.reliability, d.timeliness, d.odte, d.lifecycle, \
+            (SELECT t.lifecycle FROM twin t WHERE t.device_id = d.device_id) AS twin_lifecycle, \
+            (SELECT t.since FROM twin t WHERE t.device_id = d.device_id) AS twin_since, \
+            (SELECT t.bound_at FROM twin t WHERE t.device_id = d.device_id) AS twin_bound_at, \
             COUNT(p.id) AS window_states, \
             COALESCE(SUM(CASE WHEN w.timestamp - p.device_timestamp <= $3 THEN 1 ELSE 0 END), 0) \
                 AS window_timely \
@@ -178,6 +182,9 @@ pub(crate) struct DigitalRow {
     timeliness: Option<f32>,
     odte: Option<f32>,
     lifecycle: Option<String>,
+    twin_lifecycle: Option<String>,
+    twin_since: Option<i64>,
+    twin_bound_at: Option<i64>,
     pub(crate) window_states: i64,
     pub(crate) window_timely: i64,
 }
@@ -204,6 +211,21 @@ impl DigitalRow {
             temperature: self.temperature.ok_or_else(|| missing("temperature"))?,
             energy: self.energy.ok_or_else(|| missing("energy"))?,
         })
+    }
+
+    /// Where the row's twin stood in its lifecycle, if it has a twin row.
+    pub(crate) fn twin_position(
+        &self,
+        device: &str,
+    ) -> Result<Option<TwinPosition>, StoreError> {
+        let (Some(lifecycle), Some(since)) = (&self.twin_lifecycle, self.twin_since) else {
+            return Ok(None);
+        };
+        Ok(Some(TwinPosition {
+            lifecycle: crate::lifecycle::stored_twin_lifecycle(device, lifecycle)?,
+            since_ms: since,
+            bound_ms: self.twin_bound_at,
+        }))
     }
 
     /// The stored evaluation, if the row has one (its `odte` is set).
