@@ -226,8 +226,10 @@ impl TwinFunctions {
     pub async fn twin(&self, input: &Map<String, Value>) -> Result<DigitalState, FunctionError> {
         let pending = PendingDigitalState::from_json(input, self.clock.now_ms())?;
         tracing::Span::current().record("device_id", pending.device_id.as_str());
-        let (digital, written, change) =
-            self.store.evaluate_and_advance(&pending, &self.odte).await?;
+        let (digital, written, change) = self
+            .store
+            .evaluate_and_advance(&pending, &self.odte)
+            .await?;
         log_written(written, "evaluation of digital state", digital.pending.id);
         if let Some(change) = change {
             self.announce(&change);

@@ -47,9 +47,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+use entwine_core::twin::TwinPosition;
 pub use error::StoreError;
 pub use lifecycle::TwinChange;
-use entwine_core::twin::TwinPosition;
 use queries::{DigitalRow, PendingRow, PhysicalRow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;

@@ -214,10 +214,7 @@ impl DigitalRow {
     }
 
     /// Where the row's twin stood in its lifecycle, if it has a twin row.
-    pub(crate) fn twin_position(
-        &self,
-        device: &str,
-    ) -> Result<Option<TwinPosition>, StoreError> {
+    pub(crate) fn twin_position(&self, device: &str) -> Result<Option<TwinPosition>, StoreError> {
         let (Some(lifecycle), Some(since)) = (&self.twin_lifecycle, self.twin_since) else {
             return Ok(None);
         };
