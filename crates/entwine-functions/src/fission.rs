@@ -311,7 +311,16 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
         Some(broker_url) => {
             let mut settings = PublisherSettings::new(
                 &broker_url,
-                &format!("entwine-{}-{}", function.name(), std::process::id()),
+                // Unique per replica: in a container every process is pid 1, and a broker
+                // disconnects the older of two clients with the same id.
+                &format!(
+                    "entwine-{}-{}",
+                    function.name(),
+                    env.get("HOSTNAME").map_or_else(
+                        || format!("{}-{:08x}", std::process::id(), rand_suffix()),
+                        str::to_owned
+                    )
+                ),
             );
             if let Some(topic) = lookup.text("digital", "state_topic")? {
                 settings.state_topic = topic;
@@ -540,4 +549,16 @@ pub fn main(function: Function) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A number that differs between processes started at the same moment.
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish() as u32
 }

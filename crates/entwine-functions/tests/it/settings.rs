@@ -165,6 +165,68 @@ fn the_digital_event_handler_needs_no_database() {
     let root = tempfile::tempdir().unwrap();
     let settings = load(Function::DigitalEvent, &env(root.path(), &[])).unwrap();
     assert!(settings.database.is_none());
+    assert!(
+        settings.digital.is_none(),
+        "no broker_url: no digital events"
+    );
+}
+
+#[test]
+fn the_digital_configmap_and_the_new_odte_keys_are_read_and_checked() {
+    let root = tempfile::tempdir().unwrap();
+    mount(
+        &root.path().join("configs"),
+        "default",
+        "digital",
+        &[
+            ("broker_url", "physical-broker:1883\n"),
+            ("state_topic", "twins/{device_id}/state"),
+        ],
+    );
+    mount(
+        &root.path().join("configs"),
+        "default",
+        "odte",
+        &[("availability_max_gap", "2"), ("silence_threshold", "90")],
+    );
+    let on_pod = |pod: &str| {
+        load(
+            Function::DigitalEvent,
+            &env(root.path(), &[("HOSTNAME", pod)]),
+        )
+        .unwrap()
+    };
+    let settings = on_pod("digital-event-handler-7d9f-abcde");
+    let digital = settings.digital.expect("broker_url is set");
+    assert_eq!(digital.broker_url, "physical-broker:1883");
+    assert_eq!(digital.state_topic, "twins/{device_id}/state");
+    assert_eq!(digital.lifecycle_topic, "digitaltwin/{device_id}/lifecycle");
+    // Replicas must not share an MQTT client id (the broker would drop one of them).
+    assert_eq!(
+        digital.client_id,
+        "entwine-digital-event-handler-digital-event-handler-7d9f-abcde"
+    );
+    assert_ne!(
+        on_pod("pod-a").digital.unwrap().client_id,
+        on_pod("pod-b").digital.unwrap().client_id
+    );
+    assert_eq!(settings.odte.availability_max_gap_ms(), Some(2_000));
+    assert_eq!(settings.odte.silence_ms(), 90_000);
+
+    let wildcard = env(
+        root.path(),
+        &[("ENTWINE_DIGITAL__LIFECYCLE_TOPIC", "twins/+/{device_id}")],
+    );
+    let err = load(Function::DigitalEvent, &wildcard)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lifecycle_topic") && err.contains("wildcards"),
+        "{err}"
+    );
+    let bad_gap = env(root.path(), &[("ENTWINE_ODTE__AVAILABILITY_MAX_GAP", "-1")]);
+    let err = load(Function::Twin, &bad_gap).unwrap_err().to_string();
+    assert!(err.contains("availability_max_gap"), "{err}");
 }
 
 #[test]
