@@ -46,15 +46,18 @@ async fn a_fleet_of_twenty_devices_is_mirrored_exactly_once_in_order_and_entangl
     connector.stop().await;
 
     assert_exactly_once_in_order(&functions.store.store, &events).await;
-    // A full window (ten updates in one second) entangles each twin.
+    // A full window (ten updates in one second) entangles each twin. Not necessarily its very
+    // last state: the window is 1 s, and a stall of half a second on a loaded machine (CI runs
+    // tests in parallel) while the fleet stops leaves that one with half a window.
     let rows = rows(&functions.store.store).await;
     for id in (1..=20).map(|i| format!("{prefix}-{i}")) {
-        let last = rows
-            .iter()
-            .filter(|r| r.device_id == id)
-            .max_by_key(|r| r.device_timestamp)
-            .unwrap();
-        assert_eq!(last.lifecycle.as_deref(), Some("entangled"), "{last:?}");
+        let history: Vec<_> = rows.iter().filter(|r| r.device_id == id).collect();
+        assert!(
+            history
+                .iter()
+                .any(|r| r.lifecycle.as_deref() == Some("entangled")),
+            "{id} never entangled: {history:?}"
+        );
     }
 }
 
