@@ -214,6 +214,23 @@ pub struct ConnectorStats {
 }
 
 impl ConnectorStats {
+    /// Waits until the broker acknowledged the connector's subscription, `task` (the
+    /// connector's) ended, or `timeout` passed; answers whether it is subscribed. Publishers
+    /// start after it: a fresh broker keeps nothing for a subscriber that does not exist yet.
+    pub async fn wait_subscribed<T>(
+        &self,
+        task: &tokio::task::JoinHandle<T>,
+        timeout: Duration,
+    ) -> bool {
+        let _ = tokio::time::timeout(timeout, async {
+            while self.subscribed.load(Ordering::Relaxed) == 0 && !task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        self.subscribed.load(Ordering::Relaxed) > 0
+    }
+
     /// A snapshot as JSON, for a health endpoint.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({

@@ -55,47 +55,93 @@ pub(crate) fn stored_twin_lifecycle(device: &str, raw: &str) -> Result<TwinLifec
 
 static POSITION: Sql = Sql::new("SELECT lifecycle, since, bound_at FROM twin WHERE device_id = $1");
 
-/// Writes a twin's evaluation: the figures and lifecycle only if no later evaluation is stored,
-/// its latest digital state only if it is newer than the stored one (the handler and the
-/// evaluator may race; neither may roll the other back).
-static UPSERT: Sql = Sql::new(
-    "INSERT INTO twin (device_id, lifecycle, since, bound_at, digitalstate_id, last_update, \
-                       last_device_timestamp, evaluated_at, availability, reliability, \
-                       timeliness, odte) \
-     VALUES ($1, $2, $3, $4, $5, $6, \
-             (SELECT device_timestamp FROM physicalstate WHERE id = $7), \
-             $8, $9, $10, $11, $12) \
-     ON CONFLICT (device_id) DO UPDATE SET \
-       lifecycle = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                        THEN excluded.lifecycle ELSE twin.lifecycle END, \
-       since = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                    THEN excluded.since ELSE twin.since END, \
-       bound_at = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                       THEN excluded.bound_at ELSE twin.bound_at END, \
-       availability = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                           THEN excluded.availability ELSE twin.availability END, \
-       reliability = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                          THEN excluded.reliability ELSE twin.reliability END, \
-       timeliness = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                         THEN excluded.timeliness ELSE twin.timeliness END, \
-       odte = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.odte ELSE twin.odte END, \
-       digitalstate_id = CASE WHEN excluded.last_update IS NOT NULL \
-                               AND (twin.last_update IS NULL \
-                                    OR excluded.last_update >= twin.last_update) \
-                              THEN excluded.digitalstate_id ELSE twin.digitalstate_id END, \
-       last_device_timestamp = CASE WHEN excluded.last_update IS NOT NULL \
-                                     AND (twin.last_update IS NULL \
-                                          OR excluded.last_update >= twin.last_update) \
-                                    THEN excluded.last_device_timestamp \
-                                    ELSE twin.last_device_timestamp END, \
-       last_update = CASE WHEN excluded.last_update IS NOT NULL \
-                           AND (twin.last_update IS NULL \
-                                OR excluded.last_update >= twin.last_update) \
-                          THEN excluded.last_update ELSE twin.last_update END, \
-       evaluated_at = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                           THEN excluded.evaluated_at ELSE twin.evaluated_at END",
-);
+/// One twin row to upsert.
+struct TwinRow<'a> {
+    device_id: &'a str,
+    position: TwinPosition,
+    /// The latest digital state: id, twin timestamp, physical state (for its device timestamp).
+    digitalstate_id: Option<i32>,
+    last_update: Option<i64>,
+    physicalstate_id: Option<i32>,
+    evaluated_at: i64,
+    figures: Figures,
+}
+
+/// A, R, T and ODTE as stored.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    availability: f32,
+    reliability: f32,
+    timeliness: f32,
+    odte: f32,
+}
+
+/// Rows per upsert statement: 12 parameters each stays far below both backends' limits.
+const UPSERT_CHUNK: usize = 500;
+
+/// Writes twins' evaluations, many per statement: the figures and lifecycle only where no later
+/// evaluation is stored, the latest digital state only where it is newer than the stored one
+/// (the handler and the evaluator may race; neither may roll the other back).
+fn upsert_sql(rows: usize, postgres: bool) -> String {
+    let mut sql = String::from(
+        "INSERT INTO twin (device_id, lifecycle, since, bound_at, digitalstate_id, last_update, \
+                           last_device_timestamp, evaluated_at, availability, reliability, \
+                           timeliness, odte) VALUES ",
+    );
+    let p = |n: usize| {
+        if postgres {
+            format!("${n}")
+        } else {
+            format!("?{n}")
+        }
+    };
+    for row in 0..rows {
+        let b = row * 12;
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "({}, {}, {}, {}, {}, {}, (SELECT device_timestamp FROM physicalstate WHERE id = {}), \
+             {}, {}, {}, {}, {})",
+            p(b + 1),
+            p(b + 2),
+            p(b + 3),
+            p(b + 4),
+            p(b + 5),
+            p(b + 6),
+            p(b + 7),
+            p(b + 8),
+            p(b + 9),
+            p(b + 10),
+            p(b + 11),
+            p(b + 12)
+        ));
+    }
+    let later = "excluded.evaluated_at >= twin.evaluated_at";
+    let newer = "excluded.last_update IS NOT NULL \
+                 AND (twin.last_update IS NULL OR excluded.last_update >= twin.last_update)";
+    sql.push_str(" ON CONFLICT (device_id) DO UPDATE SET ");
+    let sets: Vec<String> = [
+        ("lifecycle", later),
+        ("since", later),
+        ("bound_at", later),
+        ("availability", later),
+        ("reliability", later),
+        ("timeliness", later),
+        ("odte", later),
+        ("digitalstate_id", newer),
+        ("last_device_timestamp", newer),
+        ("last_update", newer),
+        ("evaluated_at", later),
+    ]
+    .iter()
+    .map(|(column, when)| {
+        format!("{column} = CASE WHEN {when} THEN excluded.{column} ELSE twin.{column} END")
+    })
+    .collect();
+    sql.push_str(&sets.join(", "));
+    sql
+}
 
 /// The twin timestamps of device `$1` from its last update before `$2` (or `$2`) to `$3`.
 static UPDATES_OF_DEVICE: Sql = Sql::new(
@@ -148,7 +194,54 @@ struct WindowRow {
     window_timely: i64,
 }
 
+/// Binds the upsert's parameters for one backend's query.
+macro_rules! bind_rows {
+    ($query:expr, $rows:expr) => {{
+        let mut query = $query;
+        for r in $rows {
+            query = query
+                .bind(r.device_id)
+                .bind(r.position.lifecycle.as_str())
+                .bind(r.position.since_ms)
+                .bind(r.position.bound_ms)
+                .bind(r.digitalstate_id)
+                .bind(r.last_update)
+                .bind(r.physicalstate_id)
+                .bind(r.evaluated_at)
+                .bind(r.figures.availability)
+                .bind(r.figures.reliability)
+                .bind(r.figures.timeliness)
+                .bind(r.figures.odte);
+        }
+        query
+    }};
+}
+
 impl Store {
+    /// Upserts twin rows, [`UPSERT_CHUNK`] per statement.
+    async fn upsert(&self, rows: &[TwinRow<'_>]) -> Result<(), StoreError> {
+        for chunk in rows.chunks(UPSERT_CHUNK) {
+            match self {
+                Store::Postgres(pool) => {
+                    let sql = upsert_sql(chunk.len(), true);
+                    bind_rows!(sqlx::query(&sql), chunk)
+                        .execute(pool)
+                        .await
+                        .map(drop)
+                }
+                Store::Sqlite(pool) => {
+                    let sql = upsert_sql(chunk.len(), false);
+                    bind_rows!(sqlx::query(&sql), chunk)
+                        .execute(pool)
+                        .await
+                        .map(drop)
+                }
+            }
+            .map_err(StoreError::from_sqlx)?;
+        }
+        Ok(())
+    }
+
     /// The measured availability of `device` at `t_ms`, when `config` defines availability.
     pub(crate) async fn availability_of(
         &self,
@@ -213,34 +306,25 @@ impl Store {
             config.window_ms(),
             config.silence_ms(),
         );
-        let Some(change) = change(
-            device,
-            previous,
-            next,
-            t,
-            state.odte,
-            state.availability,
-            state.reliability,
-            state.timeliness,
-        ) else {
+        let figures = Figures {
+            availability: state.availability,
+            reliability: state.reliability,
+            timeliness: state.timeliness,
+            odte: state.odte,
+        };
+        let Some(change) = change(device, previous, next, t, figures) else {
             return Ok(None);
         };
-        execute!(
-            self,
-            UPSERT,
-            device,
-            next.lifecycle.as_str(),
-            next.since_ms,
-            next.bound_ms,
-            Some(state.pending.id),
-            Some(t),
-            Some(state.pending.physicalstate_id),
-            t,
-            state.availability,
-            state.reliability,
-            state.timeliness,
-            state.odte
-        )?;
+        self.upsert(&[TwinRow {
+            device_id: device,
+            position: next,
+            digitalstate_id: Some(state.pending.id),
+            last_update: Some(t),
+            physicalstate_id: Some(state.pending.physicalstate_id),
+            evaluated_at: t,
+            figures,
+        }])
+        .await?;
         Ok(Some(change))
     }
 
@@ -278,11 +362,12 @@ impl Store {
             }
         }
         let mut changes = Vec::new();
+        let mut upserts = Vec::with_capacity(rows.len());
         for row in rows {
             let previous = position(
                 &row.device_id,
                 PositionRow {
-                    lifecycle: row.lifecycle,
+                    lifecycle: row.lifecycle.clone(),
                     since: row.since,
                     bound_at: row.bound_at,
                 },
@@ -318,46 +403,46 @@ impl Store {
                 config.window_ms(),
                 config.silence_ms(),
             );
-            let (a, r, t, odte) = (
-                e.availability as f32,
-                e.reliability as f32,
-                e.timeliness as f32,
-                e.odte as f32,
-            );
-            execute!(
-                self,
-                UPSERT,
-                row.device_id.as_str(),
-                next.lifecycle.as_str(),
-                next.since_ms,
-                next.bound_ms,
-                row.latest_id,
-                row.last_update,
-                row.latest_physical_id,
+            let figures = Figures {
+                availability: e.availability as f32,
+                reliability: e.reliability as f32,
+                timeliness: e.timeliness as f32,
+                odte: e.odte as f32,
+            };
+            changes.extend(change(
+                &row.device_id,
+                Some(previous),
+                next,
                 now_ms,
-                a,
-                r,
-                t,
-                odte
-            )?;
-            if let Some(c) = change(&row.device_id, Some(previous), next, now_ms, odte, a, r, t) {
-                changes.push(c);
-            }
+                figures,
+            ));
+            upserts.push((row, next, figures));
         }
+        // Every twin's refreshed figures and latest state, many rows per statement: a tick
+        // costs a few statements, not one per twin.
+        let rows: Vec<TwinRow<'_>> = upserts
+            .iter()
+            .map(|(row, next, figures)| TwinRow {
+                device_id: &row.device_id,
+                position: *next,
+                digitalstate_id: row.latest_id,
+                last_update: row.last_update,
+                physicalstate_id: row.latest_physical_id,
+                evaluated_at: now_ms,
+                figures: *figures,
+            })
+            .collect();
+        self.upsert(&rows).await?;
         Ok(changes)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn change(
     device: &str,
     previous: Option<TwinPosition>,
     next: TwinPosition,
     at: i64,
-    odte: f32,
-    availability: f32,
-    reliability: f32,
-    timeliness: f32,
+    figures: Figures,
 ) -> Option<TwinChange> {
     let from = previous.map(|p| p.lifecycle);
     (from != Some(next.lifecycle)).then(|| TwinChange {
@@ -365,9 +450,9 @@ fn change(
         from,
         to: next.lifecycle,
         at,
-        odte,
-        availability,
-        reliability,
-        timeliness,
+        odte: figures.odte,
+        availability: figures.availability,
+        reliability: figures.reliability,
+        timeliness: figures.timeliness,
     })
 }

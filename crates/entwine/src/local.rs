@@ -173,18 +173,10 @@ pub async fn up(
     // Devices start once the connector's subscription holds: a fresh broker keeps nothing for a
     // subscriber that does not exist yet, so what the devices published before it would be lost.
     if let Some(connector) = &connector {
-        let waited = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while connector_stats
-                .subscribed
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 0
-                && !connector.is_finished()
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        if waited.is_err() {
+        let subscribed = connector_stats
+            .wait_subscribed(connector, std::time::Duration::from_secs(10))
+            .await;
+        if !subscribed && !connector.is_finished() {
             tracing::warn!(
                 "the connector is not subscribed after 10 s; starting the devices anyway"
             );

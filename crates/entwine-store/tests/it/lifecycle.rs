@@ -189,3 +189,26 @@ store_test!(
         assert_eq!(late.lifecycle, TwinLifecycle::Disentangled);
     }
 );
+
+store_test!(
+    the_evaluator_writes_more_twins_than_fit_in_one_statement,
+    |t| async move {
+        let config = config();
+        // 1,200 twins: three upsert statements of at most 500 rows each.
+        for d in 0..1_200 {
+            event(&t.store, &config, &format!("many-{d}"), T0 + d, 10).await;
+        }
+        let later = T0 + 1_200 + 31_000;
+        let changes = t.store.evaluate_twins(later, &config).await.unwrap();
+        assert_eq!(changes.len(), 1_200, "every twin fell silent");
+        assert!(changes.iter().all(|c| c.to == TwinLifecycle::Unbound));
+        let twins = t.store.twins().await.unwrap();
+        assert_eq!(twins.len(), 1_200);
+        assert!(twins
+            .iter()
+            .all(|tw| tw.lifecycle == TwinLifecycle::Unbound && tw.evaluated_at == later));
+        let last = twins.iter().find(|tw| tw.device_id == "many-1199").unwrap();
+        assert_eq!(last.last_digital_timestamp, Some(T0 + 1_199));
+        assert_eq!(last.last_physical_timestamp, Some(T0 + 1_199 - 10));
+    }
+);

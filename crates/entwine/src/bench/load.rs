@@ -8,6 +8,7 @@ use std::time::Duration;
 use entwine_device::conf::DeviceConf;
 use entwine_device::fleet::{state_topic, Broker};
 use entwine_device::sensor::Sensors;
+use entwine_functions::handlers::{Clock, SystemClock};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -120,7 +121,7 @@ pub(super) async fn run(
         while sent < due {
             let d = (sent % devices as u64) as usize;
             // Each device's timestamps strictly increase: (device, timestamp) is an event's key.
-            let ts = now_ms().max(last_ts[d] + 1);
+            let ts = SystemClock.now_ms().max(last_ts[d] + 1);
             last_ts[d] = ts;
             sensors[d].update();
             let payload = sensors[d].aggregated_payload(ts, None);
@@ -175,11 +176,4 @@ async fn pump(mut eventloop: EventLoop, stats: Arc<LoadStats>) {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }

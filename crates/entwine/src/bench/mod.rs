@@ -406,16 +406,11 @@ async fn run_chain(
         connector_stats.clone(),
         connector_stop.clone(),
     ));
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while connector_stats.subscribed.load(Ordering::Relaxed) == 0 && !connector.is_finished() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .context("the connector did not subscribe within 10 s")?;
     anyhow::ensure!(
-        !connector.is_finished(),
-        "the connector stopped before it subscribed: is the broker at {}:{} up?",
+        connector_stats
+            .wait_subscribed(&connector, Duration::from_secs(10))
+            .await,
+        "the connector did not subscribe within 10 s: is the broker at {}:{} up?",
         broker.host,
         broker.port
     );

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use entwine_core::odte::OdteConfig;
 use entwine_core::state::{DeviceId, PhysicalEvent};
+use entwine_functions::handlers::{Clock, SystemClock};
 use entwine_store::Store;
 use indicatif::ProgressBar;
 
@@ -68,10 +69,7 @@ async fn point(
         &format!("window{}x{n}x{}", std::process::id(), super::unique()),
     )?;
     let steps = n + evaluations;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
-    let base = now - steps as i64 - 10_000;
+    let base = SystemClock.now_ms() - steps as i64 - 10_000;
     let mut costs = Vec::with_capacity(evaluations);
     for i in 0..steps {
         let t = base + i as i64;
