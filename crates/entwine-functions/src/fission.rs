@@ -17,8 +17,11 @@
 //!
 //! The config root is `/configs` and the secret root `/secrets` (override with
 //! `ENTWINE_CONFIG_ROOT`, `ENTWINE_SECRET_ROOT`). The namespace is `ENTWINE_NAMESPACE`, else the
-//! pod's (`/etc/podinfo/namespace`, directory overridable with `ENTWINE_PODINFO_DIR`), else the
-//! only directory under the config root, else `default`.
+//! one the fetcher wrote: the only directory under the config and secret roots (it is the
+//! Function's namespace, which is not the pod's when the chart sets `functionNamespace`); when
+//! there are several, the pod's (`/etc/podinfo/namespace`, directory overridable with
+//! `ENTWINE_PODINFO_DIR`) among them, else an error; when there is none, the pod's, else
+//! `default`.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -169,10 +172,8 @@ impl Mounts {
             None => {
                 let podinfo = Path::new(env.get("ENTWINE_PODINFO_DIR").unwrap_or("/etc/podinfo"))
                     .join("namespace");
-                match read_optional(&podinfo)? {
-                    Some(ns) => ns,
-                    None => sole_subdirectory(&config_root).unwrap_or_else(|| "default".into()),
-                }
+                let pod = read_optional(&podinfo)?.map(|ns| ns.trim().to_owned());
+                mounted_namespace(&config_root, &secret_root, pod)?
             }
         };
         Ok(Self {
@@ -416,14 +417,47 @@ fn read_optional(path: &Path) -> Result<Option<String>, SettingsError> {
     }
 }
 
-fn sole_subdirectory(root: &Path) -> Option<String> {
-    let mut dirs = std::fs::read_dir(root)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok());
-    let first = dirs.next()?;
-    dirs.next().is_none().then_some(first)
+/// The namespace whose directory the fetcher wrote: it writes `<root>/<function's namespace>/
+/// <name>/<key>`, and the function's namespace is not the pod's when Fission runs functions in
+/// a namespace of their own (the chart's `functionNamespace`). One directory under the config
+/// and secret roots: that one. Several: the pod's namespace if it is one of them. None: the
+/// pod's namespace, else `default` (no file to read either way).
+fn mounted_namespace(
+    config_root: &Path,
+    secret_root: &Path,
+    pod: Option<String>,
+) -> Result<String, SettingsError> {
+    let mut mounted = subdirectories(config_root);
+    mounted.extend(subdirectories(secret_root));
+    mounted.sort();
+    mounted.dedup();
+    match mounted.as_slice() {
+        [only] => Ok(only.clone()),
+        [] => Ok(pod.unwrap_or_else(|| "default".into())),
+        several => match pod {
+            Some(pod) if several.contains(&pod) => Ok(pod),
+            _ => Err(SettingsError::Invalid {
+                key: "namespace".into(),
+                origin: format!("{} and {}", config_root.display(), secret_root.display()),
+                reason: format!(
+                    "mounts of several namespaces ({}) and none is the pod's: set ENTWINE_NAMESPACE",
+                    several.join(", ")
+                ),
+            }),
+        },
+    }
+}
+
+fn subdirectories(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Serves `function` with `settings` until `shutdown` completes, then drains in-flight requests

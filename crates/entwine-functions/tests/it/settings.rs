@@ -272,3 +272,79 @@ fn missing_and_invalid_values_are_named_with_where_they_came_from() {
         "{err}"
     );
 }
+
+/// The Fission chart's `functionNamespace`: the Function and its ConfigMaps and Secret live in
+/// `default`, its pods run in `fission-function`, and the fetcher writes
+/// `/configs/default/…` and `/secrets/default/…`.
+#[test]
+fn with_the_charts_function_namespace_the_mounts_the_fetcher_wrote_are_read() {
+    let root = tempfile::tempdir().unwrap();
+    mount(
+        &root.path().join("configs"),
+        "default",
+        "postgres",
+        &SEED_POSTGRES,
+    );
+    mount(
+        &root.path().join("configs"),
+        "default",
+        "odte",
+        &[("threshold", "0.7")],
+    );
+    mount(
+        &root.path().join("secrets"),
+        "default",
+        "postgres",
+        &[("password", "from-secret")],
+    );
+    std::fs::create_dir_all(root.path().join("podinfo")).unwrap();
+    std::fs::write(root.path().join("podinfo/namespace"), "fission-function\n").unwrap();
+    let settings = load(Function::Twin, &env(root.path(), &[])).unwrap();
+    assert_eq!(settings.odte.threshold(), 0.7);
+    let pg = postgres(&settings);
+    assert_eq!(pg.get_host(), "postgres");
+    assert_eq!(pg.get_database(), Some("twins"));
+    assert_eq!(pg.get_username(), "entwine");
+
+    // ENTWINE_NAMESPACE still comes first: a namespace with no mounts has no postgres.host.
+    match load(
+        Function::Twin,
+        &env(root.path(), &[("ENTWINE_NAMESPACE", "fission-function")]),
+    ) {
+        Err(SettingsError::Missing { key, .. }) => assert_eq!(key, "postgres.host"),
+        other => panic!("expected postgres.host missing, got {other:?}"),
+    }
+}
+
+#[test]
+fn mounts_of_several_namespaces_are_told_apart_by_the_pods_namespace_or_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let configs = root.path().join("configs");
+    mount(&configs, "default", "odte", &[("threshold", "0.7")]);
+    mount(&configs, "twins", "odte", &[("threshold", "0.6")]);
+    mount(&configs, "twins", "postgres", &SEED_POSTGRES);
+    mount(&configs, "default", "postgres", &SEED_POSTGRES);
+    std::fs::create_dir_all(root.path().join("podinfo")).unwrap();
+    std::fs::write(root.path().join("podinfo/namespace"), "twins").unwrap();
+    let settings = load(Function::Twin, &env(root.path(), &[])).unwrap();
+    assert_eq!(
+        settings.odte.threshold(),
+        0.6,
+        "the pod's namespace breaks the tie"
+    );
+
+    std::fs::write(root.path().join("podinfo/namespace"), "fission-function").unwrap();
+    let err = load(Function::Twin, &env(root.path(), &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("several namespaces (default, twins)") && err.contains("ENTWINE_NAMESPACE"),
+        "{err}"
+    );
+    let settings = load(
+        Function::Twin,
+        &env(root.path(), &[("ENTWINE_NAMESPACE", "default")]),
+    )
+    .unwrap();
+    assert_eq!(settings.odte.threshold(), 0.7);
+}
