@@ -94,9 +94,11 @@ impl Emulator {
         let api = api::router(tx.clone(), faults.clone(), stats.clone(), &device_ids);
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(async move {
-            axum::serve(http, api)
-                .with_graceful_shutdown(async move { api_shutdown.cancelled().await })
-                .await
+            let limits = entwine_http::Limits::from_env().map_err(std::io::Error::other)?;
+            entwine_http::serve(http, api, limits, async move {
+                api_shutdown.cancelled().await
+            })
+            .await
         });
         let devices = tokio::spawn(fleet::run(
             rx,

@@ -514,8 +514,8 @@ pub async fn serve(
     };
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(function = function.name(), %address, store = store.as_ref().map(Store::backend), "serving");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+    let limits = entwine_http::Limits::from_env()?;
+    entwine_http::serve(listener, router, limits, shutdown)
         .await
         .context("HTTP server failed")?;
     if let Some(store) = store {
@@ -578,11 +578,27 @@ pub fn main(function: Function) -> std::process::ExitCode {
         shutdown_signal(),
     )) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A bad DATABASE_URL or HTTP limit is configuration too: exit 2, as `load` does.
+        Err(e) if is_configuration_error(&e) => {
+            tracing::error!(error = format!("{e:#}"), "invalid configuration");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "function stopped on an error");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `error` comes from a setting that cannot be used (exit code 2), not from a failure.
+pub fn is_configuration_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<entwine_http::LimitsError>()
+            || matches!(
+                cause.downcast_ref::<entwine_store::StoreError>(),
+                Some(entwine_store::StoreError::Url(_))
+            )
+    })
 }
 
 /// A number that differs between processes started at the same moment.

@@ -238,8 +238,9 @@ pub fn function_router(function: Function, functions: Arc<TwinFunctions>) -> Rou
     let handler = match function {
         Function::PhysicalEvent => post(physical_event),
         Function::Shadow => post(shadow),
-        // A time trigger may call with any method; evaluating twice is harmless.
-        Function::TwinEvaluator => post(evaluate).get(evaluate),
+        // Only POST evaluates (what a Fission TimeTrigger sends by default, and our spec
+        // says): a GET or HEAD is a 405 naming POST, so a crawler or a probe changes nothing.
+        Function::TwinEvaluator => post(evaluate),
         Function::Twin | Function::DigitalEvent => post(twin),
     };
     with_fallbacks(
@@ -272,10 +273,7 @@ pub fn routes(functions: Arc<TwinFunctions>) -> Router {
         .route(Function::PhysicalEvent.route(), post(physical_event))
         .route(Function::Shadow.route(), post(shadow))
         .route(Function::Twin.route(), post(twin))
-        .route(
-            Function::TwinEvaluator.route(),
-            post(evaluate).get(evaluate),
-        )
+        .route(Function::TwinEvaluator.route(), post(evaluate))
         .with_state(functions)
         .route(
             Function::DigitalEvent.route(),
@@ -283,21 +281,15 @@ pub fn routes(functions: Arc<TwinFunctions>) -> Router {
         )
 }
 
-/// Adds JSON answers for unknown paths (404) and methods (405).
+/// Adds JSON answers for unknown paths (404) and methods: a 405 names the methods the path
+/// allows, as its `Allow` header does (`{"error": "GET is not allowed on /physicalevents;
+/// allowed: POST"}`), and every other error that is not JSON becomes `{"error": …}`
+/// ([`entwine_http::json_errors`]).
 pub fn with_fallbacks(router: Router) -> Router {
-    router
-        .fallback(|request: Request<Body>| async move {
-            (
-                StatusCode::NOT_FOUND,
-                Json(json!({"error": format!("no function at {}", request.uri().path())})),
-            )
-        })
-        .method_not_allowed_fallback(|request: Request<Body>| async move {
-            (
-                StatusCode::METHOD_NOT_ALLOWED,
-                Json(
-                    json!({"error": format!("{} is not allowed here, use POST", request.method())}),
-                ),
-            )
-        })
+    entwine_http::json_errors(router.fallback(|request: Request<Body>| async move {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no function at {}", request.uri().path())})),
+        )
+    }))
 }

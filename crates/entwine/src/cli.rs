@@ -105,9 +105,9 @@ pub struct UpArgs {
     /// Topic of lifecycle changes; `{device_id}` names the device.
     #[arg(long, default_value = entwine_functions::publisher::DEFAULT_LIFECYCLE_TOPIC)]
     pub digital_lifecycle_topic: String,
-    /// How often the twin evaluator re-evaluates every twin, seconds (default: a sixth of the
-    /// window, between 0.5 and 10 s).
-    #[arg(long)]
+    /// How often the twin evaluator re-evaluates every twin, seconds, 0.01 to 3600 (default: a
+    /// sixth of the window, between 0.5 and 10 s).
+    #[arg(long, value_parser = evaluator_period)]
     pub evaluator_period: Option<f64>,
     #[command(flatten)]
     /// The ODTE configuration.
@@ -155,6 +155,26 @@ impl OdteArgs {
         .and_then(|c| c.with_silence_threshold(self.silence_threshold))
         .context("invalid ODTE configuration")
     }
+}
+
+/// A number of seconds within `min..=max`, for a flag's value parser: refused when the flags
+/// are parsed (exit code 2, naming the flag), before anything starts.
+pub fn seconds_within(raw: &str, min: f64, max: f64) -> Result<f64, String> {
+    let value: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number of seconds"))?;
+    if value.is_finite() && (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{raw} is outside {min}..={max} seconds"))
+    }
+}
+
+/// `--evaluator-period`: 0.01 s to an hour. Shorter would be a busy loop (and under 1 ns
+/// tokio's timer refuses it); longer, twins would wait hours to be noticed silent.
+pub fn evaluator_period(raw: &str) -> Result<f64, String> {
+    seconds_within(raw, 0.01, 3600.0)
 }
 
 /// Runs a parsed command line until it is done (or, for `up`, until SIGINT/SIGTERM).

@@ -18,6 +18,7 @@ use entwine_functions::handlers::{Function, SystemClock, TwinFunctions};
 use entwine_functions::http::{routes, with_fallbacks};
 use entwine_functions::publisher::{DigitalPublisher, PublisherSettings};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -38,14 +39,19 @@ pub async fn bind_or_free_port(wanted: SocketAddr) -> anyhow::Result<TcpListener
     }
 }
 
-/// Installs the process's Prometheus recorder, with latency buckets from 0.5 ms to 10 s.
-fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+/// Installs the process's Prometheus recorder, with latency buckets from 0.5 ms to 10 s. A
+/// gauge not set for `idle` disappears from `/metrics`: the twin handler sets a twin's
+/// `entwine_twin_odte` and `entwine_twin_entangled` on each of its states, so the series of a
+/// twin silent longer than the silence threshold (unbound), or removed, go away, and the
+/// number of series stays bounded by the twins that are alive.
+fn install_metrics(idle: std::time::Duration) -> anyhow::Result<PrometheusHandle> {
     const BUCKETS: [f64; 14] = [
         0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
     ];
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
         .context("metric buckets")?
+        .idle_timeout(MetricKindMask::GAUGE, Some(idle))
         .install_recorder()
         .context("cannot install the metrics recorder")
 }
@@ -56,8 +62,11 @@ pub async fn up(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let odte = args.odte.config()?;
+    let http_limits = entwine_http::Limits::from_env()?;
     let store = open_migrated(&args.database).await?;
-    let metrics = install_metrics()?;
+    let metrics = install_metrics(std::time::Duration::from_millis(
+        u64::try_from(odte.silence_ms()).unwrap_or(0),
+    ))?;
 
     let embedded_broker = args.broker_url.is_none();
     let (broker, broker_note) = match &args.broker_url {
@@ -99,16 +108,10 @@ pub async fn up(
             .with_lifecycle_feed(lifecycle.clone())
             .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
     );
-    let evaluator_period = match args.evaluator_period {
-        Some(period) => {
-            anyhow::ensure!(
-                period.is_finite() && period > 0.0,
-                "--evaluator-period must be a number of seconds above 0, got {period}"
-            );
-            period
-        }
-        None => (odte.time_window_s() / 6.0).clamp(0.5, 10.0),
-    };
+    // `--evaluator-period` was checked when the flags were parsed (`cli::evaluator_period`).
+    let evaluator_period = args
+        .evaluator_period
+        .unwrap_or_else(|| (odte.time_window_s() / 6.0).clamp(0.5, 10.0));
     let evaluator = {
         let functions = functions.clone();
         tokio::spawn(async move {
@@ -132,9 +135,10 @@ pub async fn up(
     )));
     let http_token = http_stop.clone();
     let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_token.cancelled().await })
-            .await
+        entwine_http::serve(listener, app, http_limits, async move {
+            http_token.cancelled().await
+        })
+        .await
     });
 
     let ids: Vec<String> = (1..=args.devices)

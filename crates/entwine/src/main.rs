@@ -27,6 +27,12 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(entwine::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A setting that cannot be used (a bad DATABASE_URL, an HTTP limit) is a usage error,
+        // exit code 2 as for a bad flag; anything else failed while running: 1.
+        Err(e) if entwine_functions::fission::is_configuration_error(&e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

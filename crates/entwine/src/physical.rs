@@ -255,9 +255,15 @@ pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
         );
         let token = shutdown.clone();
         tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
+            let served = match entwine_http::Limits::from_env() {
+                Ok(limits) => {
+                    entwine_http::serve(listener, app, limits, async move {
+                        token.cancelled().await
+                    })
+                    .await
+                }
+                Err(e) => Err(std::io::Error::other(e)),
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "health endpoint failed");
             }

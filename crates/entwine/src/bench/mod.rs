@@ -72,11 +72,12 @@ pub struct BenchArgs {
     /// Messages per second per device (fixed mode).
     #[arg(long, default_value_t = 0.2)]
     pub rate: f64,
-    /// Seconds measured, after the warm-up.
-    #[arg(long, default_value_t = 60.0)]
+    /// Seconds measured, after the warm-up (0.1 to 604800, a week).
+    #[arg(long, default_value_t = 60.0, value_parser = |raw: &str| crate::cli::seconds_within(raw, 0.1, 604_800.0))]
     pub duration: f64,
-    /// Seconds of warm-up before measuring (connections, caches, the first windows).
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds of warm-up before measuring (connections, caches, the first windows; 0 to
+    /// 604800).
+    #[arg(long, default_value_t = 10.0, value_parser = |raw: &str| crate::cli::seconds_within(raw, 0.0, 604_800.0))]
     pub warmup: f64,
     /// Saturation mode: messages published and not yet mirrored, at most. Keep it below the
     /// broker's queue per client (Mosquitto's max_queued_messages, 1000 by default), or the
