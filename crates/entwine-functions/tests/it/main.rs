@@ -3,5 +3,6 @@
 
 mod contract;
 mod http;
+mod serving;
 mod settings;
 mod support;
