@@ -11,6 +11,7 @@
 //! - [`odte`]: the ODTE configuration (validated) and the engine.
 //! - [`twin`]: the twin's lifecycle (unbound → bound → entangled ⇄ disentangled, unbound again
 //!   after silence) and availability measured from the gaps between updates.
+//! - [`deadletter`]: a refused message as a small record (stage, reason, size, digest, prefix).
 //! - [`input`]: the error that names the field a bad input got wrong, and the field readers.
 //!
 //! # Example
@@ -27,6 +28,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod deadletter;
 pub mod input;
 pub mod odte;
 pub mod state;

@@ -9,6 +9,7 @@
 //! - [`Store::advance_twin`], [`Store::evaluate_twins`]: the twin table, each twin's place in
 //!   its lifecycle (unbound, bound, entangled, disentangled), advanced on every evaluation and
 //!   re-evaluated at the current time so that a silent device shows.
+//! - [`Store::record_dead_letter`], [`Store::dead_letters`]: the messages the pipeline refused.
 //! - [`StoreError`]: what went wrong, typed by who must act (the caller's input, the operator's
 //!   database, or a bug).
 //! - `migrations/` at the repository root: one folder per backend, embedded in the binary and
@@ -31,6 +32,7 @@
 mod error;
 #[macro_use]
 mod queries;
+mod deadletters;
 mod lifecycle;
 mod twins;
 
@@ -47,6 +49,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+pub use deadletters::StoredDeadLetter;
 use entwine_core::twin::TwinPosition;
 pub use error::StoreError;
 pub use lifecycle::TwinChange;
@@ -233,12 +236,22 @@ impl Store {
             ))
         })?;
         let state = row.into_state()?;
-        if state.temperature != event.temperature || state.energy != event.energy {
-            tracing::warn!(
-                device_id = %device,
-                device_timestamp = event.device_timestamp,
-                "redelivered event carries other readings than the stored one; the stored one stands"
-            );
+        // A redelivery carries the same readings; a different event under the same key would
+        // be answered with the stored one and never stored itself: refuse it, naming it.
+        for (field, stored, sent) in [
+            ("temperature", state.temperature, event.temperature),
+            ("energy", state.energy, event.energy),
+        ] {
+            if stored.to_bits() != sent.to_bits() {
+                return Err(StoreError::Conflict(InputError::new(
+                    "timestamp",
+                    format!(
+                        "device {device} already sent a different event at device timestamp {} \
+                         ({field} {stored} stored, {sent} sent): device timestamps must be unique",
+                        event.device_timestamp
+                    ),
+                )));
+            }
         }
         Ok((state, Written::Existing))
     }
@@ -261,11 +274,54 @@ impl Store {
             PendingRow,
             physical.id,
             device,
-            now_ms
+            now_ms,
+            physical.device_timestamp,
+            physical.timestamp,
+            physical.temperature,
+            physical.energy
         )?;
         if let Some(row) = inserted {
             return Ok((row.into_pending()?, Written::Created));
         }
+        // Not inserted: a redelivery, or a physical state that is not the stored one. Either
+        // way the input must be exactly what is stored, or nothing is answered but an error.
+        let stored: Option<PhysicalRow> = fetch!(
+            self,
+            queries::PHYSICAL_BY_ID,
+            fetch_optional,
+            PhysicalRow,
+            physical.id
+        )?;
+        let Some(stored) = stored else {
+            return Err(StoreError::Rejected(InputError::new(
+                "id",
+                format!("no physical state with id {}", physical.id),
+            )));
+        };
+        let what = format!("physical state {}", physical.id);
+        if stored.device_id != device {
+            return Err(mismatch("device_id", what, &stored.device_id, device));
+        }
+        let stored = stored.into_state()?;
+        contradiction(
+            &what,
+            &[
+                (
+                    "device_timestamp",
+                    stored.device_timestamp.to_string(),
+                    physical.device_timestamp.to_string(),
+                ),
+                (
+                    "timestamp",
+                    stored.timestamp.to_string(),
+                    physical.timestamp.to_string(),
+                ),
+            ],
+            &[
+                ("temperature", stored.temperature, physical.temperature),
+                ("energy", stored.energy, physical.energy),
+            ],
+        )?;
         let existing: Option<PendingRow> = fetch!(
             self,
             queries::SHADOW_BY_PHYSICAL,
@@ -273,36 +329,13 @@ impl Store {
             PendingRow,
             physical.id
         )?;
-        if let Some(row) = existing {
-            if row.device_id == device {
-                return Ok((row.into_pending()?, Written::Existing));
-            }
-            return Err(mismatch(
-                "device_id",
-                format!("physical state {}", physical.id),
-                &row.device_id,
-                device,
-            ));
-        }
-        let owner: Option<(Option<String>,)> = fetch!(
-            self,
-            queries::PHYSICAL_OWNER,
-            fetch_optional,
-            (Option<String>,),
-            physical.id
-        )?;
-        Err(match owner {
-            None => StoreError::Rejected(InputError::new(
-                "id",
-                format!("no physical state with id {}", physical.id),
-            )),
-            Some((owner,)) => mismatch(
-                "device_id",
-                format!("physical state {}", physical.id),
-                owner.as_deref().unwrap_or("no device"),
-                device,
-            ),
-        })
+        let row = existing.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "digital copy of physical state {} conflicted on insert but cannot be read",
+                physical.id
+            ))
+        })?;
+        Ok((row.into_pending()?, Written::Existing))
     }
 
     /// Evaluates a pending digital state: counts its device's window, computes the ODTE with
@@ -372,6 +405,18 @@ impl Store {
             ));
         }
         let stored_pending = row.pending(pending.id)?;
+        contradiction(
+            &what,
+            &[],
+            &[
+                (
+                    "temperature",
+                    stored_pending.temperature,
+                    pending.temperature,
+                ),
+                ("energy", stored_pending.energy, pending.energy),
+            ],
+        )?;
         let position = row.twin_position(pending.device_id.as_str())?;
         if let Some(stored) = row.evaluation(stored_pending.clone())? {
             return Ok((stored, Written::Existing, position));
@@ -419,6 +464,69 @@ impl Store {
 }
 
 impl Store {
+    /// Checks that `digital` is exactly a digital state this store holds, evaluated: answers
+    /// the stored one, or refuses (naming the first field that differs) an unknown id, a state
+    /// not evaluated yet, or one whose readings, figures or lifecycle are not the stored ones.
+    /// The digital-event handler announces only what passes.
+    pub async fn stored_digital(&self, digital: &DigitalState) -> Result<DigitalState, StoreError> {
+        let id = digital.pending.id;
+        let row: Option<DigitalRow> =
+            fetch!(self, queries::DIGITAL_BY_ID, fetch_optional, DigitalRow, id)?;
+        let row = row.ok_or_else(|| {
+            StoreError::Rejected(InputError::new(
+                "id",
+                format!("no digital state with id {id}"),
+            ))
+        })?;
+        let what = format!("digital state {id}");
+        let given = &digital.pending;
+        contradiction(
+            &what,
+            &[
+                (
+                    "device_id",
+                    row.device_id.clone().unwrap_or_else(|| "none".into()),
+                    given.device_id.to_string(),
+                ),
+                (
+                    "physicalstate_id",
+                    display_opt(row.physicalstate_id),
+                    given.physicalstate_id.to_string(),
+                ),
+                (
+                    "timestamp",
+                    display_opt(row.timestamp),
+                    given.timestamp.to_string(),
+                ),
+            ],
+            &[],
+        )?;
+        let stored_pending = row.pending(id)?;
+        let stored = row.evaluation(stored_pending)?.ok_or_else(|| {
+            StoreError::Rejected(InputError::new(
+                "odte",
+                format!("{what} has not been evaluated by the twin handler"),
+            ))
+        })?;
+        contradiction(
+            &what,
+            &[(
+                "lifecycle",
+                stored.lifecycle.as_str().to_owned(),
+                digital.lifecycle.as_str().to_owned(),
+            )],
+            &[
+                ("temperature", stored.pending.temperature, given.temperature),
+                ("energy", stored.pending.energy, given.energy),
+                ("availability", stored.availability, digital.availability),
+                ("reliability", stored.reliability, digital.reliability),
+                ("timeliness", stored.timeliness, digital.timeliness),
+                ("odte", stored.odte, digital.odte),
+            ],
+        )?;
+        Ok(stored)
+    }
+
     /// Digital state `id` with the counts of its device's window under `config`.
     async fn digital_row(
         &self,
@@ -435,6 +543,31 @@ impl Store {
             config.timeliness_ms()
         )
     }
+}
+
+/// Refuses an input that differs from the stored row in any of these fields (whole values
+/// compared as text, readings bit for bit), naming the first that differs.
+fn contradiction(
+    what: &str,
+    whole: &[(&str, String, String)],
+    readings: &[(&str, f32, f32)],
+) -> Result<(), StoreError> {
+    for (field, stored, given) in whole {
+        if stored != given {
+            return Err(mismatch(field, what.to_owned(), stored, given));
+        }
+    }
+    for (field, stored, given) in readings {
+        if stored.to_bits() != given.to_bits() {
+            return Err(mismatch(
+                field,
+                what.to_owned(),
+                &stored.to_string(),
+                &given.to_string(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn display_opt<T: ToString>(value: Option<T>) -> String {

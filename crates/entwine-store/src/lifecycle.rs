@@ -1,7 +1,7 @@
 //! The twin table: each twin's place in its lifecycle ([`entwine_core::twin`]), advanced by the
 //! twin handler on every evaluation and by the twin evaluator at the current time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use entwine_core::odte::{OdteConfig, WindowStats};
 use entwine_core::state::DigitalState;
@@ -140,6 +140,9 @@ fn upsert_sql(rows: usize, postgres: bool) -> String {
     })
     .collect();
     sql.push_str(&sets.join(", "));
+    // What each row holds after the statement: a row whose `evaluated_at` is not the one
+    // written kept a later evaluation, so this write's lifecycle change did not happen.
+    sql.push_str(" RETURNING device_id, evaluated_at");
     sql
 }
 
@@ -218,28 +221,37 @@ macro_rules! bind_rows {
 }
 
 impl Store {
-    /// Upserts twin rows, [`UPSERT_CHUNK`] per statement.
-    async fn upsert(&self, rows: &[TwinRow<'_>]) -> Result<(), StoreError> {
+    /// Upserts twin rows, [`UPSERT_CHUNK`] per statement. Answers the devices whose row took
+    /// this write's lifecycle and figures (the others hold a later evaluation).
+    async fn upsert(&self, rows: &[TwinRow<'_>]) -> Result<HashSet<String>, StoreError> {
+        let mut applied = HashSet::with_capacity(rows.len());
         for chunk in rows.chunks(UPSERT_CHUNK) {
-            match self {
+            let held: Vec<(String, i64)> = match self {
                 Store::Postgres(pool) => {
                     let sql = upsert_sql(chunk.len(), true);
-                    bind_rows!(sqlx::query(&sql), chunk)
-                        .execute(pool)
+                    bind_rows!(sqlx::query_as(&sql), chunk)
+                        .fetch_all(pool)
                         .await
-                        .map(drop)
                 }
                 Store::Sqlite(pool) => {
                     let sql = upsert_sql(chunk.len(), false);
-                    bind_rows!(sqlx::query(&sql), chunk)
-                        .execute(pool)
+                    bind_rows!(sqlx::query_as(&sql), chunk)
+                        .fetch_all(pool)
                         .await
-                        .map(drop)
                 }
             }
             .map_err(StoreError::from_sqlx)?;
+            let written: HashMap<&str, i64> = chunk
+                .iter()
+                .map(|r| (r.device_id, r.evaluated_at))
+                .collect();
+            applied.extend(
+                held.into_iter()
+                    .filter(|(device, at)| written.get(device.as_str()) == Some(at))
+                    .map(|(device, _)| device),
+            );
         }
-        Ok(())
+        Ok(applied)
     }
 
     /// The measured availability of `device` at `t_ms`, when `config` defines availability.
@@ -315,17 +327,20 @@ impl Store {
         let Some(change) = change(device, previous, next, t, figures) else {
             return Ok(None);
         };
-        self.upsert(&[TwinRow {
-            device_id: device,
-            position: next,
-            digitalstate_id: Some(state.pending.id),
-            last_update: Some(t),
-            physicalstate_id: Some(state.pending.physicalstate_id),
-            evaluated_at: t,
-            figures,
-        }])
-        .await?;
-        Ok(Some(change))
+        let applied = self
+            .upsert(&[TwinRow {
+                device_id: device,
+                position: next,
+                digitalstate_id: Some(state.pending.id),
+                last_update: Some(t),
+                physicalstate_id: Some(state.pending.physicalstate_id),
+                evaluated_at: t,
+                figures,
+            }])
+            .await?;
+        // A stale evaluation (a redelivered old state) is refused by the upsert: its change
+        // never happened, so it is not announced.
+        Ok(applied.contains(device).then_some(change))
     }
 
     /// Re-evaluates every twin at `now_ms` (the twin evaluator): a twin whose device fell
@@ -432,7 +447,9 @@ impl Store {
                 figures: *figures,
             })
             .collect();
-        self.upsert(&rows).await?;
+        let applied = self.upsert(&rows).await?;
+        // A twin the handler evaluated later than `now` in between keeps that evaluation.
+        changes.retain(|c| applied.contains(&c.device_id));
         Ok(changes)
     }
 }

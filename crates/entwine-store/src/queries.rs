@@ -75,15 +75,19 @@ pub(crate) static PHYSICAL_BY_EVENT: Sql = Sql::new(
      FROM physicalstate WHERE device_id = $1 AND device_timestamp = $2",
 );
 
-pub(crate) static PHYSICAL_OWNER: Sql =
-    Sql::new("SELECT device_id FROM physicalstate WHERE id = $1");
+pub(crate) static PHYSICAL_BY_ID: Sql = Sql::new(
+    "SELECT id, device_id, device_timestamp, timestamp, temperature, energy \
+     FROM physicalstate WHERE id = $1",
+);
 
-/// Inserts the digital copy of physical state `$1` if it belongs to device `$2` and has no
-/// copy yet, with the stored readings; returns it when inserted.
+/// Inserts the digital copy of physical state `$1` if it is exactly the stored one (device
+/// `$2`, device timestamp `$4`, timestamp `$5`, readings `$6`, `$7`) and has no copy yet;
+/// returns it when inserted.
 pub(crate) static INSERT_SHADOW: Sql = Sql::new(
     "INSERT INTO digitalstate (physicalstate_id, device_id, timestamp, temperature, energy) \
      SELECT id, device_id, $3, temperature, energy FROM physicalstate \
-     WHERE id = $1 AND device_id = $2 \
+     WHERE id = $1 AND device_id = $2 AND device_timestamp = $4 AND timestamp = $5 \
+       AND temperature = $6 AND energy = $7 \
      ON CONFLICT (physicalstate_id) DO NOTHING \
      RETURNING id, physicalstate_id, device_id, timestamp, temperature, energy",
 );
@@ -115,6 +119,17 @@ pub(crate) static DIGITAL_WITH_WINDOW: Sql = Sql::new(
      GROUP BY d.id",
 );
 
+/// Digital state `$1` as stored, in [`DigitalRow`]'s shape without the window (the
+/// digital-event handler checks what it is given against it).
+pub(crate) static DIGITAL_BY_ID: Sql = Sql::new(
+    "SELECT physicalstate_id, device_id, timestamp, temperature, energy, \
+            availability, reliability, timeliness, odte, lifecycle, \
+            CAST(NULL AS VARCHAR(32)) AS twin_lifecycle, CAST(NULL AS BIGINT) AS twin_since, \
+            CAST(NULL AS BIGINT) AS twin_bound_at, \
+            CAST(0 AS BIGINT) AS window_states, CAST(0 AS BIGINT) AS window_timely \
+     FROM digitalstate WHERE id = $1",
+);
+
 /// Stores an evaluation unless one is stored already (a concurrent call won).
 pub(crate) static STORE_EVALUATION: Sql = Sql::new(
     "UPDATE digitalstate \
@@ -125,7 +140,7 @@ pub(crate) static STORE_EVALUATION: Sql = Sql::new(
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct PhysicalRow {
     id: i32,
-    device_id: String,
+    pub(crate) device_id: String,
     device_timestamp: i64,
     timestamp: i64,
     temperature: f32,
