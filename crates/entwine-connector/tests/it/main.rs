@@ -3,4 +3,5 @@
 
 mod faults;
 mod pipeline;
+mod sessions;
 mod support;
