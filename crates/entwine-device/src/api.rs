@@ -12,13 +12,19 @@
 //!   follows the fleet's faults again.
 //!
 //! Changes apply from each device's next message.
+//!
+//! `PUT /conf` changes only what changed: a timer whose period is the same keeps its phase, and a
+//! body that changes nothing (`{}`, or what `GET /conf` gave) is answered 204 and disturbs no
+//! device. Every error is JSON, `{"error": "..."}` naming what was wrong: a bad value (400, with
+//! `field`), a body over 64 KiB (413), an unknown path (404), a method a path does not take (405).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -54,13 +60,65 @@ pub fn router(
             get(get_faults).put(put_faults).delete(delete_faults),
         )
         .route("/stats", get(get_stats))
-        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(json_errors))
         .with_state(Api {
             conf,
             faults,
             stats,
             devices: Arc::new(device_ids.iter().cloned().collect()),
         })
+}
+
+/// Largest request body the API reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Turns every error answer that is not JSON already (axum's own: 404, 405, 413, a bad query)
+/// into `{"error": "..."}`, naming what was wrong.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let allow = response
+        .headers()
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("body: larger than the {MAX_BODY_BYTES}-byte limit of {method} {path}")
+        }
+        StatusCode::NOT_FOUND => {
+            format!("path: no {path}; the device API serves /conf, /faults and /stats")
+        }
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "method: {method} is not allowed on {path}{}",
+            allow.map(|a| format!("; use {a}")).unwrap_or_default()
+        ),
+        _ if !text.is_empty() => text,
+        _ => format!(
+            "{method} {path}: {}",
+            status.canonical_reason().unwrap_or("error")
+        ),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(json!({ "error": error }).to_string()))
 }
 
 fn bad_request(e: &InputError) -> Response {
@@ -94,13 +152,21 @@ async fn put_conf(State(api): State<Api>, body: Bytes) -> Response {
     });
     match patched {
         Ok(conf) => {
-            tracing::info!(
-                update_period_ms = conf.update_period_ms,
-                update_initial_delay_ms = conf.update_initial_delay_ms,
-                aggregated_telemetry_msg_sec = conf.aggregated_telemetry_msg_sec,
-                "configuration changed, timers restart"
-            );
-            api.conf.send_replace(conf);
+            // Devices hear of it only when something changed: each restarts only the timer
+            // whose period changed.
+            api.conf.send_if_modified(|current| {
+                if current.schedule() == conf.schedule() {
+                    return false;
+                }
+                tracing::info!(
+                    update_period_ms = conf.update_period_ms,
+                    update_initial_delay_ms = conf.update_initial_delay_ms,
+                    aggregated_telemetry_msg_sec = conf.aggregated_telemetry_msg_sec,
+                    "schedule changed"
+                );
+                *current = conf;
+                true
+            });
             StatusCode::NO_CONTENT.into_response()
         }
         Err(e) => bad_request(&e),

@@ -1,10 +1,16 @@
 //! Running devices: one, as the seed does, or a fleet from one process.
 //!
-//! Each device is a task with two timers (sensor updates and aggregated messages) that restart
-//! when `PUT /conf` changes the schedule. Devices share MQTT connections, a few hundred per
-//! connection, so ten thousand devices need tens of sockets, not ten thousand; each connection
-//! subscribes to its devices' control topics and reconnects with exponential backoff when the
-//! broker goes away.
+//! Each device is a task with two timers (sensor updates and aggregated messages). `PUT /conf`
+//! restarts only the timer whose period changed; the other keeps its phase. Devices share MQTT
+//! connections, a few hundred per connection, so ten thousand devices need tens of sockets, not
+//! ten thousand; each connection (see [`crate::link`]) holds a persistent session, counts a
+//! message as published once the broker acknowledged it, re-sends what a dropped connection
+//! left unacknowledged, and reconnects with jittered backoff from 100 ms to 2 s.
+//!
+//! A device never waits for its broker: each message due goes into its connection's bounded
+//! outbox, or is counted as unsent (by reason, [`Unsent`]) when it cannot, so that
+//! `ticks == published + dropped_by_faults + unsent + queued` at any time, and without `queued`
+//! once the fleet has stopped.
 //!
 //! Each message first meets the device's [faults](crate::faults): it may be lost, delayed or
 //! stamped by a skewed clock. A delayed message is published by a task of its own, so the
@@ -12,26 +18,31 @@
 //! [`STOP_GRACE_FOR_DELAYED`]) before it disconnects.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::conf::DeviceConf;
+use crate::conf::{DeviceConf, Schedule};
 use crate::faults::{Decision, FaultPlan, Faults};
+pub use crate::link::{Delivery, Unsent};
+use crate::link::{Outbox, CHANNEL_CAPACITY};
 use crate::sensor::Sensors;
 
 /// How long a stopping fleet still waits for the messages its faults delayed: a message whose
 /// delay ends within this time of the stop is published, one due later is counted in
 /// [`FleetStats::dropped_by_faults`]. Every preset's delays are far shorter.
 pub const STOP_GRACE_FOR_DELAYED: Duration = Duration::from_secs(2);
+
+/// How often, at most, the fleet logs the messages it could not send.
+pub const UNSENT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How many devices, and how they publish.
 #[derive(Debug, Clone)]
@@ -70,24 +81,50 @@ impl FleetOptions {
         let prefix = self.prefix.as_deref().unwrap_or(&conf.device_id);
         (1..=self.count).map(|i| format!("{prefix}-{i}")).collect()
     }
+
+    /// The MQTT client id of connection `index` (see [`Delivery::client_id`]).
+    pub fn client_id(&self, conf: &DeviceConf, delivery: &Delivery, index: usize) -> String {
+        match (&delivery.client_id, self.count) {
+            (Some(id), 1) => id.clone(),
+            (Some(id), _) => format!("{id}-{index}"),
+            (None, 1) => conf.device_id.clone(),
+            (None, _) => format!(
+                "{}-fleet-{index}",
+                self.prefix.as_deref().unwrap_or(&conf.device_id)
+            ),
+        }
+    }
 }
 
 /// Counters of a running fleet.
+///
+/// `ticks == published + dropped_by_faults + unsent_total() + queued` (+ the messages a fault
+/// is delaying) while it runs; once it stopped `queued` is 0 and no message is being delayed.
 #[derive(Debug, Default)]
 pub struct FleetStats {
-    /// Messages handed to the MQTT client (aggregated and single-resource). A message delayed by
-    /// a fault is counted when its delay is over and it is handed over; a lost one never.
+    /// Messages due from the devices' timers: one per aggregated tick, one per sensor on each
+    /// update tick with single-resource telemetry; ticks the timers skipped included.
+    pub ticks: AtomicU64,
+    /// Messages the broker has: acknowledged (PUBACK) at QoS 1, written to the socket at QoS 0.
+    /// A message delayed by a fault is counted once its delay is over and it got there.
     pub published: AtomicU64,
     /// Aggregated state messages among them.
     pub aggregated: AtomicU64,
-    /// Messages the client refused (its connection task ended), or that a stopping fleet could
-    /// not queue any more.
-    pub publish_failures: AtomicU64,
+    /// Messages due that were not published, by reason, in the order of [`Unsent::ALL`].
+    pub unsent: [AtomicU64; 4],
+    /// Messages the connections hold now: waiting for the broker, or sent and not yet
+    /// acknowledged.
+    pub queued: AtomicU64,
+    /// Those among them handed to the MQTT client (at most [`crate::link::WINDOW`] per
+    /// connection).
+    pub in_flight: AtomicU64,
+    /// Sending again of messages the broker had not acknowledged when a connection dropped.
+    pub resent: AtomicU64,
     /// Messages not published because of fault injection: drawn as lost (`loss`), or delayed
     /// past [`STOP_GRACE_FOR_DELAYED`] when the fleet stopped.
     pub dropped_by_faults: AtomicU64,
     /// Messages given a delay by fault injection (counted when delayed; they are counted in
-    /// `published` once handed over).
+    /// `published` once the broker has them).
     pub delayed_by_faults: AtomicU64,
     /// Messages received on control topics.
     pub control_messages: AtomicU64,
@@ -95,15 +132,69 @@ pub struct FleetStats {
     pub connections: AtomicU64,
     /// Failed connection attempts and dropped connections.
     pub connection_errors: AtomicU64,
+    unsent_log: Mutex<UnsentLog>,
+}
+
+/// Unsent messages not logged yet, and when they last were.
+#[derive(Debug, Default)]
+struct UnsentLog {
+    last: Option<std::time::Instant>,
+    pending: [u64; 4],
 }
 
 impl FleetStats {
+    /// Messages not published for `reason`.
+    pub fn unsent_for(&self, reason: Unsent) -> u64 {
+        self.unsent[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Messages not published, all reasons.
+    pub fn unsent_total(&self) -> u64 {
+        Unsent::ALL.iter().map(|r| self.unsent_for(*r)).sum()
+    }
+
+    /// Counts `n` messages as unsent for `reason` (counter, metric and a log line at most every
+    /// [`UNSENT_LOG_INTERVAL`]).
+    pub(crate) fn unsent(&self, reason: Unsent, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.unsent[reason.index()].fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("entwine_device_unsent_total", "reason" => reason.as_str()).increment(n);
+        let mut log = self.unsent_log.lock().unwrap_or_else(|e| e.into_inner());
+        log.pending[reason.index()] += n;
+        let due = log
+            .last
+            .is_none_or(|last| last.elapsed() >= UNSENT_LOG_INTERVAL);
+        if due {
+            let pending = std::mem::take(&mut log.pending);
+            log.last = Some(std::time::Instant::now());
+            drop(log);
+            tracing::warn!(
+                buffer_full = pending[Unsent::BufferFull.index()],
+                connection_lost = pending[Unsent::ConnectionLost.index()],
+                timer_late = pending[Unsent::TimerLate.index()],
+                stopped = pending[Unsent::Stopped.index()],
+                total = self.unsent_total(),
+                "messages not sent since the last report (GET /stats: unsent)"
+            );
+        }
+    }
+
     /// A snapshot as JSON, for `GET /stats`.
     pub fn to_json(&self) -> serde_json::Value {
+        let unsent: serde_json::Map<String, serde_json::Value> = Unsent::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), self.unsent_for(*r).into()))
+            .collect();
         serde_json::json!({
+            "ticks": self.ticks.load(Ordering::Relaxed),
             "published": self.published.load(Ordering::Relaxed),
             "aggregated": self.aggregated.load(Ordering::Relaxed),
-            "publish_failures": self.publish_failures.load(Ordering::Relaxed),
+            "unsent": unsent,
+            "queued": self.queued.load(Ordering::Relaxed),
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "resent": self.resent.load(Ordering::Relaxed),
             "dropped_by_faults": self.dropped_by_faults.load(Ordering::Relaxed),
             "delayed_by_faults": self.delayed_by_faults.load(Ordering::Relaxed),
             "control_messages": self.control_messages.load(Ordering::Relaxed),
@@ -132,13 +223,14 @@ pub fn control_topic(device_id: &str) -> String {
     format!("device/{device_id}/control")
 }
 
-/// Runs the devices until `shutdown` is cancelled; `conf` carries the configuration, and its
-/// schedule changes restart every device's timers; `faults` carries the fault plan, which each
-/// device reads again for its next message when it changed.
+/// Runs the devices until `shutdown` is cancelled; `conf` carries the configuration, whose
+/// schedule changes restart the timers whose period changed; `faults` carries the fault plan,
+/// which each device reads again for its next message when it changed.
 pub async fn run(
     conf: watch::Receiver<DeviceConf>,
     faults: watch::Receiver<FaultPlan>,
     options: FleetOptions,
+    delivery: Delivery,
     broker: Broker,
     stats: Arc<FleetStats>,
     shutdown: CancellationToken,
@@ -158,35 +250,28 @@ pub async fn run(
     // Every device and every delayed message holds a sender; none is ever sent on: the
     // receiver learns that all are gone when `recv` answers `None`.
     let (in_flight, mut all_delivered) = mpsc::channel::<()>(1);
-    let run_id: u16 = rand::random();
     for (group, chunk) in ids.chunks(per_connection).enumerate() {
-        let client_id = if count == 1 {
-            base.device_id.clone()
-        } else {
-            format!(
-                "{}-fleet-{group}-{run_id:04x}",
-                options.prefix.as_deref().unwrap_or(&base.device_id)
-            )
-        };
-        let mut mqtt = MqttOptions::new(client_id, broker.host.clone(), broker.port);
-        mqtt.set_keep_alive(Duration::from_secs(30));
-        mqtt.set_clean_session(true);
-        mqtt.set_max_packet_size(128 * 1024, 128 * 1024);
-        let (client, eventloop) = AsyncClient::new(mqtt, (chunk.len() * 4).max(64));
+        let client_id = options.client_id(&base, &delivery, group);
+        let mqtt = crate::link::options(client_id, &broker.host, broker.port);
+        let (client, eventloop) = AsyncClient::new(mqtt, CHANNEL_CAPACITY);
+        let outbox = Arc::new(Outbox::new(
+            client,
+            options.qos,
+            delivery.buffer_bytes,
+            stats.clone(),
+        ));
         let controls: Vec<String> = chunk.iter().map(|id| control_topic(id)).collect();
-        connections.spawn(connection(
-            client.clone(),
+        connections.spawn(crate::link::drive(
+            outbox.clone(),
             eventloop,
             controls,
-            stats.clone(),
             connections_stop.clone(),
         ));
         for (offset, id) in chunk.iter().enumerate() {
             let index = group * per_connection + offset;
             let seed = options.seed.wrapping_add(index as u64);
             let publisher = Publisher {
-                client: client.clone(),
-                qos: options.qos,
+                outbox: outbox.clone(),
                 stats: stats.clone(),
                 shutdown: shutdown.clone(),
                 _in_flight: in_flight.clone(),
@@ -214,92 +299,20 @@ pub async fn run(
             tracing::error!(error = %e, "a device task failed");
         }
     }
-    // Messages that faults delayed go out before the connections queue their DISCONNECT.
+    // Messages that faults delayed go out before the connections stop.
     let _ = all_delivered.recv().await;
     connections_stop.cancel();
     while let Some(result) = connections.join_next().await {
         result.context("a connection task panicked")?;
     }
     tracing::info!(
+        ticks = stats.ticks.load(Ordering::Relaxed),
         published = stats.published.load(Ordering::Relaxed),
+        unsent = stats.unsent_total(),
         dropped_by_faults = stats.dropped_by_faults.load(Ordering::Relaxed),
         "devices stopped"
     );
     Ok(())
-}
-
-/// Polls one MQTT connection: subscribes its devices' control topics on every (re)connection,
-/// logs control messages, and backs off exponentially (up to 30 s) while the broker is away.
-async fn connection(
-    client: AsyncClient,
-    mut eventloop: EventLoop,
-    controls: Vec<String>,
-    stats: Arc<FleetStats>,
-    stop: CancellationToken,
-) {
-    // `EventLoop::poll` is not cancel-safe: a publish taken from the client's queue is lost
-    // when a poll is dropped halfway through writing it. So stopping does not interrupt the
-    // loop: it queues a DISCONNECT behind what the devices published, and the loop ends when
-    // that is written — or 2 s later, when the broker is gone and nothing can be written.
-    let disconnect = {
-        let client = client.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            let _ = client.disconnect().await;
-        })
-    };
-    let grace = async {
-        stop.cancelled().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    };
-    tokio::pin!(grace);
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let event = tokio::select! {
-            () = &mut grace => break,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(100);
-                stats.connections.fetch_add(1, Ordering::Relaxed);
-                let filters: Vec<SubscribeFilter> = controls
-                    .iter()
-                    .map(|t| SubscribeFilter::new(t.clone(), QoS::AtMostOnce))
-                    .collect();
-                // Off the event loop: the queue may hold what the devices published while the
-                // broker was away, and only this loop empties it.
-                let client = client.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = client.subscribe_many(filters).await {
-                        tracing::warn!(error = %e, "cannot subscribe to control topics");
-                    }
-                });
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                stats.control_messages.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    topic = %publish.topic,
-                    payload = %String::from_utf8_lossy(&publish.payload),
-                    "control message"
-                );
-            }
-            Ok(_) => {}
-            Err(_) if stop.is_cancelled() => break,
-            Err(e) => {
-                stats.connection_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-    disconnect.abort();
 }
 
 fn now_ms() -> i64 {
@@ -309,11 +322,11 @@ fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// How a device's messages reach its MQTT connection: now, or later when a fault delays them.
+/// How a device's messages reach its connection's outbox: now, or later when a fault delays
+/// them.
 #[derive(Clone)]
 struct Publisher {
-    client: AsyncClient,
-    qos: QoS,
+    outbox: Arc<Outbox>,
     stats: Arc<FleetStats>,
     shutdown: CancellationToken,
     /// Keeps [`run`] waiting until this device and its delayed messages are done.
@@ -321,37 +334,16 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes now, or spawns its publication after `delay`. `false` when the fleet stopped
-    /// first (the device then ends).
-    async fn send(
-        &self,
-        topic: String,
-        payload: Vec<u8>,
-        aggregated: bool,
-        delay: Duration,
-    ) -> bool {
+    /// Queues the message now, or from a task of its own after `delay`. Never waits.
+    fn send(&self, topic: String, payload: Vec<u8>, aggregated: bool, delay: Duration) {
         if delay.is_zero() {
-            self.now(topic, payload, aggregated).await
+            self.outbox.offer(topic, payload, aggregated);
         } else {
             self.later(topic, payload, aggregated, delay);
-            true
         }
     }
 
-    /// Publishing waits while the client's queue is full (the broker is away): that wait must
-    /// still give way to shutdown.
-    async fn now(&self, topic: String, payload: Vec<u8>, aggregated: bool) -> bool {
-        tokio::select! {
-            biased;
-            () = self.shutdown.cancelled() => false,
-            sent = self.client.publish(topic, self.qos, false, payload) => {
-                self.count(sent.is_ok(), aggregated);
-                true
-            }
-        }
-    }
-
-    /// Publishes after `delay` from a task of its own, so the device's timers keep their pace.
+    /// Queues after `delay` from a task of its own, so the device's timers keep their pace.
     /// When the fleet stops meanwhile, the message still goes out when its delay ends within
     /// [`STOP_GRACE_FOR_DELAYED`], and is counted in `dropped_by_faults` otherwise.
     fn later(&self, topic: String, payload: Vec<u8>, aggregated: bool, delay: Duration) {
@@ -370,32 +362,10 @@ impl Publisher {
                     tokio::time::sleep_until(due).await;
                 }
             }
-            // While the fleet runs, wait for room in the client's queue as `now` does; once it
-            // stops, take the room there is, or count a failure: never a silent loss.
-            let sent = if this.shutdown.is_cancelled() {
-                this.client
-                    .try_publish(topic, this.qos, false, payload)
-                    .is_ok()
-            } else {
-                tokio::select! {
-                    biased;
-                    () = this.shutdown.cancelled() => false,
-                    sent = this.client.publish(topic, this.qos, false, payload) => sent.is_ok(),
-                }
-            };
-            this.count(sent, aggregated);
+            this.outbox.offer(topic, payload, aggregated);
+            // Whole, not field by field: `_in_flight` must live until the message is queued.
+            drop(this);
         });
-    }
-
-    fn count(&self, sent: bool, aggregated: bool) {
-        if sent {
-            self.stats.published.fetch_add(1, Ordering::Relaxed);
-            if aggregated {
-                self.stats.aggregated.fetch_add(1, Ordering::Relaxed);
-            }
-        } else {
-            self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -437,6 +407,89 @@ impl DeviceFaults {
     }
 }
 
+/// A device's two timers. A timer is replaced only when its own period changes, so a schedule
+/// change (or `PUT /conf {}`) leaves the phase of the other alone.
+struct Timers {
+    schedule: Schedule,
+    updates: Tick,
+    messages: Tick,
+    /// This device's place in the fleet's spread, in [0, 1).
+    place: f64,
+}
+
+/// One timer and the instant of its last tick, to count the ticks it skipped.
+struct Tick {
+    interval: Interval,
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl Tick {
+    fn new(schedule: &Schedule, place: f64, period: Duration) -> Self {
+        // Spread the fleet over one message period so it does not publish in bursts.
+        let spread = schedule
+            .aggregated_period()
+            .min(schedule.update_period())
+            .mul_f64(place);
+        let start = Instant::now() + schedule.initial_delay() + spread;
+        let mut interval = interval_at(start, period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        Self {
+            interval,
+            period,
+            last: None,
+        }
+    }
+
+    /// The ticks skipped before the one just taken at `at` (the task ran late by more than a
+    /// period).
+    fn skipped(&mut self, at: Instant) -> u64 {
+        let skipped = match self.last {
+            Some(last) if at > last => {
+                let periods = (at - last).as_secs_f64() / self.period.as_secs_f64();
+                (periods.round() as u64).saturating_sub(1)
+            }
+            _ => 0,
+        };
+        self.last = Some(at);
+        skipped
+    }
+}
+
+impl Timers {
+    fn new(schedule: Schedule, place: f64) -> Self {
+        Self {
+            updates: Tick::new(&schedule, place, schedule.update_period()),
+            messages: Tick::new(&schedule, place, schedule.aggregated_period()),
+            schedule,
+            place,
+        }
+    }
+
+    /// Applies a new schedule: restarts (after the initial delay and the device's spread) only
+    /// the timers whose period changed. A new initial delay alone restarts nothing.
+    fn apply(&mut self, id: &str, next: Schedule) {
+        let update_changed = next.update_period_ms != self.schedule.update_period_ms;
+        let messages_changed =
+            next.aggregated_telemetry_msg_sec != self.schedule.aggregated_telemetry_msg_sec;
+        if update_changed {
+            self.updates = Tick::new(&next, self.place, next.update_period());
+        }
+        if messages_changed {
+            self.messages = Tick::new(&next, self.place, next.aggregated_period());
+        }
+        if update_changed || messages_changed {
+            tracing::debug!(
+                device_id = %id,
+                update_changed,
+                messages_changed,
+                "schedule changed, timers restart"
+            );
+        }
+        self.schedule = next;
+    }
+}
+
 /// One device: its timers, its sensors, its messages.
 async fn device(
     id: String,
@@ -447,67 +500,61 @@ async fn device(
     mut faults: DeviceFaults,
     seed: u64,
 ) {
-    let mut sensors = Sensors::new(&conf.borrow(), seed);
+    // Only the schedule changes at run time (`DeviceConf::patched_schedule`).
+    let fixed = conf.borrow_and_update().clone();
+    let mut sensors = Sensors::new(&fixed, seed);
+    let resources = sensors.sensors().len() as u64;
     let state_topic = state_topic(&id);
     let shutdown = publisher.shutdown.clone();
     let stats = publisher.stats.clone();
+    let mut timers = Timers::new(fixed.schedule(), index as f64 / count as f64);
     loop {
-        let current = conf.borrow_and_update().clone();
-        let schedule = current.schedule();
-        // Spread the fleet over one message period so it does not publish in bursts.
-        let spread = schedule
-            .aggregated_period()
-            .min(schedule.update_period())
-            .mul_f64(index as f64 / count as f64);
-        let start = Instant::now() + schedule.initial_delay() + spread;
-        let mut updates = interval_at(start, schedule.update_period());
-        updates.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut messages = interval_at(start, schedule.aggregated_period());
-        messages.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                changed = conf.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    tracing::debug!(device_id = %id, "schedule changed, timers restart");
-                    break;
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            changed = conf.changed() => {
+                if changed.is_err() {
+                    return;
                 }
-                _ = updates.tick() => {
-                    sensors.update();
-                    if current.single_resource_telemetry_enabled {
-                        let in_force = faults.current(&id);
-                        let timestamp = now_ms().saturating_add(in_force.clock_skew_ms);
-                        for (key, payload) in sensors.single_payloads(timestamp) {
-                            let fate = faults.decide(&in_force);
-                            if fate.drop {
-                                stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            let topic = format!("device/{id}/telemetry/{key}");
-                            if !publisher.send(topic, payload, false, fate.delay).await {
-                                return;
-                            }
-                        }
-                    }
-                }
-                _ = messages.tick(), if current.aggregated_telemetry => {
+                let next = conf.borrow_and_update().schedule();
+                timers.apply(&id, next);
+            }
+            at = timers.updates.interval.tick() => {
+                let skipped = timers.updates.skipped(at);
+                sensors.update();
+                if fixed.single_resource_telemetry_enabled {
+                    let late = skipped * resources;
+                    stats.ticks.fetch_add(late, Ordering::Relaxed);
+                    stats.unsent(Unsent::TimerLate, late);
                     let in_force = faults.current(&id);
-                    let fate = faults.decide(&in_force);
-                    if fate.drop {
-                        stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let payload = sensors.aggregated_payload(
-                        now_ms().saturating_add(fate.skew_ms),
-                        current.target_aggregated_telemetry_payload_size_byte,
-                    );
-                    if !publisher.send(state_topic.clone(), payload, true, fate.delay).await {
-                        return;
+                    let timestamp = now_ms().saturating_add(in_force.clock_skew_ms);
+                    for (key, payload) in sensors.single_payloads(timestamp) {
+                        stats.ticks.fetch_add(1, Ordering::Relaxed);
+                        let fate = faults.decide(&in_force);
+                        if fate.drop {
+                            stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let topic = format!("device/{id}/telemetry/{key}");
+                        publisher.send(topic, payload, false, fate.delay);
                     }
                 }
+            }
+            at = timers.messages.interval.tick(), if fixed.aggregated_telemetry => {
+                let skipped = timers.messages.skipped(at);
+                stats.ticks.fetch_add(skipped + 1, Ordering::Relaxed);
+                stats.unsent(Unsent::TimerLate, skipped);
+                let in_force = faults.current(&id);
+                let fate = faults.decide(&in_force);
+                if fate.drop {
+                    stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let payload = sensors.aggregated_payload(
+                    now_ms().saturating_add(fate.skew_ms),
+                    fixed.target_aggregated_telemetry_payload_size_byte,
+                );
+                publisher.send(state_topic.clone(), payload, true, fate.delay);
             }
         }
     }

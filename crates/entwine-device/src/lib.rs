@@ -1,13 +1,16 @@
 //! The IIoT device emulator of entwine, compatible with the seed's device: the same
 //! `device_conf.yaml`, topics, payloads, sensor random walks and HTTP API (`GET`/`PUT /conf`),
-//! and beyond it a fleet mode (thousands of devices from one process), QoS 1 telemetry,
-//! reconnection with backoff, and fault injection (delay, jitter, loss, clock skew; `GET`/`PUT`/
-//! `DELETE /faults`).
+//! and beyond it a fleet mode (thousands of devices from one process), QoS 1 telemetry delivered
+//! at least once (persistent sessions, counted when acknowledged, re-sent after a drop), bounded
+//! buffering while the broker is away, reconnection with backoff, and fault injection (delay,
+//! jitter, loss, clock skew; `GET`/`PUT`/`DELETE /faults`).
 //!
 //! # Layout
 //! - [`conf`]: `device_conf.yaml` and the run-time schedule changes of `PUT /conf`.
 //! - [`sensor`]: the random walks and the payloads.
-//! - [`fleet`]: device tasks and their shared MQTT connections.
+//! - [`fleet`]: device tasks, their timers and their counters.
+//! - [`link`]: the shared MQTT connections: persistent sessions, bounded outboxes, published
+//!   meaning acknowledged by the broker, reconnection.
 //! - [`faults`]: fault injection: delay with jitter, loss and clock skew, fleet-wide or per
 //!   device, and the Purdue-level presets (`layer0-1`, `layer2-deteriorated`, `layer3-critical`, …).
 //! - [`api`]: the HTTP API.
@@ -30,6 +33,7 @@ pub mod api;
 pub mod conf;
 pub mod faults;
 pub mod fleet;
+pub mod link;
 pub mod sensor;
 
 use std::net::SocketAddr;
@@ -44,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use conf::DeviceConf;
 use faults::FaultPlan;
 use fleet::{Broker, FleetOptions, FleetStats};
+use link::Delivery;
 
 /// A running emulator: its devices and its HTTP API.
 #[derive(Debug)]
@@ -81,6 +86,28 @@ impl Emulator {
         http: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        Self::start_with(
+            conf,
+            options,
+            faults,
+            Delivery::default(),
+            broker,
+            http,
+            shutdown,
+        )
+    }
+
+    /// As [`Emulator::start_with_faults`], with the connections' client ids and buffer size
+    /// given by `delivery`.
+    pub fn start_with(
+        conf: DeviceConf,
+        options: FleetOptions,
+        faults: FaultPlan,
+        delivery: Delivery,
+        broker: Broker,
+        http: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         conf.validate()
             .map_err(|e| anyhow::anyhow!("invalid device configuration: {e}"))?;
         let http_address = http.local_addr().context("API listener has no address")?;
@@ -95,15 +122,19 @@ impl Emulator {
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(async move {
             let limits = entwine_http::Limits::from_env().map_err(std::io::Error::other)?;
-            entwine_http::serve(http, api, limits, async move {
-                api_shutdown.cancelled().await
-            })
+            entwine_http::serve(
+                http,
+                api,
+                limits,
+                async move { api_shutdown.cancelled().await },
+            )
             .await
         });
         let devices = tokio::spawn(fleet::run(
             rx,
             faults_rx,
             options,
+            delivery,
             broker,
             stats.clone(),
             shutdown,
