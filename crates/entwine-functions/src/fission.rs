@@ -35,7 +35,7 @@ use entwine_store::{Store, StoreOptions};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::handlers::{Clock, Function, SystemClock, TwinFunctions};
-use crate::http::{digital_event_router, function_router, DigitalEvents};
+use crate::http::function_router;
 use crate::publisher::{DigitalPublisher, PublisherSettings};
 
 /// The port Fission's Rust runtime gives a function when neither variable is set.
@@ -494,24 +494,17 @@ pub async fn serve(
         ),
         _ => None,
     };
-    let (router, store) = match &settings.database {
-        None => (
-            digital_event_router(DigitalEvents {
-                clock,
-                feed: None,
-                publisher: publisher.as_ref().map(|(p, _)| p.clone()),
-            }),
-            None,
-        ),
-        Some(database) => {
-            let store = database.open(&StoreOptions::default())?;
-            let functions = Arc::new(
-                TwinFunctions::new(store.clone(), settings.odte, clock)
-                    .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
-            );
-            (function_router(function, functions), Some(store))
-        }
-    };
+    let database = settings
+        .database
+        .as_ref()
+        .context("every function needs the store: no database configured")?;
+    let store = database.open(&StoreOptions::default())?;
+    let functions = Arc::new(
+        TwinFunctions::new(store.clone(), settings.odte, clock)
+            .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
+    );
+    let router = function_router(function, functions);
+    let store = Some(store);
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(function = function.name(), %address, store = store.as_ref().map(Store::backend), "serving");
     let limits = entwine_http::Limits::from_env()?;

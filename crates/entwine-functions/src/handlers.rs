@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use entwine_core::deadletter::DeadLetter;
 use entwine_core::odte::OdteConfig;
 use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState};
 use entwine_core::InputError;
-use entwine_store::{Store, StoreError, TwinChange, Written};
+use entwine_store::{Store, StoreError, StoredDeadLetter, TwinChange, Written};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -57,6 +58,9 @@ pub enum Function {
     /// `POST /twinevaluations`: re-evaluates every twin at the current time (run by a timer:
     /// a Fission time trigger, or `entwine up`'s), so that a silent device shows.
     TwinEvaluator,
+    /// `POST /deadletters`: stores a message the connector refused, with why (beyond the seed:
+    /// dead letters are durable and listed by the twins API, not only an MQTT topic).
+    DeadLetter,
 }
 
 impl Function {
@@ -68,13 +72,14 @@ impl Function {
         Function::DigitalEvent,
     ];
 
-    /// All five: the chain, then the twin evaluator.
-    pub const ALL: [Function; 5] = [
+    /// All six: the chain, the twin evaluator and the dead-letter handler.
+    pub const ALL: [Function; 6] = [
         Function::PhysicalEvent,
         Function::Shadow,
         Function::Twin,
         Function::DigitalEvent,
         Function::TwinEvaluator,
+        Function::DeadLetter,
     ];
 
     /// The function's name, which is also its binary's and its Fission function's.
@@ -85,6 +90,7 @@ impl Function {
             Self::Twin => "twin-handler",
             Self::DigitalEvent => "digital-event-handler",
             Self::TwinEvaluator => "twin-evaluator",
+            Self::DeadLetter => "dead-letter-handler",
         }
     }
 
@@ -96,12 +102,14 @@ impl Function {
             Self::Twin => "/pendingdigitalstates",
             Self::DigitalEvent => "/digitalstates",
             Self::TwinEvaluator => "/twinevaluations",
+            Self::DeadLetter => "/deadletters",
         }
     }
 
-    /// Whether it reads or writes the store (the digital-event handler does not).
+    /// Whether it reads or writes the store: all of them (the digital-event handler checks
+    /// that what it announces is what the store holds).
     pub fn needs_store(self) -> bool {
-        !matches!(self, Self::DigitalEvent)
+        true
     }
 
     /// The function named `name`.
@@ -263,6 +271,59 @@ impl TwinFunctions {
         }
     }
 
+    /// digital-event-handler: accepts a digital state only when it is exactly one the store
+    /// holds, evaluated (a forged or altered state is refused, naming the field, and never
+    /// announced); logs it and echoes it (as the seed does), announces it on the in-process
+    /// feed when there is one, and publishes it when a digital broker is configured.
+    #[tracing::instrument(name = "digital-event-handler", skip_all, fields(device_id))]
+    pub async fn digital_event(
+        &self,
+        input: &Map<String, Value>,
+    ) -> Result<DigitalState, FunctionError> {
+        let given = DigitalState::from_json(input, self.clock.now_ms())?;
+        tracing::Span::current().record("device_id", given.pending.device_id.as_str());
+        let digital = self.store.stored_digital(&given).await?;
+        tracing::info!(
+            id = digital.pending.id,
+            odte = digital.odte,
+            availability = digital.availability,
+            reliability = digital.reliability,
+            timeliness = digital.timeliness,
+            lifecycle = digital.lifecycle.as_str(),
+            "digital state"
+        );
+        if let Some(feed) = &self.feed {
+            // No receiver is not an error: nobody is watching.
+            let _ = feed.send(digital.clone());
+        }
+        if let Some(publisher) = &self.publisher {
+            publisher.state(&digital);
+        }
+        Ok(digital)
+    }
+
+    /// dead-letter-handler: stores a message the connector refused (small by construction:
+    /// see [`DeadLetter`]), so that it can be listed and inspected later.
+    #[tracing::instrument(name = "dead-letter-handler", skip_all)]
+    pub async fn dead_letter(
+        &self,
+        input: &Map<String, Value>,
+    ) -> Result<StoredDeadLetter, FunctionError> {
+        let letter = DeadLetter::from_json(input)?;
+        let stored = self.store.record_dead_letter(&letter).await?;
+        tracing::warn!(
+            id = stored.id,
+            topic = %stored.topic,
+            stage = %stored.stage,
+            status = stored.status,
+            error = %stored.error,
+            payload_bytes = stored.payload_bytes,
+            deliveries = stored.deliveries,
+            "dead letter stored"
+        );
+        Ok(stored)
+    }
+
     /// twin-evaluator: re-evaluates every twin at the current time; publishes and answers the
     /// lifecycle changes.
     #[tracing::instrument(name = "twin-evaluator", skip_all)]
@@ -286,37 +347,6 @@ pub struct Evaluation {
     pub evaluated_at: i64,
     /// The twins that changed lifecycle.
     pub changes: Vec<TwinChange>,
-}
-
-/// digital-event-handler: validates a digital state, logs it and echoes it (as the seed does),
-/// announces it on `feed` when there is one, and publishes it when a digital broker is
-/// configured.
-#[tracing::instrument(name = "digital-event-handler", skip_all, fields(device_id))]
-pub fn digital_event(
-    input: &Map<String, Value>,
-    clock: &dyn Clock,
-    feed: Option<&DigitalFeed>,
-    publisher: Option<&DigitalPublisher>,
-) -> Result<DigitalState, FunctionError> {
-    let digital = DigitalState::from_json(input, clock.now_ms())?;
-    tracing::Span::current().record("device_id", digital.pending.device_id.as_str());
-    tracing::info!(
-        id = digital.pending.id,
-        odte = digital.odte,
-        availability = digital.availability,
-        reliability = digital.reliability,
-        timeliness = digital.timeliness,
-        lifecycle = digital.lifecycle.as_str(),
-        "digital state"
-    );
-    if let Some(feed) = feed {
-        // No receiver is not an error: nobody is watching.
-        let _ = feed.send(digital.clone());
-    }
-    if let Some(publisher) = publisher {
-        publisher.state(&digital);
-    }
-    Ok(digital)
 }
 
 fn log_written(written: Written, what: &str, id: i32) {

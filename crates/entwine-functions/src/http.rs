@@ -14,8 +14,7 @@ use entwine_core::InputError;
 use entwine_store::StoreError;
 use serde_json::{json, Map, Value};
 
-use crate::handlers::{digital_event, Clock, DigitalFeed, Function, FunctionError, TwinFunctions};
-use crate::publisher::DigitalPublisher;
+use crate::handlers::{Function, FunctionError, TwinFunctions};
 
 /// Largest request body accepted: 64 KiB. The seed device's largest configurable payload is far
 /// below it; anything bigger is a mistake or an attack.
@@ -44,8 +43,16 @@ impl IntoResponse for ApiError {
                 StatusCode::BAD_REQUEST,
                 json!({"error": e.to_string(), "field": e.field}),
             ),
+            FunctionError::Store(StoreError::Conflict(e)) => (
+                StatusCode::CONFLICT,
+                json!({"error": e.to_string(), "field": e.field}),
+            ),
             FunctionError::Store(e @ (StoreError::Unavailable(_) | StoreError::NotMigrated(_))) => {
-                tracing::warn!(error = %error_chain(e), "store unavailable");
+                // The operator's (or time's) to fix; the caller retries until it passes.
+                let reason = e.reason();
+                tracing::warn!(error = %error_chain(e), %reason, "store unavailable: answering 503, retry later");
+                metrics::counter!("entwine_store_unavailable_total", "reason" => reason)
+                    .increment(1);
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"error": e.to_string()}),
@@ -137,6 +144,7 @@ async fn observed(
         Err(ApiError(FunctionError::Input(_) | FunctionError::Store(StoreError::Rejected(_)))) => {
             "bad_input"
         }
+        Err(ApiError(FunctionError::Store(StoreError::Conflict(_)))) => "conflict",
         Err(ApiError(FunctionError::Store(
             StoreError::Unavailable(_) | StoreError::NotMigrated(_),
         ))) => "unavailable",
@@ -189,96 +197,66 @@ async fn evaluate(State(functions): State<Arc<TwinFunctions>>) -> Result<Respons
     .await
 }
 
-/// What the digital-event handler needs: a clock, and where to announce states.
-#[derive(Clone)]
-pub struct DigitalEvents {
-    /// The clock timestamps are checked against.
-    pub clock: Arc<dyn Clock>,
-    /// The in-process feed, if any.
-    pub feed: Option<DigitalFeed>,
-    /// The digital broker's publisher, if one is configured.
-    pub publisher: Option<DigitalPublisher>,
-}
-
-impl DigitalEvents {
-    /// What the digital-event handler of `functions` needs.
-    pub fn of(functions: &TwinFunctions) -> Self {
-        Self {
-            clock: functions.clock().clone(),
-            feed: functions.feed().cloned(),
-            publisher: functions.publisher().cloned(),
-        }
-    }
-}
-
 async fn digital(
-    State(events): State<DigitalEvents>,
+    State(functions): State<Arc<TwinFunctions>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     observed(Function::DigitalEvent, async {
         let input = json_object(request).await?;
-        let state = digital_event(
-            &input,
-            events.clock.as_ref(),
-            events.feed.as_ref(),
-            events.publisher.as_ref(),
-        )?;
-        Ok(Json(state).into_response())
+        Ok(Json(functions.digital_event(&input).await?).into_response())
     })
     .await
 }
 
-/// The router of one store-backed function, answering POST on `/` (what Fission's router sends
-/// to a function behind an exact-path trigger) and on the function's own route.
-/// [`Function::DigitalEvent`] gets [`digital_event_router`], which does not touch the store.
-pub fn function_router(function: Function, functions: Arc<TwinFunctions>) -> Router {
-    if function == Function::DigitalEvent {
-        return digital_event_router(DigitalEvents::of(&functions));
-    }
-    let handler = match function {
+async fn dead_letter(
+    State(functions): State<Arc<TwinFunctions>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    observed(Function::DeadLetter, async {
+        let input = json_object(request).await?;
+        Ok(Json(functions.dead_letter(&input).await?).into_response())
+    })
+    .await
+}
+
+/// The handler of `function`, with the methods it answers.
+fn handler(function: Function) -> axum::routing::MethodRouter<Arc<TwinFunctions>> {
+    match function {
         Function::PhysicalEvent => post(physical_event),
         Function::Shadow => post(shadow),
+        Function::Twin => post(twin),
+        Function::DigitalEvent => post(digital),
         // Only POST evaluates (what a Fission TimeTrigger sends by default, and our spec
         // says): a GET or HEAD is a 405 naming POST, so a crawler or a probe changes nothing.
         Function::TwinEvaluator => post(evaluate),
-        Function::Twin | Function::DigitalEvent => post(twin),
-    };
+        Function::DeadLetter => post(dead_letter),
+    }
+}
+
+/// The router of one function, answering on `/` (what Fission's router sends to a function
+/// behind an exact-path trigger) and on the function's own route.
+pub fn function_router(function: Function, functions: Arc<TwinFunctions>) -> Router {
     with_fallbacks(
         Router::new()
-            .route("/", handler.clone())
-            .route(function.route(), handler)
+            .route("/", handler(function))
+            .route(function.route(), handler(function))
             .with_state(functions),
     )
 }
 
-/// The digital-event handler's router: `/` and `/digitalstates`. It needs no store.
-pub fn digital_event_router(events: DigitalEvents) -> Router {
-    with_fallbacks(
-        Router::new()
-            .route("/", post(digital))
-            .route(Function::DigitalEvent.route(), post(digital))
-            .with_state(events),
-    )
-}
-
-/// All five functions on their routes, as Fission's router exposes them: the local router.
+/// All the functions on their routes, as Fission's router exposes them: the local router.
 pub fn router(functions: Arc<TwinFunctions>) -> Router {
     with_fallbacks(routes(functions))
 }
 
-/// The five routes without the JSON fallbacks, to merge into a larger router.
+/// The functions' routes without the JSON fallbacks, to merge into a larger router.
 pub fn routes(functions: Arc<TwinFunctions>) -> Router {
-    let events = DigitalEvents::of(&functions);
-    Router::new()
-        .route(Function::PhysicalEvent.route(), post(physical_event))
-        .route(Function::Shadow.route(), post(shadow))
-        .route(Function::Twin.route(), post(twin))
-        .route(Function::TwinEvaluator.route(), post(evaluate))
+    Function::ALL
+        .into_iter()
+        .fold(Router::new(), |router, function| {
+            router.route(function.route(), handler(function))
+        })
         .with_state(functions)
-        .route(
-            Function::DigitalEvent.route(),
-            post(digital).with_state(events),
-        )
 }
 
 /// Adds JSON answers for unknown paths (404) and methods: a 405 names the methods the path

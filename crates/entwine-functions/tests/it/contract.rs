@@ -117,8 +117,8 @@ fn mount_seed_configuration(root: &Path, db: &TestDatabase, topic_root: &str) {
     );
 }
 
-/// The five binaries as cargo built them.
-fn built_binaries() -> [(&'static str, PathBuf); 5] {
+/// The six binaries as cargo built them.
+fn built_binaries() -> [(&'static str, PathBuf); 6] {
     [
         (
             "physical-event-handler",
@@ -137,13 +137,18 @@ fn built_binaries() -> [(&'static str, PathBuf); 5] {
             "twin-evaluator",
             env!("CARGO_BIN_EXE_twin-evaluator").into(),
         ),
+        (
+            "dead-letter-handler",
+            env!("CARGO_BIN_EXE_dead-letter-handler").into(),
+        ),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_binary_serves_its_step_of_the_seed_chain_as_the_fission_runtime_starts_it() {
-    let [physical, shadow, twin, digital, evaluator] = built_binaries().map(|(_, path)| path);
-    seed_chain_through(&physical, &shadow, &twin, &digital, &evaluator).await;
+    let [physical, shadow, twin, digital, evaluator, letters] =
+        built_binaries().map(|(_, path)| path);
+    seed_chain_through([&physical, &shadow, &twin, &digital, &evaluator, &letters]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,29 +189,25 @@ async fn the_deploy_archive_unpacked_as_fission_does_serves_the_seed_chain() {
     assert_eq!(
         names,
         [
+            "dead-letter-handler",
             "digital-event-handler",
             "physical-event-handler",
             "shadow-handler",
             "twin-evaluator",
             "twin-handler"
         ],
-        "the five binaries at the archive root, named as the functions' functionName"
+        "the six binaries at the archive root, named as the functions' functionName"
     );
-    let [physical, shadow, twin, digital, evaluator] =
+    let [physical, shadow, twin, digital, evaluator, letters] =
         built_binaries().map(|(name, _)| deployarchive.join(name));
-    seed_chain_through(&physical, &shadow, &twin, &digital, &evaluator).await;
+    seed_chain_through([&physical, &shadow, &twin, &digital, &evaluator, &letters]).await;
 }
 
 /// Starts the five binaries with the seed's ConfigMaps mounted (password in a Secret) and a
 /// digital broker on a fresh database, drives six seed payloads through the chain and checks
 /// every answer, the digital events a real subscriber receives, and the evaluator's answer.
-async fn seed_chain_through(
-    physical: &Path,
-    shadow: &Path,
-    twin: &Path,
-    digital: &Path,
-    evaluator: &Path,
-) {
+async fn seed_chain_through(binaries: [&Path; 6]) {
+    let [physical, shadow, twin, digital, evaluator, letters] = binaries;
     let db = TestDatabase::create().await;
     db.migrated_store().await.close().await;
     let root = tempfile::tempdir().unwrap();
@@ -219,6 +220,7 @@ async fn seed_chain_through(
     let twin_fn = start(twin, root.path()).await;
     let digital_fn = start(digital, root.path()).await;
     let evaluator_fn = start(evaluator, root.path()).await;
+    let letters_fn = start(letters, root.path()).await;
     let client = reqwest::Client::new();
 
     let now = std::time::SystemTime::now()
@@ -251,6 +253,13 @@ async fn seed_chain_through(
         let (status, echoed) = post(&client, &format!("{}/", digital_fn.url), &digital).await;
         assert_eq!(status, 200);
         assert_eq!(echoed, digital);
+        // A forged state (entangled, ODTE 1) is refused and never published.
+        let mut forged = digital.clone();
+        forged["odte"] = json!(1.0);
+        forged["lifecycle"] = json!("entangled");
+        let (status, error) = post(&client, &format!("{}/", digital_fn.url), &forged).await;
+        assert_eq!(status, 400, "{error}");
+        assert_eq!(error["field"], "odte", "{error}");
         last = digital;
     }
     // The route path is answered too, and a redelivery is answered with the stored state.
@@ -328,7 +337,41 @@ async fn seed_chain_through(
     );
     assert!(evaluation["changes"].is_array(), "{evaluation}");
 
-    for running in [physical_fn, shadow_fn, twin_fn, digital_fn, evaluator_fn] {
+    // The dead-letter handler stores what the connector refused, and counts a redelivery.
+    let letter = entwine_core::deadletter::DeadLetter::of(
+        "device/iiot-device-1/telemetry/device_state",
+        Some("iiot-device-1"),
+        b"not json",
+        "payload",
+        None,
+        "payload: not valid JSON",
+        now,
+    );
+    let letter = serde_json::to_value(&letter).unwrap();
+    let (status, stored) = post(&client, &format!("{}/", letters_fn.url), &letter).await;
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(
+        (
+            &stored["stage"],
+            &stored["payload_bytes"],
+            &stored["deliveries"]
+        ),
+        (&json!("payload"), &json!(8), &json!(1))
+    );
+    let (_, again) = post(&client, &format!("{}/deadletters", letters_fn.url), &letter).await;
+    assert_eq!(
+        (&again["id"], &again["deliveries"]),
+        (&stored["id"], &json!(2))
+    );
+
+    for running in [
+        physical_fn,
+        shadow_fn,
+        twin_fn,
+        digital_fn,
+        evaluator_fn,
+        letters_fn,
+    ] {
         stop(running).await;
     }
     let mut conn = db.connect().await;

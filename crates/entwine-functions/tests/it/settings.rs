@@ -161,10 +161,21 @@ fn database_url_replaces_the_postgres_keys_and_odte_defaults_to_the_seeds() {
 }
 
 #[test]
-fn the_digital_event_handler_needs_no_database() {
+fn the_digital_event_handler_needs_the_database_to_check_what_it_announces() {
     let root = tempfile::tempdir().unwrap();
-    let settings = load(Function::DigitalEvent, &env(root.path(), &[])).unwrap();
-    assert!(settings.database.is_none());
+    match load(Function::DigitalEvent, &env(root.path(), &[])) {
+        Err(e) => assert!(
+            e.to_string().contains("postgres.host"),
+            "the error names the missing key: {e}"
+        ),
+        Ok(settings) => panic!("loaded without a database: {settings:?}"),
+    }
+    let settings = load(
+        Function::DigitalEvent,
+        &env(root.path(), &[("DATABASE_URL", "postgres://u@db/twins")]),
+    )
+    .unwrap();
+    assert!(matches!(settings.database, Some(DatabaseSettings::Url(_))));
     assert!(
         settings.digital.is_none(),
         "no broker_url: no digital events"
@@ -192,7 +203,10 @@ fn the_digital_configmap_and_the_new_odte_keys_are_read_and_checked() {
     let on_pod = |pod: &str| {
         load(
             Function::DigitalEvent,
-            &env(root.path(), &[("HOSTNAME", pod)]),
+            &env(
+                root.path(),
+                &[("HOSTNAME", pod), ("DATABASE_URL", "postgres://u@db/twins")],
+            ),
         )
         .unwrap()
     };
@@ -215,7 +229,10 @@ fn the_digital_configmap_and_the_new_odte_keys_are_read_and_checked() {
 
     let wildcard = env(
         root.path(),
-        &[("ENTWINE_DIGITAL__LIFECYCLE_TOPIC", "twins/+/{device_id}")],
+        &[
+            ("ENTWINE_DIGITAL__LIFECYCLE_TOPIC", "twins/+/{device_id}"),
+            ("DATABASE_URL", "postgres://u@db/twins"),
+        ],
     );
     let err = load(Function::DigitalEvent, &wildcard)
         .unwrap_err()
