@@ -3,12 +3,24 @@
 //! `rumqttd::Broker::start` blocks and has no stop call, so the broker lives on a dedicated
 //! thread until the process exits; everything that talks to it (devices, connector) is stopped
 //! before that, so nothing is lost at exit.
+//!
+//! # Message size
+//! Every broker entwine ships refuses messages over [`MAX_MESSAGE_BYTES`]: this one (rumqttd's
+//! `max_payload_size`, which despite its name bounds a packet's remaining length: topic, packet
+//! id and payload) and the Kubernetes Mosquitto (`message_size_limit`, the payload, in
+//! `deploy/k8s/40-mosquitto.yaml`). So the connector, which accepts packets up to 1 MiB, is
+//! never handed one it would refuse (and be disconnected for, on every redelivery). rumqttd
+//! refuses by closing the publisher's connection; Mosquitto acknowledges and drops the message.
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
+
+/// The largest message every broker entwine ships accepts: 256 KiB (262,144 bytes). Larger ones
+/// are refused by the broker and never reach a subscriber.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Starts the broker on `wanted`, or on a free port of the same address when that one is taken.
 /// Returns once it accepts MQTT connections.
@@ -39,7 +51,7 @@ pub async fn start(wanted: SocketAddr) -> anyhow::Result<SocketAddr> {
                 "next_connection_delay_ms": 1,
                 "connections": {
                     "connection_timeout_ms": 60_000,
-                    "max_payload_size": 256 * 1024,
+                    "max_payload_size": MAX_MESSAGE_BYTES,
                     "max_inflight_count": 100,
                     "dynamic_filters": true,
                 }

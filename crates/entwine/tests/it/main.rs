@@ -2,6 +2,7 @@
 
 mod api;
 mod bench;
+mod brokers;
 mod experiment;
 mod migrate;
 mod physical;
