@@ -161,10 +161,55 @@ impl Store {
     /// finds the work done.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {
-            Self::Postgres(pool) => POSTGRES_MIGRATIONS
-                .run(pool)
+            Self::Postgres(pool) => {
+                // A seed database whose rows break the keys of migration 0002 is refused before
+                // the migrator runs, so it stays exactly as it was (no `_sqlx_migrations` table,
+                // nothing of 0001 applied) and the reason is said once. 0002's own guard still
+                // covers a database that changes between this check and the migration.
+                let unkeyed: (bool, bool) = sqlx::query_as(
+                    "SELECT to_regclass('physicalstate') IS NOT NULL
+                            AND to_regclass('physicalstate_device_event_key') IS NULL,
+                            to_regclass('digitalstate') IS NOT NULL
+                            AND to_regclass('digitalstate_physicalstate_key') IS NULL",
+                )
+                .fetch_one(pool)
                 .await
-                .map_err(StoreError::from_migrate),
+                .map_err(StoreError::from_sqlx)?;
+                let checks = [
+                    (
+                        unkeyed.0,
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM physicalstate
+                             WHERE device_id IS NOT NULL AND device_timestamp IS NOT NULL
+                             GROUP BY device_id, device_timestamp HAVING COUNT(*) > 1) AS d",
+                        "(device_id, device_timestamp) pairs occur more than once in physicalstate",
+                    ),
+                    (
+                        unkeyed.1,
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM digitalstate
+                             WHERE physicalstate_id IS NOT NULL
+                             GROUP BY physicalstate_id HAVING COUNT(*) > 1) AS d",
+                        "physical states have more than one digital state in digitalstate",
+                    ),
+                ];
+                for (unkeyed, count, what) in checks {
+                    if !unkeyed {
+                        continue;
+                    }
+                    let duplicates: i64 = sqlx::query_scalar(count)
+                        .fetch_one(pool)
+                        .await
+                        .map_err(StoreError::from_sqlx)?;
+                    if duplicates > 0 {
+                        return Err(StoreError::Corrupt(format!(
+                            "cannot upgrade: {duplicates} {what}; keep one row of each (README, \"Upgrading a seed database\") and migrate again; nothing was changed"
+                        )));
+                    }
+                }
+                POSTGRES_MIGRATIONS
+                    .run(pool)
+                    .await
+                    .map_err(StoreError::from_migrate)
+            }
             Self::Sqlite(pool) => {
                 let mut attempt = 0;
                 loop {

@@ -1,7 +1,9 @@
 //! The twins API of the local platform:
 //!
-//! - `GET /api/twins`: every twin as it stands (lifecycle, ODTE and its factors, last physical
-//!   and digital timestamps);
+//! - `GET /api/twins?after=&limit=`: the twins as they stand (lifecycle, ODTE and its factors,
+//!   last physical and digital timestamps), by device id (byte order), `limit` per page
+//!   (default 100, at most 1000), those after the device id `after`; `next` names the
+//!   following page, `null` on the last one;
 //! - `GET /api/twins/{id}`: one twin (404 when the device has no evaluated state);
 //! - `GET /api/twins/{id}/history?since=&limit=`: its evaluated states, newest first, `limit`
 //!   per page (default 100, at most 1000); `next` names the following page (a `before` /
@@ -10,12 +12,13 @@
 //!   event `digitalstate`);
 //! - `GET /metrics`: Prometheus text format.
 //!
-//! Errors are `{"error": "…"}`: 400 for a bad query parameter (named), 404 for an unknown twin,
-//! 503 when the store is unavailable.
+//! Errors are `{"error": "…"}`: 400 for a bad query parameter (named) or a twin id that is not
+//! UTF-8 or holds a NUL character, 404 for an unknown twin, 503 when the store is unavailable.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -31,9 +34,9 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-/// Longest history page.
+/// Longest page of history or of twins.
 pub const MAX_PAGE: u32 = 1000;
-/// History page size when `limit` is not given.
+/// Page size (history, twins) when `limit` is not given.
 pub const DEFAULT_PAGE: u32 = 100;
 
 #[derive(Clone)]
@@ -134,15 +137,57 @@ impl Params {
     }
 }
 
+/// A page of twins.
+#[derive(serde::Serialize)]
+struct TwinsPage {
+    items: Vec<entwine_store::TwinStatus>,
+    next: Option<String>,
+}
+
 async fn twins(
     State(api): State<Api>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    Params::new(raw, &[])?;
-    Ok(Json(api.store.twins().await?).into_response())
+    let params = Params::new(raw, &["after", "limit"])?;
+    let limit = params
+        .integer("limit", 1..=i64::from(MAX_PAGE))?
+        .map_or(DEFAULT_PAGE, |l| l as u32) as usize;
+    let mut twins = api.store.twins().await?;
+    // Byte order, whatever the database's collation, so that `after` splits pages exactly.
+    twins.sort_unstable_by(|a, b| a.device_id.cmp(&b.device_id));
+    let start = params.0.get("after").map_or(0, |after| {
+        twins.partition_point(|t| t.device_id.as_str() <= after.as_str())
+    });
+    let more = twins.len() > start + limit;
+    let items: Vec<_> = twins.into_iter().skip(start).take(limit).collect();
+    let next = match items.last() {
+        Some(last) if more => Some(format!(
+            "/api/twins?after={}&limit={limit}",
+            encode_path_segment(&last.device_id)
+        )),
+        _ => None,
+    };
+    Ok(Json(TwinsPage { items, next }).into_response())
 }
 
-async fn twin(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// The `{id}` of a twin's path: UTF-8 without NUL (which no device id holds, and PostgreSQL
+/// refuses in a query).
+fn twin_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::BadParameter("id".into(), e.body_text()))?;
+    if id.contains('\0') {
+        return Err(ApiError::BadParameter(
+            "id".into(),
+            "contains a NUL character".into(),
+        ));
+    }
+    Ok(id)
+}
+
+async fn twin(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = twin_id(path)?;
     match api.store.twin(&id).await? {
         Some(twin) => Ok(Json(twin).into_response()),
         None => Err(ApiError::NotFound(format!("no twin {id:?}"))),
@@ -151,9 +196,10 @@ async fn twin(State(api): State<Api>, Path(id): Path<String>) -> Result<Response
 
 async fn history(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    let id = twin_id(path)?;
     let params = Params::new(raw, &["since", "before", "before_id", "limit"])?;
     let since = params.integer("since", 0..=i64::MAX)?.unwrap_or(0);
     let cursor = HistoryCursor {

@@ -361,14 +361,9 @@ async fn sample(
     t: f64,
     phase: &str,
 ) -> anyhow::Result<Vec<Sample>> {
-    let twins: Vec<Value> = http
-        .get(format!("{api}/api/twins"))
-        .send()
+    let twins = crate::status::all_twins(http, api)
         .await
-        .context("the twins API")?
-        .json()
-        .await
-        .context("the twins API's answer")?;
+        .context("the twins API")?;
     Ok(twins
         .iter()
         .filter_map(|twin| {

@@ -30,12 +30,30 @@ fn main() -> std::process::ExitCode {
         // A setting that cannot be used (a bad DATABASE_URL, an HTTP limit) is a usage error,
         // exit code 2 as for a bad flag; anything else failed while running: 1.
         Err(e) if entwine_functions::fission::is_configuration_error(&e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             std::process::ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, `: `-separated, each said once: sqlx repeats a cause's text inside
+/// its own message ("while executing migration 2: error returned from database: …"), which
+/// `{:#}` would print two or three times.
+fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }

@@ -40,31 +40,50 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn fetch(base: &str) -> anyhow::Result<Vec<TwinStatus>> {
-    let url = format!("{}/api/twins", base.trim_end_matches('/'));
-    let response = reqwest::Client::builder()
+    let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
-        .build()?
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url} (is `entwine up` running? --url names it)"))?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "{url} answered {}",
-        response.status()
-    );
-    let value: serde_json::Value = response
-        .json()
-        .await
-        .with_context(|| format!("{url} did not answer JSON"))?;
-    let twins = value
-        .as_array()
-        .context("expected a JSON array of twins")?
+        .build()?;
+    let twins = all_twins(&http, base)
+        .await?
         .iter()
         .map(parse_twin)
         .collect::<Option<Vec<_>>>()
         .context("a twin in the answer lacks a field")?;
     Ok(twins)
+}
+
+/// Every twin of the platform at `base`, as JSON objects: `GET /api/twins` page after page,
+/// following each page's `next` until the last.
+pub async fn all_twins(
+    http: &reqwest::Client,
+    base: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let base = base.trim_end_matches('/');
+    let mut url = format!("{base}/api/twins?limit={}", crate::api::MAX_PAGE);
+    let mut twins = Vec::new();
+    loop {
+        let response = http.get(&url).send().await.with_context(|| {
+            format!("cannot reach {url} (is `entwine up` running? --url names it)")
+        })?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{url} answered {}",
+            response.status()
+        );
+        let mut page: serde_json::Value = response
+            .json()
+            .await
+            .with_context(|| format!("{url} did not answer JSON"))?;
+        let items = page
+            .get_mut("items")
+            .and_then(|items| items.as_array_mut())
+            .with_context(|| format!("{url}: expected a page of twins {{items, next}}"))?;
+        twins.append(items);
+        match page.get("next").and_then(serde_json::Value::as_str) {
+            Some(next) => url = format!("{base}{next}"),
+            None => return Ok(twins),
+        }
+    }
 }
 
 fn parse_twin(v: &serde_json::Value) -> Option<TwinStatus> {

@@ -272,7 +272,7 @@ async fn a_seed_database_with_duplicate_events_is_refused_with_the_reason_and_le
             .map(|s| s.to_string())
             .unwrap_or_default()
     );
-    assert!(matches!(err, StoreError::Migrate(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
     assert!(
         chain.contains("occur more than once in physicalstate"),
         "{chain}"

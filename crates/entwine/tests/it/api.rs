@@ -29,7 +29,13 @@ async fn get(store: &TestStore, uri: &str) -> (StatusCode, Value) {
 async fn unknown_twins_are_404_and_bad_parameters_400_naming_the_parameter() {
     let t = TestStore::sqlite().await;
     let (status, body) = get(&t, "/api/twins").await;
-    assert_eq!((status, body), (StatusCode::OK, serde_json::json!([])));
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::OK,
+            serde_json::json!({"items": [], "next": null})
+        )
+    );
     for uri in ["/api/twins/ghost", "/api/twins/ghost/history"] {
         let (status, body) = get(&t, uri).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
@@ -43,6 +49,8 @@ async fn unknown_twins_are_404_and_bad_parameters_400_naming_the_parameter() {
         ("/api/twins/ghost/history?before=yesterday", "before"),
         ("/api/twins/ghost/history?page=2", "page"),
         ("/api/twins?sort=odte", "sort"),
+        ("/api/twins?limit=1001", "limit"),
+        ("/api/twins?limit=0", "limit"),
         ("/api/stream?device=x", "device"),
     ] {
         let (status, body) = get(&t, uri).await;
@@ -68,4 +76,141 @@ async fn an_unavailable_store_is_a_503() {
     let t = TestStore::sqlite_empty();
     let (status, body) = get(&t, "/api/twins").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+/// `n` twins `dev-0001` … straight into the twin table, entangled.
+async fn twins(store: &entwine_store::Store, n: usize) {
+    entwine_testing::execute(
+        store,
+        &format!(
+            "INSERT INTO twin (device_id, lifecycle, since, evaluated_at, availability,
+                               reliability, timeliness, odte)
+             SELECT 'dev-' || lpad(i::text, 4, '0'), 'entangled', 0, 0, 1, 1, 1, 1
+             FROM generate_series(1, {n}) AS i"
+        ),
+    )
+    .await;
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["device_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn twins_come_in_pages_of_100_by_default_each_naming_the_next() {
+    let t = TestStore::postgres().await;
+    twins(&t.store, 1001).await;
+    let (status, first) = get(&t, "/api/twins").await;
+    assert_eq!(status, StatusCode::OK);
+    let first_ids = ids(&first);
+    assert_eq!(first_ids.len(), 100);
+    assert_eq!(
+        (first_ids[0].as_str(), first_ids[99].as_str()),
+        ("dev-0001", "dev-0100")
+    );
+    assert_eq!(first["next"], "/api/twins?after=dev-0100&limit=100");
+    // The longest page is 1000: the 901 twins after the first page, and no next page.
+    let (_, rest) = get(&t, "/api/twins?after=dev-0100&limit=1000").await;
+    let rest_ids = ids(&rest);
+    assert_eq!(rest_ids.len(), 901);
+    assert_eq!(
+        (rest_ids[0].as_str(), rest_ids[900].as_str()),
+        ("dev-0101", "dev-1001")
+    );
+    assert_eq!(rest["next"], Value::Null);
+    // Following `next` with a small limit visits every twin once.
+    let (mut seen, mut uri) = (Vec::new(), Some("/api/twins?limit=400".to_owned()));
+    let mut pages = 0;
+    while let Some(next) = uri {
+        let (_, page) = get(&t, &next).await;
+        seen.extend(ids(&page));
+        uri = page["next"].as_str().map(str::to_owned);
+        pages += 1;
+        assert!(pages <= 3, "1001 twins are three pages of 400");
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (1..=1001).map(|i| format!("dev-{i:04}")).collect();
+    assert_eq!(seen, expected);
+    let (_, past_the_end) = get(&t, "/api/twins?after=dev-1001").await;
+    assert_eq!(past_the_end, serde_json::json!({"items": [], "next": null}));
+}
+
+#[tokio::test]
+async fn a_twin_id_with_a_nul_or_not_utf8_is_a_400_in_json_not_a_500() {
+    let t = TestStore::postgres().await;
+    twins(&t.store, 1).await;
+    for uri in ["/api/twins/%00", "/api/twins/dev%00/history"] {
+        let (status, body) = get(&t, uri).await;
+        assert_eq!(
+            (status, body),
+            (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "id: contains a NUL character"})
+            ),
+            "{uri}"
+        );
+    }
+    for uri in ["/api/twins/%FF", "/api/twins/%C3%28/history"] {
+        let (status, body) = get(&t, uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("id: Invalid URL"),
+            "{uri}: {body}"
+        );
+    }
+    let (status, body) = get(&t, "/api/twins/dev-0001").await;
+    assert_eq!(
+        (status, &body["lifecycle"]),
+        (StatusCode::OK, &serde_json::json!("entangled"))
+    );
+}
+
+#[tokio::test]
+async fn status_follows_the_pages_of_a_running_platform() {
+    let t = TestStore::postgres().await;
+    twins(&t.store, 1001).await;
+    let (feed, _) = tokio::sync::broadcast::channel(8);
+    let app = entwine::api::router(
+        t.store.clone(),
+        feed,
+        None,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let server = tokio::spawn(entwine_http::serve(
+        listener,
+        app,
+        entwine_http::Limits::default(),
+        async move { token.cancelled().await },
+    ));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_entwine"))
+        .args(["status", "--url", &format!("http://{address}")])
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 1 + 1001, "a header and every twin once");
+    assert!(lines[0].starts_with("DEVICE "), "{}", lines[0]);
+    assert!(lines[1].starts_with("dev-0001 "), "{}", lines[1]);
+    assert!(lines[1001].starts_with("dev-1001 "), "{}", lines[1001]);
+    stop.cancel();
+    server.await.unwrap().unwrap();
 }
