@@ -92,13 +92,15 @@ async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
 
 impl Up {
     async fn twins(&self) -> Vec<Value> {
+        // Fewer twins than a page: the first page holds them all.
         let answer: Value = reqwest::get(format!("{}/api/twins", self.api))
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        answer.as_array().unwrap().clone()
+        assert_eq!(answer["next"], Value::Null, "one page");
+        answer["items"].as_array().unwrap().clone()
     }
 
     async fn wait_until_all_entangled(&self) {
@@ -434,5 +436,110 @@ async fn a_silenced_device_disentangles_unbinds_and_entangles_again_when_it_retu
             printed.iter().any(|l| l.starts_with(change)),
             "no {change:?} in {printed:?}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_twins_series_leave_metrics_after_the_silence_threshold_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(
+        dir.path(),
+        &["--silence-threshold", "4", "--evaluator-period", "0.25"],
+    )
+    .await;
+    up.wait_until_all_entangled().await;
+    let metrics = || async {
+        reqwest::get(format!("{}/metrics", up.api))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let odte = |id: &str| format!("entwine_twin_odte{{device_id=\"{id}\"}} ");
+    let entangled = |id: &str| format!("entwine_twin_entangled{{device_id=\"{id}\"}} ");
+    let text = metrics().await;
+    for i in 1..=DEVICES {
+        let id = format!("iiot-device-{i}");
+        assert!(text.contains(&odte(&id)), "{id} in {text}");
+        assert!(text.contains(&entangled(&id)), "{id} in {text}");
+    }
+    let devices = up.devices.clone().expect("the devices' API is printed");
+    let http = reqwest::Client::new();
+    let silenced = http
+        .put(format!("{devices}/faults"))
+        .json(&serde_json::json!({"device": "iiot-device-2", "loss": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert!(silenced.status().is_success(), "{silenced:?}");
+    let silent_since = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "the silent twin's series gone from /metrics",
+        || async {
+            let text = metrics().await;
+            !text.contains(&odte("iiot-device-2")) && !text.contains(&entangled("iiot-device-2"))
+        },
+    )
+    .await;
+    // Its last state may have left up to 0.2 s before the fault was switched on.
+    assert!(
+        silent_since.elapsed() >= Duration::from_millis(3_500),
+        "not before the 4 s threshold: {:?}",
+        silent_since.elapsed()
+    );
+    let text = metrics().await;
+    for id in ["iiot-device-1", "iiot-device-3"] {
+        assert!(
+            text.contains(&format!("{}1\n", entangled(id))),
+            "{id} still entangled in {text}"
+        );
+    }
+    let cleared = http
+        .delete(format!("{devices}/faults"))
+        .send()
+        .await
+        .unwrap();
+    assert!(cleared.status().is_success(), "{cleared:?}");
+    eventually(
+        Duration::from_secs(15),
+        "the returning twin's series back",
+        || async { metrics().await.contains(&odte("iiot-device-2")) },
+    )
+    .await;
+    up.interrupt().await;
+}
+
+#[tokio::test]
+async fn out_of_range_periods_and_durations_are_refused_when_the_flags_are_parsed() {
+    for (args, says) in [
+        (
+            &["up", "--evaluator-period", "1e-10"][..],
+            "error: invalid value '1e-10' for '--evaluator-period <EVALUATOR_PERIOD>': 1e-10 is outside 0.01..=3600 seconds",
+        ),
+        (
+            &["up", "--evaluator-period", "soon"][..],
+            "error: invalid value 'soon' for '--evaluator-period <EVALUATOR_PERIOD>': \"soon\" is not a number of seconds",
+        ),
+        (
+            &["bench", "--duration", "1e300"][..],
+            "error: invalid value '1e300' for '--duration <DURATION>': 1e300 is outside 0.1..=604800 seconds",
+        ),
+        (
+            &["bench", "--warmup=-1"][..],
+            "error: invalid value '-1' for '--warmup <WARMUP>': -1 is outside 0..=604800 seconds",
+        ),
+    ] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            Command::new(env!("CARGO_BIN_EXE_entwine")).args(args).output(),
+        )
+        .await
+        .expect("refused at once")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().next(), Some(says), "{args:?}");
     }
 }
