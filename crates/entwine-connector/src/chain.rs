@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use entwine_core::deadletter::DeadLetter;
 use rumqttc::{AsyncClient, Publish, QoS};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +56,12 @@ pub(crate) async fn lane(
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
+    let letters = DeadLetters {
+        client,
+        http: http.clone(),
+        config: config.clone(),
+        stats: stats.clone(),
+    };
     while let Some(Delivery {
         publish,
         seq,
@@ -78,18 +85,15 @@ pub(crate) async fn lane(
                 status,
                 error,
             } => {
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("entwine_connector_dead_letters_total", "stage" => stage.clone())
-                    .increment(1);
-                dead_letter(
-                    &client,
-                    &config.dead_letter_topic,
-                    &publish,
-                    &stage,
-                    status,
-                    &error,
-                )
-                .await;
+                if letters
+                    .send(&publish, &stage, status, &error, &abandon)
+                    .await
+                    .is_err()
+                {
+                    // Shutdown while the letter could not be stored: the message stays
+                    // unacknowledged and comes back to the next session.
+                    break;
+                }
             }
             ChainOutcome::Abandoned => break,
         }
@@ -119,6 +123,17 @@ pub(crate) async fn process(
             }
         }
     };
+    if publish.payload.len() > config.max_payload_bytes {
+        return ChainOutcome::Rejected {
+            stage: "payload".into(),
+            status: None,
+            error: format!(
+                "payload: {} bytes, over the functions' limit of {} bytes",
+                publish.payload.len(),
+                config.max_payload_bytes
+            ),
+        };
+    }
     let mut body = match entwine_core::input::parse_object(&publish.payload) {
         Ok(map) => Value::Object(map),
         Err(e) => {
@@ -267,29 +282,86 @@ fn jittered(delay: Duration) -> Duration {
     delay.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }
 
-/// Publishes a rejected message, with why, to the dead-letter topic (QoS 1), and logs it.
-pub(crate) async fn dead_letter(
-    client: &AsyncClient,
-    topic: &str,
-    publish: &Publish,
-    stage: &str,
-    status: Option<u16>,
-    error: &str,
-) {
-    tracing::warn!(topic = %publish.topic, stage, status, error, "message dead-lettered");
-    let letter = json!({
-        "topic": publish.topic,
-        "payload": String::from_utf8_lossy(&publish.payload),
-        "stage": stage,
-        "status": status,
-        "error": error,
-    });
-    if let Err(e) = client
-        .publish(topic, QoS::AtLeastOnce, false, letter.to_string())
-        .await
-    {
-        tracing::error!(error = %e, "cannot publish a dead letter");
+/// Where refused messages go: a small [`DeadLetter`] (stage, reason, size, SHA-256 and a
+/// bounded prefix of the payload, never the payload itself, so that a hostile message cannot
+/// make a letter too large to send), stored by the dead-letter handler and announced on the
+/// dead-letter topic.
+#[derive(Clone)]
+pub(crate) struct DeadLetters {
+    pub(crate) client: AsyncClient,
+    pub(crate) http: reqwest::Client,
+    pub(crate) config: Arc<ConnectorConfig>,
+    pub(crate) stats: Arc<ConnectorStats>,
+}
+
+/// Shutdown came while a dead letter could not be stored yet.
+pub(crate) struct NotStored;
+
+impl DeadLetters {
+    /// Dead-letters `publish`: stores the letter (retried until it is stored, like any call
+    /// that fails for the operator's reasons), announces it, counts and logs it. Only then may
+    /// the message be acknowledged. A letter the handler refuses is logged as an error and
+    /// counted, never retried for ever.
+    pub(crate) async fn send(
+        &self,
+        publish: &Publish,
+        stage: &str,
+        status: Option<u16>,
+        error: &str,
+        abandon: &CancellationToken,
+    ) -> Result<(), NotStored> {
+        let device = device_id_of(&publish.topic).ok();
+        let letter = DeadLetter::of(
+            &publish.topic,
+            device.as_ref().map(|d| d.as_str()),
+            &publish.payload,
+            stage,
+            status,
+            error,
+            now_ms(),
+        );
+        tracing::warn!(
+            topic = %letter.topic,
+            stage,
+            status,
+            error = %letter.error,
+            payload_bytes = letter.payload_bytes,
+            payload_sha256 = %letter.payload_sha256,
+            "message dead-lettered"
+        );
+        let body = serde_json::to_value(&letter).unwrap_or(Value::Null);
+        if let Some(route) = &self.config.dead_letter_route {
+            let url = format!("{}{route}", self.config.router_url);
+            match call(&self.http, &self.config, &self.stats, &url, &body, abandon).await {
+                Ok(_) => {}
+                Err(CallError::Abandoned) => return Err(NotStored),
+                Err(CallError::Rejected { status, error }) => {
+                    metrics::counter!("entwine_connector_dead_letters_unstored_total").increment(1);
+                    tracing::error!(%url, status, %error, "the dead-letter handler refused a letter; it is only logged and announced");
+                }
+            }
+        }
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("entwine_connector_dead_letters_total", "stage" => letter.stage.clone())
+            .increment(1);
+        // Best effort, never waiting: the letter is stored already, and the client's queue is
+        // also what carries the acknowledgements.
+        if let Err(e) = self.client.try_publish(
+            &self.config.dead_letter_topic,
+            QoS::AtLeastOnce,
+            false,
+            body.to_string(),
+        ) {
+            tracing::warn!(error = %e, "cannot announce a dead letter on the topic");
+        }
+        Ok(())
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

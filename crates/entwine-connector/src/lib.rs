@@ -33,7 +33,7 @@
 mod chain;
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +57,9 @@ pub const ROUTES: [&str; 4] = [
     "/digitalstates",
 ];
 
+/// The dead-letter handler's route.
+pub const DEAD_LETTER_ROUTE: &str = "/deadletters";
+
 /// Everything the connector needs.
 #[derive(Debug, Clone)]
 pub struct ConnectorConfig {
@@ -74,8 +77,24 @@ pub struct ConnectorConfig {
     pub qos: QoS,
     /// Devices processed at once.
     pub lanes: usize,
-    /// Where rejected messages go.
+    /// Where rejected messages are announced (MQTT, QoS 1, best effort).
     pub dead_letter_topic: String,
+    /// The route that stores dead letters durably (`/deadletters`, the dead-letter handler);
+    /// a refused message is acknowledged only once its letter is stored. `None`: announced on
+    /// the topic only (for functions that have no dead-letter handler, such as the seed's).
+    pub dead_letter_route: Option<String>,
+    /// Largest payload sent to the functions (their body limit, 64 KiB): a larger one is
+    /// dead-lettered without a call.
+    pub max_payload_bytes: usize,
+    /// Largest MQTT packet accepted from the broker. Keep it above the broker's own limit: a
+    /// larger packet breaks the connection, and the broker delivers it again on every
+    /// reconnection (the brokers we ship refuse messages over 256 KiB).
+    pub max_incoming_packet_bytes: usize,
+    /// Messages taken from the broker and not finished yet, at most: past it the connector
+    /// stops reading from the broker (TCP backpressure) until lanes finish some.
+    pub max_in_flight: usize,
+    /// Payload bytes taken from the broker and not finished yet, at most (same effect).
+    pub max_in_flight_bytes: usize,
     /// Timeout of one HTTP call.
     pub request_timeout: Duration,
     /// First retry delay; it doubles up to `retry_max`.
@@ -126,6 +145,11 @@ impl ConnectorConfig {
             qos: QoS::AtLeastOnce,
             lanes: 64,
             dead_letter_topic: "entwine/deadletter".into(),
+            dead_letter_route: Some(DEAD_LETTER_ROUTE.into()),
+            max_payload_bytes: 64 * 1024,
+            max_incoming_packet_bytes: 1024 * 1024,
+            max_in_flight: 1024,
+            max_in_flight_bytes: 32 * 1024 * 1024,
             request_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
@@ -201,8 +225,11 @@ pub struct ConnectorStats {
     pub received: AtomicU64,
     /// Messages whose four-step chain completed.
     pub completed: AtomicU64,
-    /// Messages sent to the dead-letter topic.
+    /// Messages dead-lettered: stored by the dead-letter handler and announced on the topic.
     pub dead_lettered: AtomicU64,
+    /// Times the connector stopped reading from the broker because its in-flight limits were
+    /// reached (backpressure).
+    pub paused: AtomicU64,
     /// HTTP calls retried.
     pub retries: AtomicU64,
     /// Broker connection errors.
@@ -238,6 +265,7 @@ impl ConnectorStats {
             "received": self.received.load(Ordering::Relaxed),
             "completed": self.completed.load(Ordering::Relaxed),
             "dead_lettered": self.dead_lettered.load(Ordering::Relaxed),
+            "paused": self.paused.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
             "mqtt_errors": self.mqtt_errors.load(Ordering::Relaxed),
         })
@@ -319,14 +347,45 @@ struct Dispatcher {
     client: AsyncClient,
     config: Arc<ConnectorConfig>,
     stats: Arc<ConnectorStats>,
+    letters: chain::DeadLetters,
+    /// Cancelled when retries must give up (shutdown).
+    abandon: CancellationToken,
+    /// Messages handed out and not finished, with their payload sizes: what bounds memory.
+    in_flight: HashMap<u64, usize>,
+    in_flight_bytes: usize,
+    /// Whether the event loop stopped reading from the broker, for the log and the count.
+    paused: bool,
 }
 
 impl Dispatcher {
+    /// Whether another message may be taken from the broker. When not, the event loop stops
+    /// reading: the broker's socket fills and TCP holds the broker back, so memory stays
+    /// bounded whatever the backlog.
+    fn has_room(&mut self) -> bool {
+        let room = self.in_flight.len() < self.config.max_in_flight.max(1)
+            && self.in_flight_bytes < self.config.max_in_flight_bytes.max(1);
+        if room == self.paused {
+            self.paused = !room;
+            if self.paused {
+                self.stats.paused.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("entwine_connector_paused_total").increment(1);
+                tracing::debug!(
+                    in_flight = self.in_flight.len(),
+                    bytes = self.in_flight_bytes,
+                    "in-flight limit reached: reading from the broker paused"
+                );
+            }
+        }
+        room
+    }
+
     /// Sends a message to its device's lane, or dead-letters it when its topic names no device.
     fn dispatch(&mut self, publish: Publish) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("entwine_connector_received_total").increment(1);
         let seq = self.acks.admit(&publish);
+        self.in_flight.insert(seq, publish.payload.len());
+        self.in_flight_bytes += publish.payload.len();
         match device_id_of(&publish.topic) {
             Ok(device) => {
                 let mut hasher = DefaultHasher::new();
@@ -344,22 +403,27 @@ impl Dispatcher {
                 }
             }
             Err(reason) => {
-                let client = self.client.clone();
-                let topic = self.config.dead_letter_topic.clone();
+                let letters = self.letters.clone();
                 let finished = self.finished.clone();
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("entwine_connector_dead_letters_total", "stage" => "topic")
-                    .increment(1);
-                // Off the event loop: publishing may wait for room in the client's queue.
+                let abandon = self.abandon.clone();
+                // Off the event loop: storing the letter may take retries.
                 tokio::spawn(async move {
-                    chain::dead_letter(&client, &topic, &publish, "topic", None, &reason).await;
-                    let _ = finished.send(seq);
+                    if letters
+                        .send(&publish, "topic", None, &reason, &abandon)
+                        .await
+                        .is_ok()
+                    {
+                        let _ = finished.send(seq);
+                    }
                 });
             }
         }
     }
 
     fn finish(&mut self, seq: u64) {
+        if let Some(bytes) = self.in_flight.remove(&seq) {
+            self.in_flight_bytes -= bytes;
+        }
         self.acks.finish(seq, &self.client);
     }
 }
@@ -374,15 +438,18 @@ pub async fn run(
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_clean_session(false);
     mqtt.set_manual_acks(true);
-    // Generous on purpose: a message larger than this breaks the connection on every delivery,
-    // while one that arrives is refused by the functions (64 KiB) and dead-lettered.
-    mqtt.set_max_packet_size(16 * 1024 * 1024, 256 * 1024);
+    // Above the broker's limit (the brokers we ship refuse messages over 256 KiB): a larger
+    // packet would break the connection on every redelivery. What arrives over the functions'
+    // limit is dead-lettered here. Outgoing: dead letters and acknowledgements, all small.
+    mqtt.set_max_packet_size(config.max_incoming_packet_bytes, 256 * 1024);
     let (client, eventloop) = AsyncClient::new(mqtt, 1024);
     // The event loop turns in a task of its own: `EventLoop::poll` is not cancel-safe (a
     // request taken from the client's queue is lost when a poll is dropped halfway through
     // writing it), so it must never lose a `select!` race against a timer or a channel.
     let pump_stop = CancellationToken::new();
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    // Bounded: when the event loop stops reading (backpressure), the pump stops polling and
+    // the broker's socket fills.
+    let (events_tx, mut events) = mpsc::channel(64);
     let pump = tokio::spawn(pump(
         eventloop,
         events_tx,
@@ -416,12 +483,22 @@ pub async fn run(
         client: client.clone(),
         config: config.clone(),
         stats: stats.clone(),
+        letters: chain::DeadLetters {
+            client: client.clone(),
+            http: http.clone(),
+            config: config.clone(),
+            stats: stats.clone(),
+        },
+        abandon: abandon.clone(),
+        in_flight: HashMap::new(),
+        in_flight_bytes: 0,
+        paused: false,
     };
     let mut workers = JoinSet::new();
     for _ in 0..lanes {
-        // Unbounded, yet bounded in practice: with QoS 1 the broker sends at most its in-flight
-        // window of unacknowledged messages, and the event loop must never wait on a lane (it
-        // also carries keep-alives and acknowledgements).
+        // Unbounded channels, bounded by the dispatcher: it takes no more from the broker once
+        // `max_in_flight` messages or `max_in_flight_bytes` are unfinished, and the event loop
+        // never waits on a lane (it also carries keep-alives and acknowledgements).
         let (tx, rx) = mpsc::unbounded_channel::<chain::Delivery>();
         dispatcher.lanes.push(tx);
         workers.spawn(chain::lane(
@@ -446,13 +523,14 @@ pub async fn run(
     );
 
     loop {
+        let room = dispatcher.has_room();
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             Some(seq) = finished_rx.recv() => {
                 dispatcher.finish(seq);
                 continue;
             }
-            event = events.recv() => match event {
+            event = events.recv(), if room => match event {
                 Some(event) => event,
                 None => anyhow::bail!("the MQTT event loop stopped unexpectedly"),
             },
@@ -545,14 +623,14 @@ pub async fn run(
 }
 
 /// What the event loop reports, in order.
-type Events = mpsc::UnboundedReceiver<Result<Event, ConnectionError>>;
+type Events = mpsc::Receiver<Result<Event, ConnectionError>>;
 
 /// Turns the MQTT event loop and forwards every event, reconnecting with exponential backoff
 /// (`initial` doubling up to `max`) while the broker is away. Ends once the DISCONNECT is
 /// written, or when `stop` is cancelled while the broker is away.
 async fn pump(
     mut eventloop: EventLoop,
-    events: mpsc::UnboundedSender<Result<Event, ConnectionError>>,
+    events: mpsc::Sender<Result<Event, ConnectionError>>,
     stop: CancellationToken,
     initial: Duration,
     max: Duration,
@@ -572,7 +650,7 @@ async fn pump(
                 Some(backoff)
             }
         };
-        if events.send(event).is_err() {
+        if events.send(event).await.is_err() {
             return;
         }
         if let Some(wait) = wait {
@@ -596,9 +674,10 @@ async fn empty_session(
     const QUIET: Duration = Duration::from_millis(500);
     let mut last_arrival = tokio::time::Instant::now();
     loop {
+        let room = dispatcher.has_room();
         tokio::select! {
             Some(seq) = finished.recv() => dispatcher.finish(seq),
-            Some(event) = events.recv() => match event {
+            Some(event) = events.recv(), if room => match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     last_arrival = tokio::time::Instant::now();
                     dispatcher.dispatch(publish);
