@@ -115,23 +115,26 @@ impl OwnBroker {
     }
 
     fn spawn(&mut self) {
-        let program = match self.program {
-            "mosquitto" => "/usr/sbin/mosquitto",
-            _ => "/usr/sbin/nats-server",
+        // Debian installs both in /usr/sbin, which a user's PATH may lack.
+        let installed = Path::new("/usr/sbin").join(self.program);
+        let program = if installed.exists() {
+            installed
+        } else {
+            self.program.into()
         };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("broker.log"))
             .unwrap();
-        let child = Command::new(program)
+        let child = Command::new(&program)
             .arg("-c")
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         self.child = Some(child);
     }
 
