@@ -555,11 +555,7 @@ impl Store {
         })?;
         contradiction(
             &what,
-            &[(
-                "lifecycle",
-                stored.lifecycle.as_str().to_owned(),
-                digital.lifecycle.as_str().to_owned(),
-            )],
+            &[],
             &[
                 ("temperature", stored.pending.temperature, given.temperature),
                 ("energy", stored.pending.energy, given.energy),
@@ -568,6 +564,15 @@ impl Store {
                 ("timeliness", stored.timeliness, digital.timeliness),
                 ("odte", stored.odte, digital.odte),
             ],
+        )?;
+        contradiction(
+            &what,
+            &[(
+                "lifecycle",
+                stored.lifecycle.as_str().to_owned(),
+                digital.lifecycle.as_str().to_owned(),
+            )],
+            &[],
         )?;
         Ok(stored)
     }

@@ -60,6 +60,7 @@ pub fn router(
         .route("/api/twins", get(twins))
         .route("/api/twins/{id}", get(twin))
         .route("/api/twins/{id}/history", get(history))
+        .route("/api/deadletters", get(dead_letters))
         .route("/api/stream", get(stream))
         .route("/metrics", get(render_metrics))
         .with_state(Api {
@@ -226,6 +227,44 @@ async fn history(
     };
     Ok(Json(HistoryPage {
         device_id: id,
+        items,
+        next,
+    })
+    .into_response())
+}
+
+/// A page of dead letters, newest first.
+#[derive(serde::Serialize)]
+struct DeadLettersPage {
+    /// Distinct dead letters stored, and the refusals they add up to.
+    total: i64,
+    deliveries: i64,
+    items: Vec<entwine_store::StoredDeadLetter>,
+    next: Option<String>,
+}
+
+/// `GET /api/deadletters?before=&limit=`: the messages the pipeline refused, newest first.
+async fn dead_letters(
+    State(api): State<Api>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let params = Params::new(raw, &["before", "limit"])?;
+    let before = params.integer("before", 1..=i64::MAX)?;
+    let limit = params
+        .integer("limit", 1..=i64::from(MAX_PAGE))?
+        .map_or(DEFAULT_PAGE, |l| l as u32);
+    let items = api.store.dead_letters(limit, before).await?;
+    let (total, deliveries) = api.store.dead_letter_count().await?;
+    let next = match items.last() {
+        Some(oldest) if items.len() == limit as usize => Some(format!(
+            "/api/deadletters?before={}&limit={limit}",
+            oldest.id
+        )),
+        _ => None,
+    };
+    Ok(Json(DeadLettersPage {
+        total,
+        deliveries,
         items,
         next,
     })

@@ -89,8 +89,8 @@ pub struct UpArgs {
     #[arg(long, default_value = "entwine-up")]
     pub connector_client_id: String,
     /// The connector's acknowledgement order (see `entwine connector --help`); the embedded
-    /// broker requires `arrival`.
-    #[arg(long, value_enum, default_value = "arrival")]
+    /// broker requires `arrival`, which `auto` picks for it.
+    #[arg(long, value_enum, default_value = "auto")]
     pub ack_order: crate::physical::AckOrderArg,
     /// Run no connector (when connectors run as processes of their own: `entwine connector`).
     #[arg(long)]

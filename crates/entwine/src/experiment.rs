@@ -203,7 +203,7 @@ pub async fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
         device_api,
         topic: Vec::new(),
         connector_client_id: format!("entwine-experiment-{}", std::process::id()),
-        ack_order: crate::physical::AckOrderArg::Arrival,
+        ack_order: crate::physical::AckOrderArg::Auto,
         no_connector: false,
         no_digital_events: false,
         digital_state_topic: entwine_functions::publisher::DEFAULT_STATE_TOPIC.into(),

@@ -166,7 +166,7 @@ pub async fn up(
             !(embedded_broker && args.ack_order == crate::physical::AckOrderArg::Completion),
             "--ack-order completion needs a broker that accepts it (--broker-url to Mosquitto): the embedded one does not"
         );
-        config.ack_order = args.ack_order.into();
+        config.ack_order = args.ack_order.resolve(embedded_broker);
         Some(tokio::spawn(entwine_connector::run(
             config,
             connector_stats.clone(),

@@ -37,17 +37,21 @@ impl From<Qos> for rumqttc::QoS {
 /// `--ack-order`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AckOrderArg {
+    /// `arrival` for the embedded broker (rumqttd insists on it), `completion` for any other.
+    Auto,
     /// In arrival order (MQTT 3.1.1 §4.6).
     Arrival,
     /// As each message completes.
     Completion,
 }
 
-impl From<AckOrderArg> for entwine_connector::AckOrder {
-    fn from(a: AckOrderArg) -> Self {
-        match a {
-            AckOrderArg::Arrival => Self::Arrival,
-            AckOrderArg::Completion => Self::Completion,
+impl AckOrderArg {
+    /// The order to use with the embedded broker (`embedded`) or another one.
+    pub fn resolve(self, embedded: bool) -> entwine_connector::AckOrder {
+        match self {
+            Self::Auto if embedded => entwine_connector::AckOrder::Arrival,
+            Self::Auto | Self::Completion => entwine_connector::AckOrder::Completion,
+            Self::Arrival => entwine_connector::AckOrder::Arrival,
         }
     }
 }
@@ -183,10 +187,20 @@ pub struct ConnectorArgs {
     /// Devices processed at once.
     #[arg(long, default_value_t = 64)]
     pub lanes: usize,
-    /// Acknowledge messages in arrival order (as MQTT requires; every broker accepts it) or as
-    /// each completes (faster when one message is slow; Mosquitto accepts it, rumqttd does not).
-    #[arg(long, value_enum, default_value = "arrival")]
+    /// Acknowledge messages as each completes (`auto`, `completion`: one slow message never
+    /// holds the broker's in-flight window, so a backlog drains at full speed; Mosquitto, NATS
+    /// and most brokers accept it) or in arrival order (`arrival`, as MQTT 3.1.1 §4.6 asks;
+    /// for brokers that insist, such as rumqttd).
+    #[arg(long, value_enum, default_value = "auto")]
     pub ack_order: AckOrderArg,
+    /// Announce dead letters on the topic only, without storing them through the dead-letter
+    /// handler (`POST /deadletters`): for functions that have none, such as the seed's.
+    #[arg(long)]
+    pub no_dead_letter_store: bool,
+    /// Messages taken from the broker and not finished, at most (then the connector stops
+    /// reading and TCP holds the broker back: memory stays bounded under any backlog).
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
     /// Serve `GET /healthz` here (200 while connected and subscribed, 503 otherwise, with the
     /// connector's counters), for Kubernetes probes.
     #[arg(long)]
@@ -211,7 +225,12 @@ impl ConnectorArgs {
         config.qos = self.qos.into();
         config.dead_letter_topic = self.dead_letter_topic.clone();
         config.lanes = self.lanes.max(1);
-        config.ack_order = self.ack_order.into();
+        config.ack_order = self.ack_order.resolve(false);
+        if self.no_dead_letter_store {
+            config.dead_letter_route = None;
+        }
+        anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be at least 1");
+        config.max_in_flight = self.max_in_flight;
         Ok(config)
     }
 }
@@ -255,15 +274,16 @@ pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
         );
         let token = shutdown.clone();
         tokio::spawn(async move {
-            let served = match entwine_http::Limits::from_env() {
-                Ok(limits) => {
-                    entwine_http::serve(listener, app, limits, async move {
-                        token.cancelled().await
-                    })
-                    .await
-                }
-                Err(e) => Err(std::io::Error::other(e)),
-            };
+            let served =
+                match entwine_http::Limits::from_env() {
+                    Ok(limits) => {
+                        entwine_http::serve(listener, app, limits, async move {
+                            token.cancelled().await
+                        })
+                        .await
+                    }
+                    Err(e) => Err(std::io::Error::other(e)),
+                };
             if let Err(e) = served {
                 tracing::error!(error = %e, "health endpoint failed");
             }

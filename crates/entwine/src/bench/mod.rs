@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use entwine_connector::{AckOrder, ConnectorConfig, ConnectorStats};
+use entwine_connector::{ConnectorConfig, ConnectorStats};
 use entwine_device::fleet::Broker;
 use entwine_functions::handlers::{Function, SystemClock, TwinFunctions};
 use entwine_functions::http::{routes, with_fallbacks};
@@ -108,8 +108,9 @@ pub struct BenchArgs {
     /// The connector's concurrent lanes.
     #[arg(long, default_value_t = 64)]
     pub lanes: usize,
-    /// The connector's acknowledgement order (`completion` only with Mosquitto).
-    #[arg(long, value_enum, default_value = "arrival")]
+    /// The connector's acknowledgement order (`auto`: `arrival` on the embedded broker,
+    /// `completion` on Mosquitto; `completion` only with Mosquitto).
+    #[arg(long, value_enum, default_value = "auto")]
     pub ack_order: crate::physical::AckOrderArg,
     /// Write every figure as JSON to this file.
     #[arg(long)]
@@ -399,7 +400,7 @@ async fn run_chain(
     config.client_id = format!("{prefix}-connector");
     config.lanes = args.lanes;
     config.finish_backlog = true;
-    config.ack_order = AckOrder::from(args.ack_order);
+    config.ack_order = args.ack_order.resolve(args.scenario == Scenario::Embedded);
     let connector_stats = Arc::new(ConnectorStats::default());
     let connector_stop = CancellationToken::new();
     let connector = tokio::spawn(entwine_connector::run(

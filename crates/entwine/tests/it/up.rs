@@ -16,6 +16,8 @@ struct Up {
     api: String,
     /// The devices' API (`/conf`, `/faults`), when there are devices.
     devices: Option<String>,
+    /// The platform's broker, `host:port`.
+    mqtt: String,
     output: tokio::task::JoinHandle<Vec<String>>,
 }
 
@@ -55,10 +57,13 @@ async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (api, devices) = tokio::time::timeout(Duration::from_secs(30), async {
-        let (mut api, mut devices) = (None, None);
+    let (api, devices, mqtt) = tokio::time::timeout(Duration::from_secs(30), async {
+        let (mut api, mut devices, mut mqtt) = (None, None, None);
         while let Some(line) = lines.next_line().await.unwrap() {
             let line = line.trim();
+            if line.starts_with("broker:") {
+                mqtt = line.rsplit_once("mqtt://").map(|(_, a)| a.to_owned());
+            }
             if let Some(url) = line.strip_prefix("functions:") {
                 api = Some(url.trim().to_owned());
             }
@@ -68,7 +73,11 @@ async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
                     .map(|(_, url)| url.trim_end_matches("/conf").to_owned());
             }
             if line.starts_with("stop:") {
-                return (api.expect("the functions' address is printed"), devices);
+                return (
+                    api.expect("the functions' address is printed"),
+                    devices,
+                    mqtt.expect("the broker's address is printed"),
+                );
             }
         }
         panic!("entwine up ended without saying where it listens");
@@ -86,6 +95,7 @@ async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
         child,
         api,
         devices,
+        mqtt,
         output,
     }
 }
@@ -542,4 +552,149 @@ async fn out_of_range_periods_and_durations_are_refused_when_the_flags_are_parse
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().next(), Some(says), "{args:?}");
     }
+}
+
+/// Publishes raw payloads to the platform's broker at QoS 1; answers once the broker
+/// acknowledged each one it accepted, or closed the connection.
+async fn publish_raw(broker: &str, messages: Vec<(String, Vec<u8>)>) {
+    let (host, port) = broker.rsplit_once(':').unwrap();
+    let mut options = rumqttc::MqttOptions::new(unique("hostile"), host, port.parse().unwrap());
+    options.set_max_packet_size(2 << 20, 2 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let count = messages.len();
+    for (topic, payload) in messages {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    acked += 1;
+                    if acked == count {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                // The broker refuses an oversized packet by closing the connection.
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_are_dead_lettered_and_listed_while_every_device_stays_mirrored() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(dir.path(), &[]).await;
+    up.wait_until_all_entangled().await;
+    let topic = |device: &str| format!("device/{device}/telemetry/device_state");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let event = |t: i64, temperature: f64| {
+        serde_json::json!({"timestamp": t, "type": "iot.sensor.state.aggregated",
+            "data": {"iot.sensor.energy": 1.0, "iot.sensor.temperature": temperature}})
+        .to_string()
+        .into_bytes()
+    };
+    publish_raw(
+        &up.mqtt,
+        vec![
+            // 60 KiB of 0x01: once the message that stopped ingestion for good.
+            (topic("hostile-1"), vec![1u8; 60 * 1024]),
+            // Two different events with one device timestamp: the second is refused.
+            (topic("hostile-2"), event(now, 20.0)),
+            (topic("hostile-2"), event(now, 25.0)),
+            // Over the functions' limit, under the broker's.
+            (topic("hostile-3"), vec![b' '; 100 * 1024]),
+        ],
+    )
+    .await;
+    // Over the broker's 256 KiB limit: refused at the door.
+    publish_raw(&up.mqtt, vec![(topic("hostile-4"), vec![b'x'; 300 * 1024])]).await;
+
+    let letters: Value = {
+        let url = format!("{}/api/deadletters", up.api);
+        eventually(Duration::from_secs(20), "three dead letters", || async {
+            let page: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            page["total"] == 3
+        })
+        .await;
+        reqwest::get(&url).await.unwrap().json().await.unwrap()
+    };
+    let items = letters["items"].as_array().unwrap();
+    let by_device = |d: &str| {
+        items
+            .iter()
+            .find(|l| l["device_id"] == d)
+            .unwrap_or_else(|| panic!("no letter for {d}: {letters}"))
+    };
+    let binary = by_device("hostile-1");
+    assert_eq!(
+        (
+            &binary["stage"],
+            &binary["payload_bytes"],
+            &binary["truncated"]
+        ),
+        (
+            &Value::from("payload"),
+            &Value::from(61_440),
+            &Value::Bool(true)
+        )
+    );
+    let conflict = by_device("hostile-2");
+    assert_eq!(conflict["stage"], "physicalevents", "{conflict}");
+    assert_eq!(conflict["status"], 409, "{conflict}");
+    assert!(
+        conflict["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("timestamp: device hostile-2 already sent a different event"),
+        "{conflict}"
+    );
+    assert_eq!(by_device("hostile-3")["payload_bytes"], 100 * 1024);
+    // The first event of hostile-2 was stored, once, with its own reading.
+    let twin: Value = reqwest::get(format!("{}/api/twins/hostile-2/history", up.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let history = twin["items"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "{twin}");
+    assert_eq!(history[0]["temperature"], 20.0);
+    // Ingestion never stalled: the emulated devices are still mirrored, every one of them.
+    let before: Vec<i64> = up
+        .twins()
+        .await
+        .iter()
+        .filter(|t| t["device_id"].as_str().unwrap().starts_with("iiot-device-"))
+        .map(|t| t["last_digital_timestamp"].as_i64().unwrap())
+        .collect();
+    assert_eq!(before.len(), DEVICES);
+    eventually(
+        Duration::from_secs(20),
+        "the devices mirrored again",
+        || async {
+            let twins = up.twins().await;
+            let devices: Vec<&Value> = twins
+                .iter()
+                .filter(|t| t["device_id"].as_str().unwrap().starts_with("iiot-device-"))
+                .collect();
+            devices.iter().zip(&before).all(|(t, b)| {
+                t["lifecycle"] == "entangled" && t["last_digital_timestamp"].as_i64().unwrap() > *b
+            })
+        },
+    )
+    .await;
+    let printed = up.interrupt().await;
+    let (published, completed, dead) = stop_report(&printed);
+    // Every emulated device message, and the first event of hostile-2, went through.
+    assert_eq!((completed, dead), (published + 1, 3), "{printed:?}");
 }
