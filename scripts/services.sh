@@ -69,6 +69,15 @@ ensure_mosquitto() {
     fi
 }
 
+# nats-server, for the broker tests that start their own NATS with JetStream (they never use a
+# running one).
+ensure_nats() {
+    if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+        echo "nats-server is not installed: installing it with apt"
+        apt_install nats-server
+    fi
+}
+
 # Tools the deployment checks and the archive contract test use.
 ensure_deploy_tools() {
     local missing=()

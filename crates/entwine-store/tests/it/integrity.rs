@@ -353,3 +353,88 @@ store_test!(
         assert_eq!(t.store.dead_letter_count().await.unwrap(), (2, 3));
     }
 );
+
+/// Runs `sql` as the test database's owner.
+async fn admin(db: &entwine_testing::TestDatabase, sql: &str) {
+    use sqlx::Executor;
+    let mut conn = db.connect().await;
+    conn.execute(sql).await.unwrap();
+}
+
+#[tokio::test]
+async fn operational_database_errors_are_unavailable_to_retry_not_the_messages_fault() {
+    let db = entwine_testing::TestDatabase::create().await;
+    db.migrated_store().await.close().await;
+    let role = format!("r_{}", &db.name[db.name.len() - 12..]);
+    admin(
+        &db,
+        &format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'x'; \
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        ),
+    )
+    .await;
+    let store = Store::postgres(
+        db.options().username(&role).password("x"),
+        &entwine_store::StoreOptions {
+            max_connections: 1,
+            acquire_timeout: std::time::Duration::from_secs(5),
+        },
+    );
+    // Drops the role's open connection, so the next call connects anew under the new rules.
+    let terminate =
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'");
+    let reconnect = || admin(&db, &terminate);
+    let write = |t: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .record_physical_event(&event("press-1", t, 20.0), t + 5)
+                .await
+        }
+    };
+    write(T0).await.unwrap();
+    let reason_of = |result: Result<_, StoreError>| match result {
+        Err(e @ StoreError::Unavailable(_)) => e.reason(),
+        other => panic!("expected the store to be unavailable, got {other:?}"),
+    };
+    // A fail-over to a read-only server (25006).
+    admin(
+        &db,
+        &format!("ALTER ROLE {role} SET default_transaction_read_only = on"),
+    )
+    .await;
+    reconnect().await;
+    assert_eq!(reason_of(write(T0 + 1000).await), "25006");
+    admin(
+        &db,
+        &format!("ALTER ROLE {role} RESET default_transaction_read_only"),
+    )
+    .await;
+    reconnect().await;
+    write(T0 + 2000).await.unwrap();
+    // A grant missing (42501).
+    admin(&db, &format!("REVOKE INSERT ON physicalstate FROM {role}")).await;
+    assert_eq!(reason_of(write(T0 + 3000).await), "42501");
+    admin(&db, &format!("GRANT INSERT ON physicalstate TO {role}")).await;
+    // Each time it passed again once the operator fixed it: three events, none lost.
+    write(T0 + 4000).await.unwrap();
+    assert_eq!(
+        scalar(
+            &db.migrated_store().await,
+            "SELECT COUNT(*) FROM physicalstate"
+        )
+        .await,
+        3
+    );
+    store.close().await;
+    admin(
+        &db,
+        &format!(
+            "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; \
+             REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}; DROP ROLE {role}"
+        ),
+    )
+    .await;
+}
