@@ -120,6 +120,10 @@ pub struct FleetStats {
     pub in_flight: AtomicU64,
     /// Sending again of messages the broker had not acknowledged when a connection dropped.
     pub resent: AtomicU64,
+    /// Reconnections on which the broker no longer had the connection's session (restarted
+    /// without its saved state): rumqttc then drops what it would re-send, and the outbox sends
+    /// it again itself.
+    pub sessions_lost: AtomicU64,
     /// Messages not published because of fault injection: drawn as lost (`loss`), or delayed
     /// past [`STOP_GRACE_FOR_DELAYED`] when the fleet stopped.
     pub dropped_by_faults: AtomicU64,
@@ -195,6 +199,7 @@ impl FleetStats {
             "queued": self.queued.load(Ordering::Relaxed),
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "resent": self.resent.load(Ordering::Relaxed),
+            "sessions_lost": self.sessions_lost.load(Ordering::Relaxed),
             "dropped_by_faults": self.dropped_by_faults.load(Ordering::Relaxed),
             "delayed_by_faults": self.delayed_by_faults.load(Ordering::Relaxed),
             "control_messages": self.control_messages.load(Ordering::Relaxed),

@@ -131,6 +131,8 @@ impl Message {
 #[derive(Default)]
 struct Link {
     connected: bool,
+    /// Connected at least once: a CONNACK without a session after that means the broker lost it.
+    was_connected: bool,
     /// The fleet is stopping: no new message, disconnect once everything is delivered.
     closing: bool,
     disconnect_sent: bool,
@@ -263,8 +265,12 @@ impl Outbox {
                 link.connected = true;
                 self.stats.connections.fetch_add(1, Ordering::Relaxed);
                 if !ack.session_present {
+                    if link.was_connected {
+                        self.stats.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.queue_again(link);
                 }
+                link.was_connected = true;
             }
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(message) = link.written.remove(&ack.pkid) {
