@@ -86,9 +86,10 @@ pub struct ConnectorConfig {
     /// Largest payload sent to the functions (their body limit, 64 KiB): a larger one is
     /// dead-lettered without a call.
     pub max_payload_bytes: usize,
-    /// Largest MQTT packet accepted from the broker. Keep it above the broker's own limit: a
-    /// larger packet breaks the connection, and the broker delivers it again on every
-    /// reconnection (the brokers we ship refuse messages over 256 KiB).
+    /// Largest MQTT packet accepted from the broker (16 MiB). Keep it above the broker's own
+    /// limit: a larger packet breaks the connection, and the broker delivers it again on every
+    /// reconnection (logged as an error that says so). The brokers we ship refuse messages over
+    /// 256 KiB. Memory: at most this times the 8 events buffered, plus `max_in_flight_bytes`.
     pub max_incoming_packet_bytes: usize,
     /// Messages taken from the broker and not finished yet, at most: past it the connector
     /// stops reading from the broker (TCP backpressure) until lanes finish some.
@@ -147,7 +148,7 @@ impl ConnectorConfig {
             dead_letter_topic: "entwine/deadletter".into(),
             dead_letter_route: Some(DEAD_LETTER_ROUTE.into()),
             max_payload_bytes: 64 * 1024,
-            max_incoming_packet_bytes: 1024 * 1024,
+            max_incoming_packet_bytes: 16 * 1024 * 1024,
             max_in_flight: 1024,
             max_in_flight_bytes: 32 * 1024 * 1024,
             request_timeout: Duration::from_secs(10),
@@ -439,8 +440,8 @@ pub async fn run(
     mqtt.set_clean_session(false);
     mqtt.set_manual_acks(true);
     // Above the broker's limit (the brokers we ship refuse messages over 256 KiB): a larger
-    // packet would break the connection on every redelivery. What arrives over the functions'
-    // limit is dead-lettered here. Outgoing: dead letters and acknowledgements, all small.
+    // packet breaks the connection on every redelivery. What arrives over the functions' limit
+    // is dead-lettered here. Outgoing: dead letters and acknowledgements, all small.
     mqtt.set_max_packet_size(config.max_incoming_packet_bytes, 256 * 1024);
     let (client, eventloop) = AsyncClient::new(mqtt, 1024);
     // The event loop turns in a task of its own: `EventLoop::poll` is not cancel-safe (a
@@ -449,7 +450,7 @@ pub async fn run(
     let pump_stop = CancellationToken::new();
     // Bounded: when the event loop stops reading (backpressure), the pump stops polling and
     // the broker's socket fills.
-    let (events_tx, mut events) = mpsc::channel(64);
+    let (events_tx, mut events) = mpsc::channel(8);
     let pump = tokio::spawn(pump(
         eventloop,
         events_tx,
@@ -645,6 +646,21 @@ async fn pump(
                 None
             }
             Ok(_) => None,
+            Err(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+            ))) => {
+                // The broker will deliver it again after every reconnection: say what to do.
+                metrics::counter!("entwine_connector_oversized_total").increment(1);
+                tracing::error!(
+                    size,
+                    retry_in = ?backoff,
+                    "the broker delivered a packet of {size} bytes, over the connector's incoming \
+                     limit (--max-incoming-bytes): the connection drops and the broker will send \
+                     it again; set the broker's message size limit below the connector's \
+                     (Mosquitto: message_size_limit) or raise --max-incoming-bytes"
+                );
+                Some(backoff)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
                 Some(backoff)

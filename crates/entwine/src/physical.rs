@@ -201,6 +201,11 @@ pub struct ConnectorArgs {
     /// reading and TCP holds the broker back: memory stays bounded under any backlog).
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// Largest MQTT packet taken from the broker, in bytes. Keep the broker's own message size
+    /// limit below it (ours: 256 KiB): a larger packet drops the connection, and the broker
+    /// sends it again after every reconnection.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_incoming_bytes: usize,
     /// Serve `GET /healthz` here (200 while connected and subscribed, 503 otherwise, with the
     /// connector's counters), for Kubernetes probes.
     #[arg(long)]
@@ -231,6 +236,12 @@ impl ConnectorArgs {
         }
         anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be at least 1");
         config.max_in_flight = self.max_in_flight;
+        let body_limit = entwine_functions::http::MAX_BODY_BYTES;
+        anyhow::ensure!(
+            self.max_incoming_bytes > body_limit,
+            "--max-incoming-bytes must be above the functions' body limit ({body_limit} bytes)"
+        );
+        config.max_incoming_packet_bytes = self.max_incoming_bytes;
         Ok(config)
     }
 }
