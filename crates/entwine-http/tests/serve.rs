@@ -278,3 +278,31 @@ async fn shutdown_lets_the_request_in_flight_finish_and_accepts_no_more() {
         "the listener is closed"
     );
 }
+
+#[tokio::test]
+async fn raw_bytes_that_are_not_a_uri_are_refused_by_hyper_before_any_router() {
+    // Percent-encoded bytes reach the router (and get JSON errors there); raw non-ASCII bytes in
+    // the request line are not a URI: hyper answers 400 itself, with no body, and closes.
+    let server = start(Limits::default()).await;
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    stream
+        .write_all(b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert_eq!(body_of(&answer), "");
+    let answer = raw(
+        server.address,
+        "GET /%FF%FE HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(body_of(&answer), r#"{"error":"not found"}"#);
+    server.stop.cancel();
+    server.task.await.unwrap().unwrap();
+}
