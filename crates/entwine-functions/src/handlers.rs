@@ -332,6 +332,15 @@ impl TwinFunctions {
         let changes = self.store.evaluate_twins(now, &self.odte).await?;
         for change in &changes {
             self.announce(change);
+            // A twin the evaluator disentangles shows it in /metrics; an unbound one's series
+            // are left to expire (`entwine up`'s recorder forgets gauges idle that long).
+            if change.to != entwine_core::twin::TwinLifecycle::Unbound {
+                let entangled = change.to == entwine_core::twin::TwinLifecycle::Entangled;
+                metrics::gauge!("entwine_twin_odte", "device_id" => change.device_id.clone())
+                    .set(change.odte);
+                metrics::gauge!("entwine_twin_entangled", "device_id" => change.device_id.clone())
+                    .set(if entangled { 1.0 } else { 0.0 });
+            }
         }
         Ok(Evaluation {
             evaluated_at: now,

@@ -484,6 +484,18 @@ async fn a_silent_twins_series_leave_metrics_after_the_silence_threshold_and_com
         .unwrap();
     assert!(silenced.status().is_success(), "{silenced:?}");
     let silent_since = std::time::Instant::now();
+    // The evaluator disentangles it within one window, and /metrics says so …
+    eventually(
+        Duration::from_secs(10),
+        "the silent twin shown not entangled in /metrics",
+        || async {
+            metrics()
+                .await
+                .contains(&format!("{}0\n", entangled("iiot-device-2")))
+        },
+    )
+    .await;
+    // … then, the silence threshold after its last gauge update, its series go.
     eventually(
         Duration::from_secs(15),
         "the silent twin's series gone from /metrics",
