@@ -184,7 +184,17 @@ pub async fn serve(
         "serving HTTP"
     );
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut warned_full: Option<std::time::Instant> = None;
     loop {
+        if slots.available_permits() == 0
+            && warned_full.is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                max_connections = cap,
+                "HTTP connection cap reached: new connections wait in the accept backlog"
+            );
+            warned_full = Some(std::time::Instant::now());
+        }
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             () = &mut shutdown => break,
