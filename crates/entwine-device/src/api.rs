@@ -73,8 +73,9 @@ pub fn router(
 /// Largest request body the API reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Turns every error answer that is not JSON already (axum's own: 404, 405, 413, a bad query)
-/// into `{"error": "..."}`, naming what was wrong.
+/// Turns every error answer that is not JSON already (axum's own: 404, 413, a bad query) into
+/// `{"error": "..."}`, naming what was wrong; a 405 is left to `entwine_http::serve`, which
+/// names the allowed methods.
 async fn json_errors(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -85,14 +86,14 @@ async fn json_errors(request: Request, next: Next) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+    // A 405's `Allow` header is only set outside this router: `entwine_http::serve` names
+    // the allowed methods from it.
+    if !(status.is_client_error() || status.is_server_error())
+        || is_json
+        || status == StatusCode::METHOD_NOT_ALLOWED
+    {
         return response;
     }
-    let allow = response
-        .headers()
-        .get(header::ALLOW)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
     let (mut parts, body) = response.into_parts();
     let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_owned();
@@ -103,10 +104,6 @@ async fn json_errors(request: Request, next: Next) -> Response {
         StatusCode::NOT_FOUND => {
             format!("path: no {path}; the device API serves /conf, /faults and /stats")
         }
-        StatusCode::METHOD_NOT_ALLOWED => format!(
-            "method: {method} is not allowed on {path}{}",
-            allow.map(|a| format!("; use {a}")).unwrap_or_default()
-        ),
         _ if !text.is_empty() => text,
         _ => format!(
             "{method} {path}: {}",

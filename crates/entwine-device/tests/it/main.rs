@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 mod faults;
 mod outage;
+mod schedule;
 
 struct Running {
     emulator: Emulator,
