@@ -86,6 +86,15 @@ pub struct DeviceArgs {
     /// with PUT /faults.
     #[arg(long, value_name = "PRESET")]
     pub faults: Option<Preset>,
+    /// MQTT client id of the device's persistent session; a fleet's connection i uses
+    /// `<id>-<i>` (default: the device id, or `<prefix>-fleet-<i>`). Two fleets with the same
+    /// prefix on one broker need different ids.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// MiB of messages each MQTT connection holds while the broker is away or has not
+    /// acknowledged them; beyond, a message is counted as unsent (GET /stats).
+    #[arg(long, default_value_t = 16)]
+    pub buffer_mib: usize,
 }
 
 /// Runs `entwine device` until SIGINT/SIGTERM.
@@ -123,10 +132,15 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
     };
     let faults = FaultPlan::fleet(args.faults.unwrap_or(Preset::None).faults());
     let shutdown = CancellationToken::new();
-    let emulator = Emulator::start_with_faults(
+    let delivery = entwine_device::link::Delivery {
+        client_id: args.client_id,
+        buffer_bytes: args.buffer_mib.max(1).saturating_mul(1024 * 1024),
+    };
+    let emulator = Emulator::start_with(
         conf,
         options,
         faults,
+        delivery,
         broker.clone(),
         http,
         shutdown.clone(),
@@ -148,11 +162,17 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
     });
     emulator.wait().await?;
     let lost = stats.dropped_by_faults.load(Ordering::Relaxed);
+    let unsent = stats.unsent_total();
     println!(
-        "devices stopped after {} messages{}",
+        "devices stopped after {} messages published{}{}",
         stats.published.load(Ordering::Relaxed),
         if lost > 0 {
             format!(" ({lost} more lost to injected faults)")
+        } else {
+            String::new()
+        },
+        if unsent > 0 {
+            format!("; {unsent} could not be sent (GET /stats: unsent, by reason)")
         } else {
             String::new()
         }
