@@ -23,6 +23,11 @@ struct Up {
 
 /// Starts `entwine up` with fast devices (5 msg/s) and a 2 s window expecting 5 updates/s.
 async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
+    start_up_with_env(dir, extra, &[]).await
+}
+
+/// As [`start_up`], with environment variables `env` set.
+async fn start_up_with_env(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Up {
     let devices = DEVICES.to_string();
     let mut args = vec![
         "up",
@@ -52,6 +57,7 @@ async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
         .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "warn,rumqttd=off")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -709,4 +715,108 @@ async fn hostile_payloads_are_dead_lettered_and_listed_while_every_device_stays_
     let (published, completed, dead) = stop_report(&printed);
     // Every emulated device message, and the first event of hostile-2, went through.
     assert_eq!((completed, dead), (published + 1, 3), "{printed:?}");
+}
+
+/// Half a request head on a fresh connection; how long until the server closes it.
+async fn slow_client_lifetime(address: &str) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let start = std::time::Instant::now();
+    stream
+        .write_all(b"GET /api/twins HTTP/1.1\r\nHost: slow\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("closed by the header timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer");
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ups_servers_cut_slow_clients_off_serve_the_others_and_answer_errors_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up_with_env(
+        dir.path(),
+        &["--devices", "1"],
+        &[("ENTWINE_HTTP_HEADER_READ_TIMEOUT", "0.5")],
+    )
+    .await;
+    let api = up.api.trim_start_matches("http://").to_owned();
+    let devices = up.devices.clone().expect("the devices' API is printed");
+    let device_api = devices.trim_start_matches("http://").to_owned();
+    // Both servers, the functions' and twins API's and the devices', cut a slow client off.
+    for address in [&api, &device_api] {
+        let lifetime = slow_client_lifetime(address).await;
+        assert!(
+            lifetime >= Duration::from_millis(450) && lifetime < Duration::from_millis(2_000),
+            "{address}: closed after {lifetime:?}"
+        );
+    }
+    // 300 slow clients hold sockets; a normal request is answered at once.
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(&api).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        slow.push(stream);
+    }
+    let started = std::time::Instant::now();
+    let twins = reqwest::get(format!("{}/api/twins", up.api)).await.unwrap();
+    assert_eq!(twins.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    drop(slow);
+    // Errors in JSON: 405 naming the methods, GET /twinevaluations evaluates nothing.
+    for (path, allowed) in [
+        ("/physicalevents", "POST"),
+        ("/twinevaluations", "POST"),
+        ("/api/twins", "GET,HEAD"),
+    ] {
+        let method = if allowed == "POST" { "GET" } else { "DELETE" };
+        let answer = reqwest::Client::new()
+            .request(method.parse().unwrap(), format!("{}{path}", up.api))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 405, "{method} {path}");
+        assert_eq!(answer.headers()["allow"], allowed, "{method} {path}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "error": format!("{method} is not allowed on {path}; allowed: {allowed}")
+            })
+        );
+    }
+    for (url, status, error) in [
+        (
+            format!("{}/api/twins/%00", up.api),
+            400,
+            "id: contains a NUL character",
+        ),
+        (
+            format!("{}/nowhere", up.api),
+            404,
+            "no function at /nowhere",
+        ),
+    ] {
+        let answer = reqwest::get(&url).await.unwrap();
+        assert_eq!(answer.status(), status, "{url}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body, serde_json::json!({ "error": error }), "{url}");
+    }
+    // The devices' API words its own 404 (its owner's); it is JSON either way.
+    let answer = reqwest::get(format!("{devices}/nowhere")).await.unwrap();
+    assert_eq!(answer.status(), 404);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+    up.interrupt().await;
 }
