@@ -139,3 +139,84 @@ async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
     interrupt(connector).await;
     interrupt(up).await;
 }
+
+#[tokio::test]
+async fn the_connectors_health_endpoint_cuts_slow_clients_off_and_answers_errors_in_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, port) = mqtt_address();
+    let health = entwine_testing::free_port();
+    let closed = entwine_testing::free_port();
+    let mut connector = Command::new(env!("CARGO_BIN_EXE_entwine"))
+        .args([
+            "connector",
+            "--broker-url",
+            &format!("{host}:{port}"),
+            "--topic",
+            &format!("{}/+/telemetry/device_state", unique("health")),
+            "--router-url",
+            &format!("127.0.0.1:{closed}"),
+            "--client-id",
+            &unique("health-connector"),
+            "--health-listen",
+            &format!("127.0.0.1:{health}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .env("ENTWINE_HTTP_HEADER_READ_TIMEOUT", "0.5")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let address = format!("127.0.0.1:{health}");
+    eventually(
+        Duration::from_secs(20),
+        "the health endpoint up",
+        || async { tokio::net::TcpStream::connect(&address).await.is_ok() },
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let start = std::time::Instant::now();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("closed by the header timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer");
+    let lifetime = start.elapsed();
+    assert!(
+        lifetime >= Duration::from_millis(450) && lifetime < Duration::from_millis(2_000),
+        "closed after {lifetime:?}"
+    );
+    let http = reqwest::Client::new();
+    for (method, path, status, error) in [
+        (
+            "POST",
+            "/healthz",
+            405,
+            "POST is not allowed on /healthz; allowed: GET,HEAD",
+        ),
+        ("GET", "/nowhere", 404, "not found"),
+    ] {
+        let answer = http
+            .request(method.parse().unwrap(), format!("http://{address}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status, "{method} {path}");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({ "error": error }),
+            "{method} {path}"
+        );
+    }
+    let pid = connector.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), connector.wait())
+        .await
+        .expect("stops within 20 s of SIGINT")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
