@@ -564,3 +564,76 @@ async fn device(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(update_period_ms: u64, msg_per_sec: f64) -> Schedule {
+        Schedule {
+            update_period_ms,
+            update_initial_delay_ms: 1000,
+            aggregated_telemetry_msg_sec: msg_per_sec,
+        }
+    }
+
+    /// Milliseconds since `origin` of the next tick of `tick`.
+    async fn next(tick: &mut Tick, origin: Instant) -> u128 {
+        let at = tick.interval.tick().await;
+        (at - origin).as_millis()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_schedule_change_restarts_only_the_timer_whose_period_changed() {
+        let origin = Instant::now();
+        // Device 1 of 4: a quarter of the shorter period (200 ms) after the 1 s delay.
+        let mut timers = Timers::new(schedule(300, 5.0), 0.25);
+        assert_eq!(next(&mut timers.updates, origin).await, 1050);
+        assert_eq!(next(&mut timers.messages, origin).await, 1050);
+        assert_eq!(next(&mut timers.updates, origin).await, 1350);
+        assert_eq!(next(&mut timers.messages, origin).await, 1250);
+        // The same schedule again (PUT /conf {} or GET /conf sent back): nothing moves.
+        timers.apply("d", schedule(300, 5.0));
+        // A new initial delay alone restarts nothing either.
+        timers.apply(
+            "d",
+            Schedule {
+                update_initial_delay_ms: 0,
+                ..schedule(300, 5.0)
+            },
+        );
+        assert_eq!(next(&mut timers.messages, origin).await, 1450);
+        assert_eq!(next(&mut timers.updates, origin).await, 1650);
+        // Only the message rate changes, at 1650 ms: the update timer keeps its grid, the
+        // message timer restarts after the initial delay (1 s) and its place in the fleet
+        // (a quarter of the new shorter period, 100 ms: 25 ms), then every 100 ms.
+        timers.apply("d", schedule(300, 10.0));
+        assert_eq!(next(&mut timers.updates, origin).await, 1950);
+        assert_eq!(next(&mut timers.updates, origin).await, 2250);
+        assert_eq!(next(&mut timers.updates, origin).await, 2550);
+        assert_eq!(next(&mut timers.messages, origin).await, 2675);
+        assert_eq!(next(&mut timers.messages, origin).await, 2775);
+        assert_eq!(next(&mut timers.updates, origin).await, 2850);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_a_late_task_skipped_are_counted() {
+        let origin = Instant::now();
+        let mut tick = Tick::new(&schedule(100, 10.0), 0.0, Duration::from_millis(100));
+        let first = tick.interval.tick().await;
+        assert_eq!((first - origin).as_millis(), 1000);
+        assert_eq!(tick.skipped(first), 0);
+        let second = tick.interval.tick().await;
+        assert_eq!(tick.skipped(second), 0);
+        // The task is held up for 350 ms, until 1450 ms: the tick due at 1200 fires at once
+        // (`tick` answers its scheduled instant), those due at 1300 and 1400 are skipped, and
+        // the next comes at 1500, which is where they are counted.
+        tokio::time::advance(Duration::from_millis(350)).await;
+        let late = tick.interval.tick().await;
+        assert_eq!((late - origin).as_millis(), 1200);
+        assert_eq!(tick.skipped(late), 0);
+        let next = tick.interval.tick().await;
+        assert_eq!((next - origin).as_millis(), 1500);
+        assert_eq!(tick.skipped(next), 2);
+    }
+}
