@@ -383,3 +383,142 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
         .port()
 }
+
+/// A PostgreSQL cluster of the test's own (Debian's `pg_createcluster`, run as root), on a free
+/// loopback port: for tests that crash, stop or reconfigure the database, which must never touch
+/// the shared one. Local (Unix socket) connections are trusted; host connections need a
+/// password (`scram-sha-256`); the superuser `postgres` has the password `postgres`. Dropped
+/// (`pg_dropcluster --stop`) with its data when the guard goes, also when the test fails.
+pub struct PgCluster {
+    /// The PostgreSQL major version (the directory under `/etc/postgresql`).
+    pub version: String,
+    /// The cluster's name.
+    pub name: String,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// Creates the cluster (listening on localhost) and starts it; answers once it accepts
+    /// connections as `postgres` over TCP with its password.
+    pub async fn start() -> Self {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .expect("PostgreSQL is installed the Debian way (/etc/postgresql)")
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter_map(|name| Some((name.parse::<f64>().ok()?, name)))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, name)| name)
+            .expect("a PostgreSQL version under /etc/postgresql");
+        let this = Self {
+            version,
+            name: unique_name("entwine"),
+            port: free_port(),
+        };
+        let port = this.port.to_string();
+        this.ctl(
+            "pg_createcluster",
+            &[
+                &this.version,
+                &this.name,
+                "-p",
+                &port,
+                "--start",
+                "--start-conf=manual",
+                "--",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ],
+        )
+        .await;
+        // The superuser's password, over the trusted socket.
+        let mut local = sqlx::postgres::PgConnectOptions::new()
+            .socket("/var/run/postgresql")
+            .port(this.port)
+            .username("postgres")
+            .database("postgres")
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach cluster {}: {e}", this.name));
+        sqlx::raw_sql("ALTER ROLE postgres PASSWORD 'postgres'")
+            .execute(&mut local)
+            .await
+            .expect("set the superuser's password");
+        let _ = local.close().await;
+        this
+    }
+
+    /// Options for the superuser over TCP, database `postgres`.
+    pub fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username("postgres")
+            .password("postgres")
+            .database("postgres")
+    }
+
+    /// Runs `sql` (several statements allowed) as the superuser.
+    pub async fn execute(&self, sql: &str) {
+        let mut conn = self
+            .options()
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach cluster {}: {e}", self.name));
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let _ = conn.close().await;
+    }
+
+    /// A crash: `pg_ctlcluster stop --mode immediate` (no checkpoint; recovery on the next start).
+    pub async fn crash(&self) {
+        self.ctl(
+            "pg_ctlcluster",
+            &[&self.version, &self.name, "stop", "--mode", "immediate"],
+        )
+        .await;
+    }
+
+    /// Starts it again (after [`PgCluster::crash`]); `pg_ctlcluster` waits until it is ready.
+    pub async fn restart_after_crash(&self) {
+        self.ctl("pg_ctlcluster", &[&self.version, &self.name, "start"])
+            .await;
+    }
+
+    /// The server's log so far (for a failure's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(format!(
+            "/var/log/postgresql/postgresql-{}-{}.log",
+            self.version, self.name
+        ))
+        .unwrap_or_default()
+    }
+
+    async fn ctl(&self, program: &str, args: &[&str]) {
+        let output = tokio::process::Command::new(program)
+            .args(args)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run {program} (as root, on Debian): {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {}: {}\n{}{}\nits log:\n{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pg_dropcluster")
+            .args(["--stop", &self.version, &self.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}

@@ -2,6 +2,7 @@
 //! PostgreSQL.
 
 mod faults;
+mod outages;
 mod pipeline;
 mod sessions;
 mod support;
