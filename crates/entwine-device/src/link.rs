@@ -21,7 +21,9 @@
 //! was written to the socket. The outbox holds at most [`Delivery::buffer_bytes`] of messages
 //! (waiting, or handed to the client and not acknowledged); a message that does not fit is
 //! counted as [`Unsent::BufferFull`], so memory stays bounded under any outage and a device's
-//! timers never wait. At most [`WINDOW`] messages are handed to the client at a time.
+//! timers never wait. At most [`WINDOW`] messages are handed to the client at a time, so
+//! rumqttc's own copies add at most that many messages (each at most 128 KiB, the packet limit)
+//! to the buffer's bound.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;

@@ -9,10 +9,6 @@ use serde_json::{json, Value};
 
 use super::{broker, conf, start};
 
-/// How far a message may be from its timer's grid, ms: the device stamps its payload when its
-/// task runs, a little after the tick.
-const TOLERANCE_MS: i64 = 60;
-
 fn timestamp(r: &Received) -> i64 {
     let v: Value = serde_json::from_slice(&r.payload).unwrap();
     v["timestamp"].as_i64().unwrap()
@@ -35,10 +31,11 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// Asserts that `ts` sits on the grid `t0 + k * period` (within [`TOLERANCE_MS`]) with no tick
-/// missing and none extra between `t0` and `t0 + periods * period`: exactly `periods + 1`
-/// messages.
-fn assert_on_grid(ts: &[i64], t0: i64, period: i64, periods: i64, what: &str) {
+/// Asserts that `ts` sits on the grid `t0 + k * period` with no tick missing and none extra
+/// between `t0` and `t0 + periods * period`: exactly `periods + 1` messages, each within
+/// `tolerance` ms of the grid (the device stamps its payload when its task runs, a little after
+/// the tick; more on a loaded machine).
+fn assert_on_grid(ts: &[i64], t0: i64, period: i64, periods: i64, tolerance: i64, what: &str) {
     let window: Vec<i64> = ts
         .iter()
         .copied()
@@ -47,7 +44,7 @@ fn assert_on_grid(ts: &[i64], t0: i64, period: i64, periods: i64, what: &str) {
     for t in &window {
         let offset = (t - t0 + period / 2).rem_euclid(period) - period / 2;
         assert!(
-            offset.abs() <= TOLERANCE_MS,
+            offset.abs() <= tolerance,
             "{what}: {t} is {offset} ms off the {period} ms grid from {t0}: {window:?}"
         );
     }
@@ -103,7 +100,14 @@ async fn put_conf_that_changes_nothing_does_not_disturb_the_schedule() {
         .await;
     device.stop().await;
     // Restarting the timers would have published at each PUT: some 40 more messages, off grid.
-    assert_on_grid(&timestamps(&received, &topic), t0, 200, 15, "aggregated");
+    assert_on_grid(
+        &timestamps(&received, &topic),
+        t0,
+        200,
+        15,
+        80,
+        "aggregated",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,15 +148,30 @@ async fn changing_only_the_message_rate_leaves_the_update_timer_in_phase() {
         })
         .await;
     device.stop().await;
-    // The update timer kept its grid through the change: 11 updates over 10 periods.
-    assert_on_grid(&timestamps(&received, &energy_topic), t0, 300, 10, "energy");
+    // The update timer kept its grid through the change: 11 updates over 10 periods, none
+    // shifted by the 150 ms that a restart at the change would have caused.
+    assert_on_grid(
+        &timestamps(&received, &energy_topic),
+        t0,
+        300,
+        10,
+        100,
+        "energy",
+    );
     // The message timer restarted at 10 msg/s, on a grid of its own.
     let states: Vec<i64> = timestamps(&received, &state_topic(&id))
         .into_iter()
         .filter(|t| *t >= changed_at)
         .collect();
     assert!(states.len() >= 11, "{states:?}");
-    assert_on_grid(&states, states[0], 100, 10, "aggregated after the change");
+    assert_on_grid(
+        &states,
+        states[0],
+        100,
+        10,
+        45,
+        "aggregated after the change",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
