@@ -306,3 +306,37 @@ async fn raw_bytes_that_are_not_a_uri_are_refused_by_hyper_before_any_router() {
     server.stop.cancel();
     server.task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_keep_alive_connection_serves_one_post_after_another() {
+    let server = start(Limits::default()).await;
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    for body in ["first", "second", "third"] {
+        stream
+            .write_all(
+                format!(
+                    "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).ends_with(body) {
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+                .await
+                .expect("answered on the same connection")
+                .unwrap();
+            assert!(n > 0, "closed after {answer:?}");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(!answer.contains("connection: close"), "{answer}");
+    }
+    drop(stream);
+    server.stop.cancel();
+    server.task.await.unwrap().unwrap();
+}
