@@ -1,5 +1,7 @@
 //! The device's HTTP API, as the seed's: `GET /conf`, `PUT /conf` (204, or 400 naming the bad
-//! key), plus `GET /stats` with the fleet's counters and fault injection:
+//! key), plus `GET /stats` with the fleet's counters ([`FleetStats::to_json`]: `ticks`,
+//! `published` (acknowledged by the broker), `unsent` by reason, `queued`, `in_flight`, `resent`,
+//! `sessions_lost`, …) and fault injection:
 //!
 //! - `GET /faults`: the plan, `{"fleet": {…}, "devices": {"<id>": {…}}}`, each entry
 //!   `{"delayMs", "jitterMs", "loss", "clockSkewMs"}`.

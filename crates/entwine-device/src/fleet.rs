@@ -159,7 +159,7 @@ impl FleetStats {
 
     /// Counts `n` messages as unsent for `reason` (counter, metric and a log line at most every
     /// [`UNSENT_LOG_INTERVAL`]).
-    pub(crate) fn unsent(&self, reason: Unsent, n: u64) {
+    pub(crate) fn count_unsent(&self, reason: Unsent, n: u64) {
         if n == 0 {
             return;
         }
@@ -530,7 +530,7 @@ async fn device(
                 if fixed.single_resource_telemetry_enabled {
                     let late = skipped * resources;
                     stats.ticks.fetch_add(late, Ordering::Relaxed);
-                    stats.unsent(Unsent::TimerLate, late);
+                    stats.count_unsent(Unsent::TimerLate, late);
                     let in_force = faults.current(&id);
                     let timestamp = now_ms().saturating_add(in_force.clock_skew_ms);
                     for (key, payload) in sensors.single_payloads(timestamp) {
@@ -548,7 +548,7 @@ async fn device(
             at = timers.messages.interval.tick(), if fixed.aggregated_telemetry => {
                 let skipped = timers.messages.skipped(at);
                 stats.ticks.fetch_add(skipped + 1, Ordering::Relaxed);
-                stats.unsent(Unsent::TimerLate, skipped);
+                stats.count_unsent(Unsent::TimerLate, skipped);
                 let in_force = faults.current(&id);
                 let fate = faults.decide(&in_force);
                 if fate.drop {

@@ -196,7 +196,7 @@ impl Outbox {
         let mut link = self.lock();
         if link.closing {
             drop(link);
-            self.stats.unsent(Unsent::Stopped, 1);
+            self.stats.count_unsent(Unsent::Stopped, 1);
             return;
         }
         let message = Message {
@@ -207,7 +207,7 @@ impl Outbox {
         };
         if link.bytes + message.size() > self.budget {
             drop(link);
-            self.stats.unsent(Unsent::BufferFull, 1);
+            self.stats.count_unsent(Unsent::BufferFull, 1);
             return;
         }
         link.next_seq += 1;
@@ -291,7 +291,7 @@ impl Outbox {
                 if let Some(message) = link.handed.pop_front() {
                     if failed {
                         link.bytes -= message.size();
-                        self.stats.unsent(Unsent::ConnectionLost, 1);
+                        self.stats.count_unsent(Unsent::ConnectionLost, 1);
                     } else {
                         self.published(link, message);
                     }
@@ -356,7 +356,7 @@ impl Outbox {
         link.bytes = 0;
         self.report(&mut link);
         drop(link);
-        self.stats.unsent(Unsent::Stopped, left as u64);
+        self.stats.count_unsent(Unsent::Stopped, left as u64);
         left
     }
 }
