@@ -192,7 +192,7 @@ pub struct ConnectorArgs {
     /// The functions' router, `host[:port]` or a URL.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub router_url: String,
-    /// MQTT client id, which names the persistent session (default: entwine-connector-<hostname>).
+    /// MQTT client id, which names the persistent session (default: `entwine-connector-<hostname>`).
     #[arg(long)]
     pub client_id: Option<String>,
     /// Subscription QoS; 0 gives up the no-loss guarantee.

@@ -30,8 +30,8 @@ async fn event(
         .await
         .unwrap();
     let (pending, _) = store.record_shadow(&physical, shadow_ts).await.unwrap();
-    let (digital, _) = store.evaluate_twin(&pending, config).await.unwrap();
-    let change = store.advance_twin(&digital, config).await.unwrap();
+    // As the twin handler does, in one call.
+    let (digital, _, change) = store.evaluate_and_advance(&pending, config).await.unwrap();
     (digital.availability, digital.reliability, change)
 }
 

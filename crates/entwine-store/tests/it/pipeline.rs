@@ -29,10 +29,9 @@ async fn chain(
         .await
         .unwrap();
     let (pending, _) = store.record_shadow(&physical, shadow_ts).await.unwrap();
-    let (digital, written) = store.evaluate_twin(&pending, config).await.unwrap();
-    assert_eq!(written, Written::Created);
     // As the twin handler does.
-    store.advance_twin(&digital, config).await.unwrap();
+    let (digital, written, _) = store.evaluate_and_advance(&pending, config).await.unwrap();
+    assert_eq!(written, Written::Created);
     digital
 }
 
