@@ -604,3 +604,91 @@ async fn with_no_broker_the_buffer_holds_what_fits_and_counts_the_rest_as_unsent
         stats.to_json()
     );
 }
+
+/// Connects under `client_id` on a persistent session and answers whether the broker still
+/// had one; disconnects cleanly, leaving the session behind.
+async fn session_present(port: u16, client_id: &str) -> bool {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(options, 4);
+    let present = loop {
+        match tokio::time::timeout(Duration::from_secs(5), eventloop.poll())
+            .await
+            .expect("an answer within 5 s")
+            .expect("the private broker answers")
+        {
+            Event::Incoming(Packet::ConnAck(ack)) => break ack.session_present,
+            _ => continue,
+        }
+    };
+    client.try_disconnect().unwrap();
+    while !matches!(
+        eventloop.poll().await,
+        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+    ) {}
+    present
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_ends_the_fleets_persistent_sessions() {
+    let broker = PrivateBroker::start().await;
+    // The broker keeps a persistent session across a disconnection.
+    let witness = unique("witness");
+    assert!(!session_present(broker.port, &witness).await);
+    assert!(session_present(broker.port, &witness).await);
+
+    let prefix = unique("ended");
+    let conf = DeviceConf {
+        device_id: "unused".into(),
+        target_mqtt_broker_address: "127.0.0.1".into(),
+        target_mqtt_broker_port: broker.port,
+        update_period_ms: 50,
+        update_initial_delay_ms: 0,
+        aggregated_telemetry_msg_sec: 20.0,
+        ..DeviceConf::default()
+    };
+    let options = FleetOptions {
+        count: 2,
+        prefix: Some(prefix.clone()),
+        qos: QoS::AtLeastOnce,
+        devices_per_connection: 1,
+        seed: 1,
+    };
+    let ids: Vec<String> = (0..2)
+        .map(|i| options.client_id(&conf, &Delivery::default(), i))
+        .collect();
+    assert_eq!(
+        ids,
+        [format!("{prefix}-fleet-0"), format!("{prefix}-fleet-1")]
+    );
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stop = CancellationToken::new();
+    let emulator = Emulator::start_with(
+        conf,
+        options,
+        FaultPlan::default(),
+        Delivery::default(),
+        Broker {
+            host: "127.0.0.1".into(),
+            port: broker.port,
+        },
+        http,
+        stop.clone(),
+    )
+    .unwrap();
+    let stats = emulator.stats.clone();
+    until(&stats, Duration::from_secs(10), "20 published", |s| {
+        n(&s.published) >= 20
+    })
+    .await;
+    stop.cancel();
+    emulator.wait().await.unwrap();
+    assert_eq!(stats.unsent_total(), 0, "{}", stats.to_json());
+    assert_eq!(stats.ticks.load(Ordering::Relaxed), n(&stats.published));
+    for id in &ids {
+        assert!(
+            !session_present(broker.port, id).await,
+            "{id}: the stopped fleet left its session on the broker"
+        );
+    }
+}
