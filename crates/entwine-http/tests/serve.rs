@@ -10,6 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// Told when a request enters `/slow` (only the shutdown test calls it).
+static SLOW_ENTERED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 struct Server {
     address: std::net::SocketAddr,
     stop: CancellationToken,
@@ -23,6 +26,7 @@ fn app() -> Router {
         .route(
             "/slow",
             get(|| async {
+                SLOW_ENTERED.notify_one();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 "done"
             }),
@@ -265,7 +269,9 @@ async fn shutdown_lets_the_request_in_flight_finish_and_accepts_no_more() {
     let url = format!("http://{}/slow", server.address);
     let in_flight = tokio::spawn(async move { reqwest::get(url).await.unwrap().text().await });
     // The request is in its handler (500 ms) when the server is told to stop.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::timeout(Duration::from_secs(5), SLOW_ENTERED.notified())
+        .await
+        .expect("the request reaches its handler");
     server.stop.cancel();
     assert_eq!(in_flight.await.unwrap().unwrap(), "done");
     tokio::time::timeout(Duration::from_secs(2), server.task)

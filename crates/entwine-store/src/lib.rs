@@ -6,7 +6,7 @@
 //!   ([`Store::record_physical_event`], [`Store::record_shadow`], [`Store::evaluate_twin`]),
 //!   each idempotent: calling it again with the same input answers the row it already wrote.
 //! - [`Store::twins`], [`Store::twin`], [`Store::history`]: the twins read back for the API.
-//! - [`Store::advance_twin`], [`Store::evaluate_twins`]: the twin table, each twin's place in
+//! - [`Store::evaluate_and_advance`], [`Store::evaluate_twins`]: the twin table, each twin's place in
 //!   its lifecycle (unbound, bound, entangled, disentangled), advanced on every evaluation and
 //!   re-evaluated at the current time so that a silent device shows.
 //! - [`Store::record_dead_letter`], [`Store::dead_letters`]: the messages the pipeline refused.

@@ -33,7 +33,6 @@ pub struct TwinChange {
     pub timeliness: f32,
 }
 
-#[derive(sqlx::FromRow)]
 struct PositionRow {
     lifecycle: String,
     since: i64,
@@ -52,8 +51,6 @@ pub(crate) fn stored_twin_lifecycle(device: &str, raw: &str) -> Result<TwinLifec
     TwinLifecycle::parse(raw)
         .ok_or_else(|| StoreError::Corrupt(format!("twin {device:?}: unknown lifecycle {raw:?}")))
 }
-
-static POSITION: Sql = Sql::new("SELECT lifecycle, since, bound_at FROM twin WHERE device_id = $1");
 
 /// One twin row to upsert.
 struct TwinRow<'a> {
@@ -281,21 +278,6 @@ impl Store {
             config.window_ms(),
             max_gap,
         )))
-    }
-
-    /// Advances the twin of a digital state the twin handler evaluated; answers the lifecycle
-    /// change, if any. (The twin handler uses [`Store::evaluate_and_advance`], which reads the
-    /// twin's position with the window and saves this read.)
-    pub async fn advance_twin(
-        &self,
-        state: &DigitalState,
-        config: &OdteConfig,
-    ) -> Result<Option<TwinChange>, StoreError> {
-        let device = state.pending.device_id.as_str();
-        let previous: Option<PositionRow> =
-            fetch!(self, POSITION, fetch_optional, PositionRow, device)?;
-        let previous = previous.map(|row| position(device, row)).transpose()?;
-        self.advance_from(previous, state, config).await
     }
 
     /// Moves a twin from `previous` by the evaluation `state`. The row is written only when the

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use entwine_testing::{unique, Subscriber};
+use entwine_testing::{eventually, unique, Subscriber};
 
 use crate::support::*;
 
@@ -40,17 +40,50 @@ async fn a_killed_statefulset_connector_replaced_under_its_name_resumes_its_sess
     let killed = start_connector(pod(0)).await;
     let other = start_connector(pod(1)).await;
     let fleet = start_fleet(&prefix, 6, 20.0).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fleet_stats = fleet.emulator.stats.clone();
+    let published = move || fleet_stats.published.load(Ordering::Relaxed);
+    // Both replicas take part before one is killed.
+    let killed_stats = killed.stats.clone();
+    let other_stats = other.stats.clone();
+    eventually(
+        Duration::from_secs(20),
+        "both replicas completing chains",
+        || {
+            let (a, b) = (killed_stats.clone(), other_stats.clone());
+            async move {
+                a.completed.load(Ordering::Relaxed) >= 10
+                    && b.completed.load(Ordering::Relaxed) >= 10
+            }
+        },
+    )
+    .await;
 
     // The pod is killed: no leave, no drain, no DISCONNECT; its chains are cut anywhere.
-    let killed_stats = killed.stats.clone();
     killed.task.abort();
     let _ = killed.task.await;
-    assert!(killed_stats.received.load(Ordering::Relaxed) > 0);
-    // While it is away the broker keeps routing its share to its session.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // While it is away the broker keeps routing its share to its session: 40 more messages
+    // published (two seconds of the fleet) before the replacement comes.
+    let at_kill = published();
+    eventually(
+        Duration::from_secs(20),
+        "40 messages published while it is away",
+        || {
+            let now = published();
+            async move { now >= at_kill + 40 }
+        },
+    )
+    .await;
     let replacement = start_connector(pod(0)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let replacement_stats = replacement.stats.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the replacement completing chains",
+        || {
+            let stats = replacement_stats.clone();
+            async move { stats.completed.load(Ordering::Relaxed) > 0 }
+        },
+    )
+    .await;
 
     let published = fleet.emulator.stats.clone();
     fleet.stop().await;
