@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use entwine_core::deadletter::DeadLetter;
 use rumqttc::{AsyncClient, Publish, QoS};
@@ -11,7 +10,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{device_id_of, ConnectorConfig, ConnectorStats, ROUTES};
+use crate::functions::{CallFailure, Functions};
+use crate::{device_id_of, ConnectorConfig, ConnectorStats, DEAD_LETTER_ROUTE, ROUTES};
 
 /// The twin-handler's route: once it answers, the digital state is stored with its ODTE.
 const TWIN_ROUTE: &str = ROUTES[2];
@@ -50,7 +50,7 @@ pub(crate) async fn lane(
     mut messages: mpsc::UnboundedReceiver<Delivery>,
     finished: mpsc::UnboundedSender<u64>,
     client: AsyncClient,
-    http: reqwest::Client,
+    functions: Arc<dyn Functions>,
     config: Arc<ConnectorConfig>,
     stats: Arc<ConnectorStats>,
     shutdown: CancellationToken,
@@ -58,7 +58,7 @@ pub(crate) async fn lane(
 ) {
     let letters = DeadLetters {
         client,
-        http: http.clone(),
+        functions: functions.clone(),
         config: config.clone(),
         stats: stats.clone(),
     };
@@ -73,7 +73,7 @@ pub(crate) async fn lane(
             // connector that empties its session finishes its queue instead (see `run`).
             break;
         }
-        match process(&http, &config, &stats, &publish, &abandon).await {
+        match process(functions.as_ref(), &config, &stats, &publish, &abandon).await {
             ChainOutcome::Completed => {
                 stats.completed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("entwine_connector_completed_total").increment(1);
@@ -107,7 +107,7 @@ pub(crate) async fn lane(
 /// Runs the chain of one message: payload + `device_id` → the four routes, each answer the body
 /// of the next call.
 pub(crate) async fn process(
-    http: &reqwest::Client,
+    functions: &dyn Functions,
     config: &ConnectorConfig,
     stats: &ConnectorStats,
     publish: &Publish,
@@ -147,8 +147,7 @@ pub(crate) async fn process(
     let device_timestamp = body.get("timestamp").and_then(Value::as_i64);
     body["device_id"] = Value::String(device.as_str().to_owned());
     for route in ROUTES {
-        let url = format!("{}{route}", config.router_url);
-        body = match call(http, config, stats, &url, &body, abandon).await {
+        body = match call(functions, config, stats, route, &body, abandon).await {
             Ok(answer) => answer,
             Err(CallError::Rejected { status, error }) => {
                 return ChainOutcome::Rejected {
@@ -200,41 +199,28 @@ pub(crate) fn verdict(status: u16) -> Verdict {
     }
 }
 
-/// One POST, retried with exponential backoff as [`verdict`] says.
+/// One call, retried with exponential backoff as [`verdict`] says.
 async fn call(
-    http: &reqwest::Client,
+    functions: &dyn Functions,
     config: &ConnectorConfig,
     stats: &ConnectorStats,
-    url: &str,
+    route: &'static str,
     body: &Value,
     abandon: &CancellationToken,
 ) -> Result<Value, CallError> {
-    let mut delay = config.retry_initial;
+    // The shared policy (`entwine_core::retry`): waits doubling from `retry_initial` to
+    // `retry_max`, each in the upper half of its bound, so failing lanes do not retry in step.
+    let mut delays = entwine_core::retry::delays(config.retry_initial, config.retry_max);
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (status, failure, kind) = match http.post(url).json(body).send().await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                if response.status().is_success() {
-                    match response.json::<Value>().await {
-                        Ok(answer) => return Ok(answer),
-                        Err(e) => (
-                            status,
-                            format!("answered {status} with a body that is not JSON: {e}"),
-                            Verdict::RetryThenReject,
-                        ),
-                    }
-                } else {
-                    let text = response.text().await.unwrap_or_default();
-                    let error = serde_json::from_str::<Value>(&text)
-                        .ok()
-                        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
-                        .unwrap_or(text);
-                    (status, error, verdict(status))
-                }
+        let (status, failure, kind) = match functions.call(route, body).await {
+            Ok(answer) => return Ok(answer),
+            Err(CallFailure::Status { status, error }) => (status, error, verdict(status)),
+            Err(CallFailure::NotJson { status, error }) => {
+                (status, error, Verdict::RetryThenReject)
             }
-            Err(e) => (0, format!("{url}: {e}"), Verdict::RetryForever),
+            Err(CallFailure::Unreachable(error)) => (0, error, Verdict::RetryForever),
         };
         match kind {
             Verdict::Reject => {
@@ -256,12 +242,12 @@ async fn call(
         }
         stats.retries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("entwine_connector_retries_total").increment(1);
-        tracing::warn!(%url, status, error = %failure, retry_in = ?delay, "function call failed, retrying");
+        let delay = delays.next().unwrap_or(config.retry_max);
+        tracing::warn!(route, status, error = %failure, retry_in = ?delay, "function call failed, retrying");
         tokio::select! {
             () = abandon.cancelled() => return Err(CallError::Abandoned),
-            () = tokio::time::sleep(jittered(delay)) => {}
+            () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(config.retry_max);
     }
 }
 
@@ -277,11 +263,6 @@ fn observe_entanglement_latency(device_ms: i64) {
         .record(now_us.saturating_sub(device_us).max(0) as f64 / 1e6);
 }
 
-/// ±20 % so that lanes failing together do not retry in lockstep.
-fn jittered(delay: Duration) -> Duration {
-    delay.mul_f64(0.8 + 0.4 * rand::random::<f64>())
-}
-
 /// Where refused messages go: a small [`DeadLetter`] (stage, reason, size, SHA-256 and a
 /// bounded prefix of the payload, never the payload itself, so that a hostile message cannot
 /// make a letter too large to send), stored by the dead-letter handler and announced on the
@@ -289,7 +270,7 @@ fn jittered(delay: Duration) -> Duration {
 #[derive(Clone)]
 pub(crate) struct DeadLetters {
     pub(crate) client: AsyncClient,
-    pub(crate) http: reqwest::Client,
+    pub(crate) functions: Arc<dyn Functions>,
     pub(crate) config: Arc<ConnectorConfig>,
     pub(crate) stats: Arc<ConnectorStats>,
 }
@@ -330,14 +311,23 @@ impl DeadLetters {
             "message dead-lettered"
         );
         let body = serde_json::to_value(&letter).unwrap_or(Value::Null);
-        if let Some(route) = &self.config.dead_letter_route {
-            let url = format!("{}{route}", self.config.router_url);
-            match call(&self.http, &self.config, &self.stats, &url, &body, abandon).await {
+        if self.config.store_dead_letters {
+            let route = DEAD_LETTER_ROUTE;
+            match call(
+                self.functions.as_ref(),
+                &self.config,
+                &self.stats,
+                route,
+                &body,
+                abandon,
+            )
+            .await
+            {
                 Ok(_) => {}
                 Err(CallError::Abandoned) => return Err(NotStored),
                 Err(CallError::Rejected { status, error }) => {
                     metrics::counter!("entwine_connector_dead_letters_unstored_total").increment(1);
-                    tracing::error!(%url, status, %error, "the dead-letter handler refused a letter; it is only logged and announced");
+                    tracing::error!(route, status, %error, "the dead-letter handler refused a letter; it is only logged and announced");
                 }
             }
         }

@@ -30,10 +30,14 @@
 //! ```
 #![warn(missing_docs)]
 
+mod acks;
 mod chain;
+pub mod functions;
+
+pub use functions::{CallFailure, CallFuture, Functions, HttpFunctions};
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,10 +83,11 @@ pub struct ConnectorConfig {
     pub lanes: usize,
     /// Where rejected messages are announced (MQTT, QoS 1, best effort).
     pub dead_letter_topic: String,
-    /// The route that stores dead letters durably (`/deadletters`, the dead-letter handler);
-    /// a refused message is acknowledged only once its letter is stored. `None`: announced on
-    /// the topic only (for functions that have no dead-letter handler, such as the seed's).
-    pub dead_letter_route: Option<String>,
+    /// Whether dead letters are stored durably by the dead-letter handler ([`DEAD_LETTER_ROUTE`]);
+    /// a refused message is then acknowledged only once its letter is stored. `false`:
+    /// announced on the topic only (for functions that have no dead-letter handler, such as the
+    /// seed's).
+    pub store_dead_letters: bool,
     /// Largest payload sent to the functions (their body limit, 64 KiB): a larger one is
     /// dead-lettered without a call.
     pub max_payload_bytes: usize,
@@ -98,7 +103,8 @@ pub struct ConnectorConfig {
     pub max_in_flight_bytes: usize,
     /// Timeout of one HTTP call.
     pub request_timeout: Duration,
-    /// First retry delay; it doubles up to `retry_max`.
+    /// First retry delay: waits are drawn from the upper half of a bound doubling from this to
+    /// `retry_max` (`entwine_core::retry`, the policy every retry loop of entwine uses).
     pub retry_initial: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
@@ -146,7 +152,7 @@ impl ConnectorConfig {
             qos: QoS::AtLeastOnce,
             lanes: 64,
             dead_letter_topic: "entwine/deadletter".into(),
-            dead_letter_route: Some(DEAD_LETTER_ROUTE.into()),
+            store_dead_letters: true,
             max_payload_bytes: 64 * 1024,
             max_incoming_packet_bytes: 16 * 1024 * 1024,
             max_in_flight: 1024,
@@ -184,26 +190,11 @@ fn default_client_id() -> String {
     format!("entwine-connector-{host}")
 }
 
-/// Parses `host:port`, `mqtt://host:port` or `tcp://host:port` (port defaults to 1883).
+/// Parses `host:port`, `mqtt://host:port`, `tcp://host:port` or `[::1]:1883` (port defaults
+/// to 1883) with [`entwine_core::broker::BrokerUrl`]'s rules; `mqtts://` is refused (no TLS yet).
 pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url)
-        .trim_end_matches('/');
-    anyhow::ensure!(
-        !rest.is_empty() && !rest.contains("://"),
-        "invalid broker URL {url:?}: expected host:port or mqtt://host:port"
-    );
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() => {
-            let port = port
-                .parse::<u16>()
-                .with_context(|| format!("invalid port in broker URL {url:?}"))?;
-            Ok((host.trim_matches(['[', ']']).to_owned(), port))
-        }
-        _ => Ok((rest.to_owned(), 1883)),
-    }
+    let url = entwine_core::broker::BrokerUrl::parse(url)?.plain()?;
+    Ok((url.host, url.port))
 }
 
 /// `router.fission` → `http://router.fission`; a URL with a scheme is kept (minus a trailing `/`).
@@ -283,68 +274,11 @@ pub fn device_id_of(topic: &str) -> Result<DeviceId, String> {
     DeviceId::parse("device_id", id).map_err(|e| format!("topic {topic:?}: {e}"))
 }
 
-/// Acknowledgements, by default in the order the messages arrived, as MQTT 3.1.1 §4.6 requires
-/// (rumqttd, the embedded broker, drops a client that acknowledges out of order). Lanes finish
-/// messages in any order; with [`AckOrder::Arrival`] a finished message is acknowledged once
-/// every message that arrived before it is finished too.
-struct Acks {
-    next: u64,
-    pending: VecDeque<(u64, Publish, bool)>,
-    order: AckOrder,
-}
-
-impl Acks {
-    /// Numbers a message as it arrives; QoS 0 messages need no acknowledgement.
-    fn admit(&mut self, publish: &Publish) -> u64 {
-        let seq = self.next;
-        self.next += 1;
-        if publish.qos != QoS::AtMostOnce {
-            self.pending.push_back((seq, publish.clone(), false));
-        }
-        seq
-    }
-
-    /// Marks `seq` finished and acknowledges the finished prefix. Numbers from an earlier
-    /// connection are ignored: the broker delivers those messages again.
-    fn finish(&mut self, seq: u64, client: &AsyncClient) {
-        if let Some(entry) = self.pending.iter_mut().find(|(s, _, _)| *s == seq) {
-            entry.2 = true;
-        }
-        self.flush(client);
-    }
-
-    fn flush(&mut self, client: &AsyncClient) {
-        match self.order {
-            AckOrder::Arrival => {
-                while let Some((_, publish, true)) = self.pending.front() {
-                    // Never wait here: this runs on the event loop, which empties the queue.
-                    if client.try_ack(publish).is_err() {
-                        return;
-                    }
-                    self.pending.pop_front();
-                }
-            }
-            AckOrder::Completion => self
-                .pending
-                .retain(|(_, publish, done)| !(*done && client.try_ack(publish).is_ok())),
-        }
-    }
-
-    /// The connection dropped: the broker will deliver every unacknowledged message again.
-    fn reset(&mut self) {
-        self.pending.clear();
-    }
-
-    fn outstanding(&self) -> usize {
-        self.pending.len()
-    }
-}
-
 /// What the event loop hands out and hears back.
 struct Dispatcher {
     lanes: Vec<mpsc::UnboundedSender<chain::Delivery>>,
     finished: mpsc::UnboundedSender<u64>,
-    acks: Acks,
+    acks: acks::Acks,
     client: AsyncClient,
     config: Arc<ConnectorConfig>,
     stats: Arc<ConnectorStats>,
@@ -425,13 +359,28 @@ impl Dispatcher {
         if let Some(bytes) = self.in_flight.remove(&seq) {
             self.in_flight_bytes -= bytes;
         }
-        self.acks.finish(seq, &self.client);
+        self.acks
+            .finish(seq, |publish| self.client.try_ack(publish).is_ok());
     }
 }
 
-/// Runs the connector until `shutdown` is cancelled, then drains and disconnects.
+/// Runs the connector until `shutdown` is cancelled, then drains and disconnects; the functions
+/// are called over HTTP at `config.router_url`.
 pub async fn run(
     config: ConnectorConfig,
+    stats: Arc<ConnectorStats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let functions = HttpFunctions::new(&config.router_url, config.request_timeout, config.lanes)
+        .context("cannot build the HTTP client")?;
+    run_with(config, Arc::new(functions), stats, shutdown).await
+}
+
+/// Runs the connector until `shutdown` is cancelled, then drains and disconnects, calling
+/// `functions` for each step of each chain (`config.router_url` is not used).
+pub async fn run_with(
+    config: ConnectorConfig,
+    functions: Arc<dyn Functions>,
     stats: Arc<ConnectorStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -458,11 +407,6 @@ pub async fn run(
         config.retry_initial,
         config.retry_max,
     ));
-    let http = reqwest::Client::builder()
-        .timeout(config.request_timeout)
-        .pool_max_idle_per_host(config.lanes)
-        .build()
-        .context("cannot build the HTTP client")?;
     let config = Arc::new(config);
 
     // Retries give up at shutdown, unless the connector empties its session first (see below).
@@ -476,17 +420,13 @@ pub async fn run(
     let mut dispatcher = Dispatcher {
         lanes: Vec::with_capacity(lanes),
         finished: finished.clone(),
-        acks: Acks {
-            next: 0,
-            pending: VecDeque::new(),
-            order: config.ack_order,
-        },
+        acks: acks::Acks::new(config.ack_order),
         client: client.clone(),
         config: config.clone(),
         stats: stats.clone(),
         letters: chain::DeadLetters {
             client: client.clone(),
-            http: http.clone(),
+            functions: functions.clone(),
             config: config.clone(),
             stats: stats.clone(),
         },
@@ -506,7 +446,7 @@ pub async fn run(
             rx,
             finished.clone(),
             client.clone(),
-            http.clone(),
+            functions.clone(),
             config.clone(),
             stats.clone(),
             shutdown.clone(),
@@ -517,7 +457,7 @@ pub async fn run(
     tracing::info!(
         broker = %format!("{}:{}", config.broker_host, config.broker_port),
         topics = ?config.topics,
-        router = %config.router_url,
+        functions = %functions.describe(),
         client_id = %config.client_id,
         lanes,
         "connector started"
@@ -636,13 +576,16 @@ async fn pump(
     initial: Duration,
     max: Duration,
 ) {
-    let mut backoff = initial;
+    // The shared policy (`entwine_core::retry`), restarted on every successful connection.
+    let mut waits = entwine_core::retry::delays(initial, max);
+    let mut backoff = waits.next().unwrap_or(initial);
     loop {
         let event = eventloop.poll().await;
         let wait = match &event {
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = initial;
+                waits = entwine_core::retry::delays(initial, max);
+                backoff = waits.next().unwrap_or(initial);
                 None
             }
             Ok(_) => None,
@@ -674,7 +617,7 @@ async fn pump(
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(max);
+            backoff = waits.next().unwrap_or(max);
         }
     }
 }
@@ -702,7 +645,7 @@ async fn empty_session(
                 Err(_) => dispatcher.acks.reset(),
             },
             () = tokio::time::sleep(Duration::from_millis(50)) => {
-                dispatcher.acks.flush(&dispatcher.client);
+                dispatcher.acks.flush(|publish| dispatcher.client.try_ack(publish).is_ok());
                 if dispatcher.acks.outstanding() == 0 && last_arrival.elapsed() >= QUIET {
                     return;
                 }
@@ -752,7 +695,9 @@ async fn drain(
         dispatcher.finish(seq);
     }
     // Let the last acknowledgements out before the DISCONNECT that follows them.
-    dispatcher.acks.flush(&dispatcher.client);
+    dispatcher
+        .acks
+        .flush(|publish| dispatcher.client.try_ack(publish).is_ok());
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@
 //! - `ODTE = A·R·T`, and the twin is `entangled` when `ODTE ≥ threshold`.
 //!
 //! The store counts the window (it holds the history); [`WindowStats::of`] is the same count
-//! over states in memory, the reference the store's query is tested against.
+//! over states in memory, and [`crate::evaluation::WindowFigures::reference`] the whole of what
+//! an evaluation reads, the reference the store's queries are tested against.
 
 use serde::Serialize;
 
@@ -196,7 +197,7 @@ impl OdteConfig {
             reliability,
             timeliness,
             odte,
-            lifecycle: Lifecycle::for_odte(odte, self.threshold),
+            lifecycle: SeedLifecycle::for_odte(odte, self.threshold),
         }
     }
 }
@@ -242,20 +243,26 @@ pub struct Entanglement {
     /// A·R·T.
     pub odte: f64,
     /// Entangled when ODTE ≥ threshold.
-    pub lifecycle: Lifecycle,
+    pub lifecycle: SeedLifecycle,
 }
 
-/// Whether a twin mirrors its device well enough.
+/// The seed's verdict on one evaluation: entangled when ODTE ≥ threshold. It is the
+/// `lifecycle` of a digital state (`digitalstate.lifecycle`, the twin handler's answer), always
+/// one of these two words, as in the seed.
+///
+/// Not to be confused with the twin's own lifecycle, [`crate::twin::TwinLifecycle`] (unbound,
+/// bound, entangled, disentangled; the twin table): that one is a state machine over time, which
+/// this verdict drives once the twin has been bound for a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Lifecycle {
+pub enum SeedLifecycle {
     /// ODTE ≥ threshold.
     Entangled,
     /// ODTE < threshold.
     Disentangled,
 }
 
-impl Lifecycle {
+impl SeedLifecycle {
     /// The lifecycle of an ODTE value under `threshold`.
     pub fn for_odte(odte: f64, threshold: f64) -> Self {
         if odte >= threshold {
@@ -330,7 +337,7 @@ mod tests {
         assert_eq!(e.timeliness, 0.0);
         assert_eq!(e.reliability, 0.0);
         assert_eq!(e.odte, 0.0);
-        assert_eq!(e.lifecycle, Lifecycle::Disentangled);
+        assert_eq!(e.lifecycle, SeedLifecycle::Disentangled);
     }
 
     #[test]
@@ -341,14 +348,14 @@ mod tests {
                 states: n,
                 timely: n,
             });
-            assert_eq!(e.lifecycle, Lifecycle::Disentangled, "n = {n}");
+            assert_eq!(e.lifecycle, SeedLifecycle::Disentangled, "n = {n}");
         }
         let e = config.evaluate(WindowStats {
             states: 6,
             timely: 6,
         });
         assert_eq!(e.odte, 1.0);
-        assert_eq!(e.lifecycle, Lifecycle::Entangled);
+        assert_eq!(e.lifecycle, SeedLifecycle::Entangled);
     }
 
     #[test]
@@ -360,16 +367,16 @@ mod tests {
             timely: 9,
         });
         assert_eq!(at.odte, 0.9);
-        assert_eq!(at.lifecycle, Lifecycle::Entangled);
+        assert_eq!(at.lifecycle, SeedLifecycle::Entangled);
         let below = config.evaluate(WindowStats {
             states: 10,
             timely: 8,
         });
-        assert_eq!(below.lifecycle, Lifecycle::Disentangled);
-        assert_eq!(Lifecycle::for_odte(0.9, 0.9), Lifecycle::Entangled);
+        assert_eq!(below.lifecycle, SeedLifecycle::Disentangled);
+        assert_eq!(SeedLifecycle::for_odte(0.9, 0.9), SeedLifecycle::Entangled);
         assert_eq!(
-            Lifecycle::for_odte(0.9 - f64::EPSILON, 0.9),
-            Lifecycle::Disentangled
+            SeedLifecycle::for_odte(0.9 - f64::EPSILON, 0.9),
+            SeedLifecycle::Disentangled
         );
     }
 
@@ -405,8 +412,8 @@ mod tests {
     /// | 8 | 35000    | 35100    | 100     | 2-8 (100 < 5100)          | 7 | 6      | 1     | 6/7   | 6/7   | disentangled |
     /// | 9 | 40000    | 40300    | 300     | 3-9 (5200 < 10300)        | 7 | 6      | 1     | 6/7   | 6/7   | disentangled |
     /// | 10| 45000    | 45200    | 200     | 5-10 (15050 < 15200)      | 6 | 6      | 1     | 1     | 1     | entangled    |
-    pub(crate) const GOLDEN: [(i64, i64, f64, f64, f64, Lifecycle); 10] = {
-        use Lifecycle::{Disentangled as D, Entangled as E};
+    pub(crate) const GOLDEN: [(i64, i64, f64, f64, f64, SeedLifecycle); 10] = {
+        use SeedLifecycle::{Disentangled as D, Entangled as E};
         [
             (0, 100, 1.0 / 6.0, 1.0, 1.0 / 6.0, D),
             (5000, 5200, 2.0 / 6.0, 1.0, 2.0 / 6.0, D),
@@ -472,7 +479,7 @@ mod tests {
                 prop_assert!((0.0..=1.0).contains(&v), "{v} out of [0, 1]");
             }
             prop_assert_eq!(e.odte, e.availability * e.reliability * e.timeliness);
-            prop_assert_eq!(e.lifecycle, Lifecycle::for_odte(e.odte, config.threshold()));
+            prop_assert_eq!(e.lifecycle, SeedLifecycle::for_odte(e.odte, config.threshold()));
         }
 
         #[test]

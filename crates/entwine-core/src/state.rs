@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::input::{Fields, InputError};
-use crate::odte::{Entanglement, Lifecycle};
+use crate::odte::{Entanglement, SeedLifecycle};
 
 /// The event type of the seed device's aggregated telemetry.
 pub const AGGREGATED_STATE_TYPE: &str = "iot.sensor.state.aggregated";
@@ -253,7 +253,7 @@ pub struct DigitalState {
     /// A·R·T, as stored (`REAL`).
     pub odte: f32,
     /// `entangled` when ODTE ≥ threshold.
-    pub lifecycle: Lifecycle,
+    pub lifecycle: SeedLifecycle,
 }
 
 impl DigitalState {
@@ -274,7 +274,7 @@ impl DigitalState {
         let pending = PendingDigitalState::from_json(map, now_ms)?;
         let f = Fields::new(map);
         let lifecycle_raw = f.string("lifecycle")?;
-        let lifecycle = Lifecycle::parse(lifecycle_raw).ok_or_else(|| {
+        let lifecycle = SeedLifecycle::parse(lifecycle_raw).ok_or_else(|| {
             InputError::new(
                 "lifecycle",
                 format!("unknown lifecycle {lifecycle_raw:?}, expected \"entangled\" or \"disentangled\""),
@@ -380,7 +380,7 @@ mod tests {
             reliability: 0.5,
             timeliness: 1.0,
             odte: 0.5,
-            lifecycle: Lifecycle::Disentangled,
+            lifecycle: SeedLifecycle::Disentangled,
         };
         // On the wire (serde_json's writer), an f32 prints at its own shortest precision.
         let wire = serde_json::to_string(&state).unwrap();

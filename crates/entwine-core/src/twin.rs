@@ -28,7 +28,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The lifecycle of a twin (see the module documentation).
+use crate::odte::SeedLifecycle;
+
+/// The lifecycle of a twin (see the module documentation), kept in the twin table. Not the
+/// seed's two-word [`SeedLifecycle`] of one digital state: that is the verdict of a single
+/// evaluation, which moves this state machine between entangled and disentangled once the twin
+/// has been bound for a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TwinLifecycle {
@@ -77,13 +82,16 @@ pub struct TwinPosition {
 }
 
 /// The next position of a twin evaluated at `t_ms`, whose latest update is `last_update_ms`
-/// (none if it never had one), with ODTE `odte`.
+/// (none if it never had one), with the seed's `verdict` on this evaluation: unbound when
+/// silent for longer than `silence_ms`, bound for less than `window_ms` after the update that
+/// bound it, then entangled or disentangled as the verdict says. Taking the verdict, not the
+/// ODTE, keeps the twin's lifecycle equal to the digital state's `lifecycle` word, also when the
+/// ODTE is read back at the stored precision (an `f32` just below a threshold its `f64` reached).
 pub fn next_position(
     previous: Option<TwinPosition>,
     t_ms: i64,
     last_update_ms: Option<i64>,
-    odte: f64,
-    threshold: f64,
+    verdict: SeedLifecycle,
     window_ms: i64,
     silence_ms: i64,
 ) -> TwinPosition {
@@ -105,10 +113,11 @@ pub fn next_position(
     };
     let lifecycle = if t_ms.saturating_sub(bound_ms) < window_ms {
         TwinLifecycle::Bound
-    } else if odte >= threshold {
-        TwinLifecycle::Entangled
     } else {
-        TwinLifecycle::Disentangled
+        match verdict {
+            SeedLifecycle::Entangled => TwinLifecycle::Entangled,
+            SeedLifecycle::Disentangled => TwinLifecycle::Disentangled,
+        }
     };
     at(lifecycle, Some(bound_ms))
 }
@@ -149,7 +158,8 @@ mod tests {
     const SILENCE: i64 = 60_000;
 
     fn step(previous: Option<TwinPosition>, t: i64, last: Option<i64>, odte: f64) -> TwinPosition {
-        next_position(previous, t, last, odte, 0.9, W, SILENCE)
+        let verdict = SeedLifecycle::for_odte(odte, 0.9);
+        next_position(previous, t, last, verdict, W, SILENCE)
     }
 
     #[test]

@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use entwine_core::broker::{BrokerUrl, BrokerUrlError};
 use entwine_core::input::{Fields, InputError};
 use entwine_core::state::{DeviceId, ENERGY_KEY, TEMPERATURE_KEY};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use crate::fleet::Broker;
 
 /// Largest filler target: the functions refuse bodies over 64 KiB, and the connector adds a few
 /// bytes (`device_id`) to the payload.
@@ -156,6 +159,9 @@ impl DeviceConf {
                 "must not be empty",
             ));
         }
+        if let Err(e) = self.broker() {
+            return Err(InputError::new("targetMqttBrokerAddress", e.to_string()));
+        }
         check_period("updatePeriodMs", self.update_period_ms, 1)?;
         check_period("updateInitialDelayMs", self.update_initial_delay_ms, 0)?;
         check_rate(
@@ -191,6 +197,17 @@ impl DeviceConf {
             }
         }
         Ok(())
+    }
+
+    /// The broker of `targetMqttBrokerAddress` and `targetMqttBrokerPort`, read with
+    /// [`BrokerUrl`]'s rules: the address is a host (or `mqtt://host`, `[::1]`), and a port
+    /// written in it (`host:1884`) wins over `targetMqttBrokerPort`.
+    pub fn broker(&self) -> Result<Broker, BrokerUrlError> {
+        BrokerUrl::parse_with_default_port(
+            &self.target_mqtt_broker_address,
+            Some(self.target_mqtt_broker_port),
+        )?
+        .try_into()
     }
 
     /// The part that `PUT /conf` may change while the device runs.
@@ -347,6 +364,40 @@ resourceMap:
                 target_mqtt_broker_address: "physical-broker.default.svc.cluster.local".into(),
                 ..DeviceConf::default()
             }
+        );
+    }
+
+    #[test]
+    fn the_broker_is_read_with_the_one_parser_and_a_port_in_the_address_wins() {
+        let with = |address: &str, port: u16| DeviceConf {
+            target_mqtt_broker_address: address.into(),
+            target_mqtt_broker_port: port,
+            ..DeviceConf::default()
+        };
+        let broker = |host: &str, port: u16| Broker {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(with("broker", 1884).broker(), Ok(broker("broker", 1884)));
+        assert_eq!(
+            with("mqtt://broker", 1884).broker(),
+            Ok(broker("broker", 1884))
+        );
+        assert_eq!(
+            with("broker:1885", 1884).broker(),
+            Ok(broker("broker", 1885))
+        );
+        assert_eq!(with("[::1]", 1883).broker(), Ok(broker("::1", 1883)));
+        assert!(matches!(
+            with("mqtts://broker", 8883).broker(),
+            Err(BrokerUrlError::TlsUnsupported { .. })
+        ));
+        let err = DeviceConf::parse("targetMqttBrokerAddress: http://broker", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "targetMqttBrokerAddress: broker URL \"http://broker\": unsupported scheme \"http\": expected mqtt://, tcp:// or mqtts://"
         );
     }
 

@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use rumqttc::{AsyncClient, QoS};
@@ -31,10 +30,12 @@ use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::conf::{DeviceConf, Schedule};
+use crate::error::DeviceError;
 use crate::faults::{Decision, FaultPlan, Faults};
 pub use crate::link::{Delivery, Unsent};
 use crate::link::{Outbox, CHANNEL_CAPACITY};
 use crate::sensor::Sensors;
+use entwine_core::broker::{BrokerUrl, BrokerUrlError};
 
 /// How long a stopping fleet still waits for the messages its faults delayed: a message whose
 /// delay ends within this time of the stop is published, one due later is counted in
@@ -210,12 +211,45 @@ impl FleetStats {
 }
 
 /// Where the broker is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broker {
-    /// Host name or address.
+    /// Host name or address (an IPv6 address without brackets).
     pub host: String,
     /// Port.
     pub port: u16,
+}
+
+impl Broker {
+    /// Reads a broker address with [`BrokerUrl`]'s rules (`host[:port]`, `mqtt://`, `tcp://`,
+    /// `[::1]:1883`; port 1883 when none is written). `mqtts://` is refused: the devices do
+    /// not speak TLS yet.
+    pub fn parse(url: &str) -> Result<Self, BrokerUrlError> {
+        BrokerUrl::parse(url)?.try_into()
+    }
+}
+
+impl TryFrom<BrokerUrl> for Broker {
+    type Error = BrokerUrlError;
+
+    /// The address, unless it asks for TLS.
+    fn try_from(url: BrokerUrl) -> Result<Self, Self::Error> {
+        let url = url.plain()?;
+        Ok(Self {
+            host: url.host,
+            port: url.port,
+        })
+    }
+}
+
+/// `host:port`, an IPv6 host in brackets: what [`Broker::parse`] reads back.
+impl std::fmt::Display for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// The topic of a device's aggregated state.
@@ -239,13 +273,14 @@ pub async fn run(
     broker: Broker,
     stats: Arc<FleetStats>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), DeviceError> {
     let base = conf.borrow().clone();
     let ids = options.device_ids(&base);
-    anyhow::ensure!(!ids.is_empty(), "a fleet needs at least one device");
+    if ids.is_empty() {
+        return Err(DeviceError::NoDevices);
+    }
     for id in &ids {
-        entwine_core::state::DeviceId::parse("device id", id)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        entwine_core::state::DeviceId::parse("device id", id).map_err(DeviceError::DeviceId)?;
     }
     let per_connection = options.devices_per_connection.max(1);
     let count = ids.len();
@@ -296,7 +331,7 @@ pub async fn run(
     tracing::info!(
         devices = count,
         connections = connections.len(),
-        broker = %format!("{}:{}", broker.host, broker.port),
+        %broker,
         "devices started"
     );
     while let Some(ended) = devices.join_next().await {
@@ -308,7 +343,10 @@ pub async fn run(
     let _ = all_delivered.recv().await;
     connections_stop.cancel();
     while let Some(result) = connections.join_next().await {
-        result.context("a connection task panicked")?;
+        result.map_err(|source| DeviceError::Panicked {
+            task: "a connection task",
+            source,
+        })?;
     }
     tracing::info!(
         ticks = stats.ticks.load(Ordering::Relaxed),
@@ -635,5 +673,28 @@ mod tests {
         let next = tick.interval.tick().await;
         assert_eq!((next - origin).as_millis(), 1500);
         assert_eq!(tick.skipped(next), 2);
+    }
+
+    #[test]
+    fn a_broker_is_parsed_with_the_one_parser_and_displayed_back() {
+        let broker = Broker::parse("mqtt://[::1]:1884").unwrap();
+        assert_eq!(
+            broker,
+            Broker {
+                host: "::1".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(broker.to_string(), "[::1]:1884");
+        assert_eq!(Broker::parse(&broker.to_string()), Ok(broker));
+        assert_eq!(Broker::parse("broker").unwrap().to_string(), "broker:1883");
+        assert!(matches!(
+            Broker::parse("mqtts://broker"),
+            Err(BrokerUrlError::TlsUnsupported { .. })
+        ));
+        assert!(matches!(
+            Broker::parse("broker:http"),
+            Err(BrokerUrlError::Port { .. })
+        ));
     }
 }

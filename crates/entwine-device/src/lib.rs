@@ -14,13 +14,14 @@
 //! - [`faults`]: fault injection: delay with jitter, loss and clock skew, fleet-wide or per
 //!   device, and the Purdue-level presets (`layer0-1`, `layer2-deteriorated`, `layer3-critical`, …).
 //! - [`api`]: the HTTP API.
+//! - [`error`]: [`DeviceError`], what a caller can match on when the emulator fails.
 //!
 //! # Example
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
 //! use entwine_device::{conf::DeviceConf, fleet::{Broker, FleetOptions}, Emulator};
 //! let conf = DeviceConf::load("device_conf.yaml".as_ref())?;
-//! let broker = Broker { host: conf.target_mqtt_broker_address.clone(), port: conf.target_mqtt_broker_port };
+//! let broker = conf.broker()?;
 //! let http = tokio::net::TcpListener::bind(("0.0.0.0", conf.http_api_port)).await?;
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let emulator = Emulator::start(conf, FleetOptions::default(), broker, http, shutdown.clone())?;
@@ -31,6 +32,7 @@
 
 pub mod api;
 pub mod conf;
+pub mod error;
 pub mod faults;
 pub mod fleet;
 pub mod link;
@@ -39,13 +41,13 @@ pub mod sensor;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use entwine_core::input::InputError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use conf::DeviceConf;
+pub use error::DeviceError;
 use faults::FaultPlan;
 use fleet::{Broker, FleetOptions, FleetStats};
 use link::Delivery;
@@ -60,7 +62,7 @@ pub struct Emulator {
     /// The device ids.
     pub device_ids: Vec<String>,
     faults: Arc<watch::Sender<FaultPlan>>,
-    devices: JoinHandle<anyhow::Result<()>>,
+    devices: JoinHandle<Result<(), DeviceError>>,
     api: JoinHandle<std::io::Result<()>>,
 }
 
@@ -73,7 +75,7 @@ impl Emulator {
         broker: Broker,
         http: tokio::net::TcpListener,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, DeviceError> {
         Self::start_with_faults(conf, options, FaultPlan::default(), broker, http, shutdown)
     }
 
@@ -85,7 +87,7 @@ impl Emulator {
         broker: Broker,
         http: tokio::net::TcpListener,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, DeviceError> {
         Self::start_with(
             conf,
             options,
@@ -107,12 +109,11 @@ impl Emulator {
         broker: Broker,
         http: tokio::net::TcpListener,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Self> {
-        conf.validate()
-            .map_err(|e| anyhow::anyhow!("invalid device configuration: {e}"))?;
-        let http_address = http.local_addr().context("API listener has no address")?;
+    ) -> Result<Self, DeviceError> {
+        conf.validate().map_err(DeviceError::Conf)?;
+        let http_address = http.local_addr().map_err(DeviceError::Listener)?;
         let device_ids = options.device_ids(&conf);
-        check_plan(&faults, &device_ids).map_err(|e| anyhow::anyhow!("invalid faults: {e}"))?;
+        check_plan(&faults, &device_ids).map_err(DeviceError::Faults)?;
         let stats = Arc::new(FleetStats::default());
         let (tx, rx) = watch::channel(conf);
         let tx = Arc::new(tx);
@@ -164,12 +165,20 @@ impl Emulator {
     }
 
     /// Waits until the devices and the API have stopped.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.devices.await.context("device tasks panicked")??;
+    pub async fn wait(self) -> Result<(), DeviceError> {
+        self.devices
+            .await
+            .map_err(|source| DeviceError::Panicked {
+                task: "device tasks",
+                source,
+            })??;
         self.api
             .await
-            .context("HTTP API panicked")?
-            .context("HTTP API failed")?;
+            .map_err(|source| DeviceError::Panicked {
+                task: "HTTP API",
+                source,
+            })?
+            .map_err(DeviceError::Api)?;
         Ok(())
     }
 }

@@ -30,7 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rand::Rng;
+use entwine_core::retry;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Request, SubscribeFilter,
 };
@@ -40,9 +40,10 @@ use crate::fleet::FleetStats;
 
 /// First wait before reconnecting to a broker that went away; it doubles on each failed attempt
 /// up to [`RECONNECT_BACKOFF_MAX`], and each wait is drawn uniformly from its upper half
-/// (jitter), so a fleet's connections do not reconnect in step.
+/// (jitter), so a fleet's connections do not reconnect in step: entwine's one retry policy,
+/// [`entwine_core::retry::policy`].
 pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest wait between two reconnection attempts (before jitter).
+/// Longest wait between two reconnection attempts (jitter included: no wait is longer).
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a stopping fleet's connections still try to deliver what they hold; what is left
 /// then is counted as [`Unsent::Stopped`].
@@ -413,7 +414,7 @@ pub(crate) async fn drive(
         tokio::time::sleep(STOP_GRACE_FOR_QUEUED).await;
     };
     tokio::pin!(grace);
-    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut backoff = retry::delays(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
     let mut failed_attempts = 0u64;
     let mut disconnected = false;
     loop {
@@ -450,7 +451,7 @@ pub(crate) async fn drive(
                         );
                     }
                     failed_attempts = 0;
-                    backoff = RECONNECT_BACKOFF_MIN;
+                    backoff = retry::delays(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
                     if !ack.session_present {
                         let filters: Vec<SubscribeFilter> = controls
                             .iter()
@@ -490,18 +491,18 @@ pub(crate) async fn drive(
                     .stats
                     .connection_errors
                     .fetch_add(1, Ordering::Relaxed);
+                // The policy has no last attempt; the fallback is never reached.
+                let wait = backoff.next().unwrap_or(RECONNECT_BACKOFF_MAX);
                 if was_connected {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting");
                 } else {
                     failed_attempts += 1;
-                    tracing::debug!(error = %e, retry_in = ?backoff, "cannot reach the broker");
+                    tracing::debug!(error = %e, retry_in = ?wait, "cannot reach the broker");
                 }
-                let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
                 tokio::select! {
                     () = &mut grace => break,
                     () = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
     }

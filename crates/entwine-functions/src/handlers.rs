@@ -236,7 +236,7 @@ impl TwinFunctions {
         tracing::Span::current().record("device_id", pending.device_id.as_str());
         let (digital, written, change) = self
             .store
-            .evaluate_and_advance(&pending, &self.odte)
+            .evaluate_digital_state(&pending, &self.odte)
             .await?;
         log_written(written, "evaluation of digital state", digital.pending.id);
         if let Some(change) = change {
@@ -245,7 +245,7 @@ impl TwinFunctions {
         let device = digital.pending.device_id.to_string();
         metrics::gauge!("entwine_twin_odte", "device_id" => device.clone()).set(digital.odte);
         metrics::gauge!("entwine_twin_entangled", "device_id" => device).set(
-            if digital.lifecycle == entwine_core::odte::Lifecycle::Entangled {
+            if digital.lifecycle == entwine_core::odte::SeedLifecycle::Entangled {
                 1.0
             } else {
                 0.0
@@ -329,7 +329,7 @@ impl TwinFunctions {
     #[tracing::instrument(name = "twin-evaluator", skip_all)]
     pub async fn evaluate_twins(&self) -> Result<Evaluation, FunctionError> {
         let now = self.clock.now_ms();
-        let changes = self.store.evaluate_twins(now, &self.odte).await?;
+        let changes = self.store.reevaluate_twins(now, &self.odte).await?;
         for change in &changes {
             self.announce(change);
             // A twin the evaluator disentangles shows it in /metrics; an unbound one's series

@@ -11,7 +11,6 @@ use axum::routing::post;
 use axum::{Json, Router};
 use entwine_core::input::parse_object;
 use entwine_core::InputError;
-use entwine_store::StoreError;
 use serde_json::{json, Map, Value};
 
 use crate::handlers::{Function, FunctionError, TwinFunctions};
@@ -38,34 +37,8 @@ impl From<InputError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self.0 {
-            FunctionError::Input(e) | FunctionError::Store(StoreError::Rejected(e)) => (
-                StatusCode::BAD_REQUEST,
-                json!({"error": e.to_string(), "field": e.field}),
-            ),
-            FunctionError::Store(StoreError::Conflict(e)) => (
-                StatusCode::CONFLICT,
-                json!({"error": e.to_string(), "field": e.field}),
-            ),
-            FunctionError::Store(e @ (StoreError::Unavailable(_) | StoreError::NotMigrated(_))) => {
-                // The operator's (or time's) to fix; the caller retries until it passes.
-                let reason = e.reason();
-                tracing::warn!(error = %error_chain(e), %reason, "store unavailable: answering 503, retry later");
-                metrics::counter!("entwine_store_unavailable_total", "reason" => reason)
-                    .increment(1);
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": e.to_string()}),
-                )
-            }
-            FunctionError::Store(e) => {
-                tracing::error!(error = %error_chain(e), "function failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    json!({"error": "internal error"}),
-                )
-            }
-        };
+        let (status, body) = crate::invoke::failure(&self.0);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(body)).into_response()
     }
 }
@@ -131,106 +104,37 @@ pub async fn json_object(request: Request) -> Result<Map<String, Value>, InputEr
     parse_object(&bytes)
 }
 
-/// Records a call's duration and outcome (`entwine_function_duration_seconds`,
-/// `entwine_function_calls_total`), by function.
-async fn observed(
+/// A function's route: reads the body as a JSON object (the twin evaluator reads none) and
+/// runs the function on it, through the same entry point in-process callers use
+/// ([`TwinFunctions::invoke`]), counted and timed as one call.
+async fn call(
     function: Function,
-    call: impl std::future::Future<Output = Result<Response, ApiError>>,
-) -> Result<Response, ApiError> {
-    let start = std::time::Instant::now();
-    let result = call.await;
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(ApiError(FunctionError::Input(_) | FunctionError::Store(StoreError::Rejected(_)))) => {
-            "bad_input"
-        }
-        Err(ApiError(FunctionError::Store(StoreError::Conflict(_)))) => "conflict",
-        Err(ApiError(FunctionError::Store(
-            StoreError::Unavailable(_) | StoreError::NotMigrated(_),
-        ))) => "unavailable",
-        Err(_) => "internal",
-    };
-    metrics::histogram!("entwine_function_duration_seconds", "function" => function.name())
-        .record(start.elapsed().as_secs_f64());
-    metrics::counter!("entwine_function_calls_total", "function" => function.name(), "outcome" => outcome)
-        .increment(1);
-    result
-}
-
-async fn physical_event(
-    State(functions): State<Arc<TwinFunctions>>,
+    functions: Arc<TwinFunctions>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    observed(Function::PhysicalEvent, async {
-        let input = json_object(request).await?;
-        Ok(Json(functions.physical_event(&input).await?).into_response())
+    let answer = crate::invoke::observed(function, async {
+        let input = if function == Function::TwinEvaluator {
+            Map::new()
+        } else {
+            json_object(request).await?
+        };
+        functions.invoke(function, &input).await
     })
-    .await
-}
-
-async fn shadow(
-    State(functions): State<Arc<TwinFunctions>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    observed(Function::Shadow, async {
-        let input = json_object(request).await?;
-        Ok(Json(functions.shadow(&input).await?).into_response())
-    })
-    .await
-}
-
-async fn twin(
-    State(functions): State<Arc<TwinFunctions>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    observed(Function::Twin, async {
-        let input = json_object(request).await?;
-        Ok(Json(functions.twin(&input).await?).into_response())
-    })
-    .await
-}
-
-async fn evaluate(State(functions): State<Arc<TwinFunctions>>) -> Result<Response, ApiError> {
-    observed(Function::TwinEvaluator, async {
-        Ok(Json(functions.evaluate_twins().await?).into_response())
-    })
-    .await
-}
-
-async fn digital(
-    State(functions): State<Arc<TwinFunctions>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    observed(Function::DigitalEvent, async {
-        let input = json_object(request).await?;
-        Ok(Json(functions.digital_event(&input).await?).into_response())
-    })
-    .await
-}
-
-async fn dead_letter(
-    State(functions): State<Arc<TwinFunctions>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    observed(Function::DeadLetter, async {
-        let input = json_object(request).await?;
-        Ok(Json(functions.dead_letter(&input).await?).into_response())
-    })
-    .await
+    .await?;
+    Ok(Json(answer).into_response())
 }
 
 /// The handler of `function`, with the methods it answers.
+///
+/// Every function answers POST only: for the twin evaluator that is what a Fission TimeTrigger
+/// sends by default (and our spec says), so a GET or HEAD from a crawler or a probe is a 405
+/// naming POST and changes nothing.
 fn handler(function: Function) -> axum::routing::MethodRouter<Arc<TwinFunctions>> {
-    match function {
-        Function::PhysicalEvent => post(physical_event),
-        Function::Shadow => post(shadow),
-        Function::Twin => post(twin),
-        Function::DigitalEvent => post(digital),
-        // Only POST evaluates (what a Fission TimeTrigger sends by default, and our spec
-        // says): a GET or HEAD is a 405 naming POST, so a crawler or a probe changes nothing.
-        Function::TwinEvaluator => post(evaluate),
-        Function::DeadLetter => post(dead_letter),
-    }
+    post(
+        move |State(functions): State<Arc<TwinFunctions>>, request: Request| {
+            call(function, functions, request)
+        },
+    )
 }
 
 /// The router of one function, answering on `/` (what Fission's router sends to a function

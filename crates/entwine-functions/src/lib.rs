@@ -9,6 +9,8 @@
 //!
 //! # Layout
 //! - [`handlers`]: the functions as plain async handlers over the store, with an injected clock.
+//! - [`invoke`]: the one entry point every caller goes through ([`handlers::TwinFunctions::invoke`]),
+//!   the status of each error, and the per-call metrics.
 //! - [`http`]: axum routers over them: one per function (answering on `/`, as Fission's router
 //!   calls it, and on its route) and one with all four (the local router).
 //! - [`fission`]: settings from Fission's ConfigMap and Secret mounts, and the `main` of the four
@@ -35,5 +37,6 @@
 pub mod fission;
 pub mod handlers;
 pub mod http;
+pub mod invoke;
 pub mod publisher;
 pub mod telemetry;

@@ -3,11 +3,15 @@
 //! `digitaltwin/<device_id>/lifecycle` by default, QoS 1). Off when no broker is configured.
 //!
 //! Publishing never holds a function up: messages go to the MQTT client's queue and its event
-//! loop sends them (reconnecting with backoff while the broker is away); when the queue is full
+//! loop sends them (reconnecting while the broker is away after waits of entwine's retry policy,
+//! [`entwine_core::retry::policy`], from [`RECONNECT_BACKOFF_MIN`] doubling to
+//! [`RECONNECT_BACKOFF_MAX`], jittered); when the queue is full
 //! the message is counted (`entwine_digital_events_dropped_total`) and logged, not waited for.
 
 use std::time::Duration;
 
+use entwine_core::broker::{BrokerUrl, BrokerUrlError};
+use entwine_core::retry;
 use entwine_core::state::DigitalState;
 use entwine_store::TwinChange;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, QoS};
@@ -18,11 +22,39 @@ use tokio::task::JoinHandle;
 pub const DEFAULT_STATE_TOPIC: &str = "digitaltwin/{device_id}/state";
 /// The default topic of lifecycle changes.
 pub const DEFAULT_LIFECYCLE_TOPIC: &str = "digitaltwin/{device_id}/lifecycle";
+/// Longest wait before the first reconnection to the digital broker.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two reconnections to the digital broker (jitter included).
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Why digital events cannot be published with these settings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublisherError {
+    /// A topic that does not name the device.
+    #[error("{key} {topic:?} must contain {{device_id}}")]
+    TopicWithoutDevice {
+        /// `state_topic` or `lifecycle_topic`.
+        key: &'static str,
+        /// The topic as given.
+        topic: String,
+    },
+    /// A topic with an MQTT wildcard (`+`, `#`), which cannot be published to.
+    #[error("{key} {topic:?} must not contain MQTT wildcards")]
+    TopicWildcard {
+        /// `state_topic` or `lifecycle_topic`.
+        key: &'static str,
+        /// The topic as given.
+        topic: String,
+    },
+    /// The broker address cannot be used.
+    #[error("broker_url: {0}")]
+    BrokerUrl(#[from] BrokerUrlError),
+}
 
 /// Where digital events go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublisherSettings {
-    /// The digital broker, `host:port` or `mqtt://host:port`.
+    /// The digital broker, `host:port` or `mqtt://host:port` ([`BrokerUrl`]'s rules).
     pub broker_url: String,
     /// Topic of digital states; `{device_id}` is replaced by the device's id.
     pub state_topic: String,
@@ -43,36 +75,28 @@ impl PublisherSettings {
         }
     }
 
-    /// Checks the broker address and that each topic names the device and has no wildcard.
-    pub fn validate(&self) -> Result<(String, u16), String> {
+    /// Checks the broker address and that each topic names the device and has no wildcard;
+    /// answers the broker's host and port.
+    pub fn validate(&self) -> Result<(String, u16), PublisherError> {
         for (key, topic) in [
             ("state_topic", &self.state_topic),
             ("lifecycle_topic", &self.lifecycle_topic),
         ] {
             if !topic.contains("{device_id}") {
-                return Err(format!("{key} {topic:?} must contain {{device_id}}"));
+                return Err(PublisherError::TopicWithoutDevice {
+                    key,
+                    topic: topic.clone(),
+                });
             }
-            if topic.contains(['+', '#']) || topic.is_empty() {
-                return Err(format!("{key} {topic:?} must not contain MQTT wildcards"));
+            if topic.contains(['+', '#']) {
+                return Err(PublisherError::TopicWildcard {
+                    key,
+                    topic: topic.clone(),
+                });
             }
         }
-        let url = self
-            .broker_url
-            .strip_prefix("mqtt://")
-            .unwrap_or(&self.broker_url);
-        let (host, port) = match url.rsplit_once(':') {
-            Some((host, port)) => (
-                host,
-                port.parse::<u16>().map_err(|_| {
-                    format!("broker_url {:?}: {port:?} is not a port", self.broker_url)
-                })?,
-            ),
-            None => (url, 1883),
-        };
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("broker_url {:?} is not host:port", self.broker_url));
-        }
-        Ok((host.to_owned(), port))
+        let url = BrokerUrl::parse(&self.broker_url)?.plain()?;
+        Ok((url.host, url.port))
     }
 }
 
@@ -87,22 +111,24 @@ pub struct DigitalPublisher {
 impl DigitalPublisher {
     /// Connects (in the background) to the digital broker. The task turns the MQTT event loop
     /// until [`DigitalPublisher::close`].
-    pub fn start(settings: &PublisherSettings) -> Result<(Self, JoinHandle<()>), String> {
+    pub fn start(settings: &PublisherSettings) -> Result<(Self, JoinHandle<()>), PublisherError> {
         let (host, port) = settings.validate()?;
         let mut options = MqttOptions::new(&settings.client_id, host, port);
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(options, 10_000);
         // Never cancelled mid-poll (rumqttc's poll is not cancel-safe): it ends on DISCONNECT.
         let pump = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
+            let delays = || retry::delays(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
+            let mut backoff = delays();
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-                    Ok(_) => backoff = Duration::from_millis(100),
+                    Ok(_) => backoff = delays(),
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "digital broker connection lost");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        // The policy has no last attempt; the fallback is never reached.
+                        let wait = backoff.next().unwrap_or(RECONNECT_BACKOFF_MAX);
+                        tracing::warn!(error = %e, retry_in = ?wait, "digital broker connection lost");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }
@@ -174,18 +200,41 @@ mod tests {
             PublisherSettings::new("broker", "x").validate(),
             Ok(("broker".into(), 1883))
         );
+        assert_eq!(
+            PublisherSettings::new("tcp://[::1]:1884", "x").validate(),
+            Ok(("::1".into(), 1884))
+        );
         let mut bad = PublisherSettings::new("broker:1883", "x");
         bad.state_topic = "digitaltwin/state".into();
-        assert!(bad.validate().unwrap_err().contains("state_topic"));
+        assert_eq!(
+            bad.validate(),
+            Err(PublisherError::TopicWithoutDevice {
+                key: "state_topic",
+                topic: "digitaltwin/state".into()
+            })
+        );
         let mut wild = PublisherSettings::new("broker:1883", "x");
         wild.lifecycle_topic = "twins/+/{device_id}".into();
-        assert!(wild.validate().unwrap_err().contains("lifecycle_topic"));
-        assert!(PublisherSettings::new("broker:http", "x")
-            .validate()
-            .unwrap_err()
-            .contains("port"));
-        assert!(PublisherSettings::new("http://broker:1883", "x")
-            .validate()
-            .is_err());
+        assert_eq!(
+            wild.validate().unwrap_err().to_string(),
+            "lifecycle_topic \"twins/+/{device_id}\" must not contain MQTT wildcards"
+        );
+        assert_eq!(
+            PublisherSettings::new("broker:http", "x").validate(),
+            Err(PublisherError::BrokerUrl(BrokerUrlError::Port {
+                url: "broker:http".into(),
+                port: "http".into()
+            }))
+        );
+        assert!(matches!(
+            PublisherSettings::new("http://broker:1883", "x").validate(),
+            Err(PublisherError::BrokerUrl(BrokerUrlError::Scheme { .. }))
+        ));
+        assert!(matches!(
+            PublisherSettings::new("mqtts://broker", "x").validate(),
+            Err(PublisherError::BrokerUrl(
+                BrokerUrlError::TlsUnsupported { .. }
+            ))
+        ));
     }
 }

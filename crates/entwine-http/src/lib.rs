@@ -21,8 +21,10 @@
 //! - **graceful shutdown**: once `shutdown` completes no connection is accepted, idle ones are
 //!   closed, requests in flight finish, and [`serve`] returns when the last connection closed.
 //!
-//! Each limit is settable: `ENTWINE_HTTP_HEADER_READ_TIMEOUT`, `ENTWINE_HTTP_BODY_TIMEOUT`
-//! (seconds, fractions allowed) and `ENTWINE_HTTP_MAX_CONNECTIONS` ([`Limits::from_env`]).
+//! Each limit is settable: the `http` section of `entwine_config` (file, Fission mounts,
+//! `ENTWINE_HTTP__HEADER_READ_TIMEOUT`, `ENTWINE_HTTP__BODY_TIMEOUT` in seconds, fractions
+//! allowed, and `ENTWINE_HTTP__MAX_CONNECTIONS`), checked by [`Limits::new`];
+//! [`Limits::from_env`] reads the environment alone (also the older one-underscore names).
 //!
 //! Built on hyper's HTTP/1 connection builder (its `header_read_timeout` is what axum 0.8's
 //! `serve` does not expose) and hyper-util's graceful shutdown, the crates axum itself uses.
@@ -91,8 +93,29 @@ pub struct LimitsError {
 }
 
 impl Limits {
-    /// The defaults, overridden by `ENTWINE_HTTP_HEADER_READ_TIMEOUT`,
-    /// `ENTWINE_HTTP_BODY_TIMEOUT` (seconds) and `ENTWINE_HTTP_MAX_CONNECTIONS`.
+    /// Limits from values in seconds and a connection count, each checked: a timeout within
+    /// 0.001..=86400 seconds, a connection cap within 1..=1000000. An error names the field
+    /// (`header_read_timeout`, `body_timeout` or `max_connections`) and what is wrong with it.
+    /// `entwine_config` builds the limits of every process with it.
+    pub fn new(
+        header_read_timeout_s: f64,
+        body_timeout_s: f64,
+        max_connections: usize,
+    ) -> Result<Self, (&'static str, String)> {
+        Ok(Self {
+            header_read_timeout: timeout(header_read_timeout_s)
+                .map_err(|reason| ("header_read_timeout", reason))?,
+            body_timeout: timeout(body_timeout_s).map_err(|reason| ("body_timeout", reason))?,
+            max_connections: connections(max_connections)
+                .map_err(|reason| ("max_connections", reason))?,
+        })
+    }
+
+    /// The defaults, overridden by `ENTWINE_HTTP__HEADER_READ_TIMEOUT`,
+    /// `ENTWINE_HTTP__BODY_TIMEOUT` (seconds) and `ENTWINE_HTTP__MAX_CONNECTIONS`, or their
+    /// older names with one underscore (`ENTWINE_HTTP_HEADER_READ_TIMEOUT`, …), which the
+    /// double-underscore names override. The environment layer only: `entwine_config` adds the
+    /// configuration file and the Fission mounts below it.
     pub fn from_env() -> Result<Self, LimitsError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -100,8 +123,15 @@ impl Limits {
     /// As [`Limits::from_env`], reading variables through `lookup`.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, LimitsError> {
         let mut limits = Self::default();
-        let seconds = |variable: &'static str| -> Result<Option<Duration>, LimitsError> {
-            let Some(raw) = lookup(variable) else {
+        let find = |names: [&'static str; 2]| {
+            names.into_iter().find_map(|variable| {
+                lookup(variable)
+                    .filter(|v| !v.is_empty())
+                    .map(|raw| (variable, raw))
+            })
+        };
+        let seconds = |names: [&'static str; 2]| -> Result<Option<Duration>, LimitsError> {
+            let Some((variable, raw)) = find(names) else {
                 return Ok(None);
             };
             let error = |reason: String| LimitsError { variable, reason };
@@ -109,30 +139,30 @@ impl Limits {
                 .trim()
                 .parse()
                 .map_err(|_| error(format!("{raw:?} is not a number of seconds")))?;
-            if !(value.is_finite() && (0.001..=86_400.0).contains(&value)) {
-                return Err(error(format!("{raw} is outside 0.001..=86400 seconds")));
-            }
-            Ok(Some(Duration::from_secs_f64(value)))
+            // The error quotes the value as written (`1e300`, not its 301 digits).
+            timeout(value)
+                .map(Some)
+                .map_err(|_| error(format!("{} is outside 0.001..=86400 seconds", raw.trim())))
         };
-        if let Some(d) = seconds("ENTWINE_HTTP_HEADER_READ_TIMEOUT")? {
+        if let Some(d) = seconds([
+            "ENTWINE_HTTP__HEADER_READ_TIMEOUT",
+            "ENTWINE_HTTP_HEADER_READ_TIMEOUT",
+        ])? {
             limits.header_read_timeout = d;
         }
-        if let Some(d) = seconds("ENTWINE_HTTP_BODY_TIMEOUT")? {
+        if let Some(d) = seconds(["ENTWINE_HTTP__BODY_TIMEOUT", "ENTWINE_HTTP_BODY_TIMEOUT"])? {
             limits.body_timeout = d;
         }
-        if let Some(raw) = lookup("ENTWINE_HTTP_MAX_CONNECTIONS") {
-            let variable = "ENTWINE_HTTP_MAX_CONNECTIONS";
+        if let Some((variable, raw)) = find([
+            "ENTWINE_HTTP__MAX_CONNECTIONS",
+            "ENTWINE_HTTP_MAX_CONNECTIONS",
+        ]) {
             let value: usize = raw.trim().parse().map_err(|_| LimitsError {
                 variable,
                 reason: format!("{raw:?} is not a whole number"),
             })?;
-            if !(1..=1_000_000).contains(&value) {
-                return Err(LimitsError {
-                    variable,
-                    reason: format!("{value} is outside 1..=1000000"),
-                });
-            }
-            limits.max_connections = value;
+            limits.max_connections =
+                connections(value).map_err(|reason| LimitsError { variable, reason })?;
         }
         Ok(limits)
     }
@@ -146,6 +176,29 @@ impl Limits {
                 .min(limit.saturating_sub(RESERVED_FDS).max(16)),
             None => self.max_connections,
         }
+    }
+}
+
+/// A timeout of `value` seconds, within 0.001..=86400.
+fn timeout(value: f64) -> Result<Duration, String> {
+    if value.is_finite() && (0.001..=86_400.0).contains(&value) {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        let shown = if value.abs() >= 1e9 {
+            format!("{value:e}")
+        } else {
+            value.to_string()
+        };
+        Err(format!("{shown} is outside 0.001..=86400 seconds"))
+    }
+}
+
+/// A connection cap within 1..=1000000.
+fn connections(value: usize) -> Result<usize, String> {
+    if (1..=1_000_000).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is outside 1..=1000000"))
     }
 }
 

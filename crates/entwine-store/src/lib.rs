@@ -3,12 +3,17 @@
 //!
 //! # Layout
 //! - [`Store`]: a connection pool to either backend, and the three writes of the pipeline
-//!   ([`Store::record_physical_event`], [`Store::record_shadow`], [`Store::evaluate_twin`]),
-//!   each idempotent: calling it again with the same input answers the row it already wrote.
+//!   ([`Store::record_physical_event`], [`Store::record_shadow`],
+//!   [`Store::evaluate_digital_state`]), each idempotent: calling it again with the same input
+//!   answers the row it already wrote.
+//! - [`Store::evaluate_digital_state`] (the twin handler: one digital state, at its time) and
+//!   [`Store::reevaluate_twins`] (the twin evaluator: every twin, at the current time): the
+//!   twin table, each twin's place in its lifecycle (unbound, bound, entangled, disentangled),
+//!   moved on every evaluation and re-evaluated at the current time so that a silent device
+//!   shows. Both only read the figures ([`Store::state_window`], [`Store::twin_windows`]), hand
+//!   them to the one pure evaluation of the core ([`entwine_core::evaluation::evaluate`]) and
+//!   write what it answers.
 //! - [`Store::twins`], [`Store::twin`], [`Store::history`]: the twins read back for the API.
-//! - [`Store::evaluate_and_advance`], [`Store::evaluate_twins`]: the twin table, each twin's place in
-//!   its lifecycle (unbound, bound, entangled, disentangled), advanced on every evaluation and
-//!   re-evaluated at the current time so that a silent device shows.
 //! - [`Store::record_dead_letter`], [`Store::dead_letters`]: the messages the pipeline refused.
 //! - [`StoreError`]: what went wrong, typed by who must act (the caller's input, the operator's
 //!   database, or a bug).
@@ -39,7 +44,8 @@ mod twins;
 use std::str::FromStr;
 use std::time::Duration;
 
-use entwine_core::odte::{Lifecycle, OdteConfig, WindowStats};
+use entwine_core::evaluation::{self, TwinEvaluation, Window, WindowFigures};
+use entwine_core::odte::{OdteConfig, SeedLifecycle};
 use entwine_core::state::{
     DeviceId, DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState,
 };
@@ -50,9 +56,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 pub use deadletters::StoredDeadLetter;
-use entwine_core::twin::TwinPosition;
 pub use error::StoreError;
-pub use lifecycle::TwinChange;
+pub use lifecycle::{TwinChange, TwinWindow};
 use queries::{DigitalRow, PendingRow, PhysicalRow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;
@@ -138,6 +143,12 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
+            // Every commit by one connection invalidates the page cache of the others (WAL):
+            // without memory mapping each of them then reads the pages it needs again with
+            // `pread`, copying them, under SQLite's page-cache mutex; mapped, a page is read in
+            // place from the OS cache. 256 MiB of address space, not of memory. Measured with
+            // `entwine bench --mode saturation` (BENCHMARKS.md, issue #11).
+            .pragma("mmap_size", "268435456")
             .foreign_keys(true)
             .busy_timeout(options.acquire_timeout);
         let pool = SqlitePoolOptions::new()
@@ -383,40 +394,129 @@ impl Store {
         Ok((row.into_pending()?, Written::Existing))
     }
 
-    /// Evaluates a pending digital state: counts its device's window, computes the ODTE with
-    /// `config` and stores it on the same row. A state evaluated before is answered as stored,
-    /// so a repeated call neither changes it nor counts anything twice.
+    /// The twin handler's store work: evaluates a pending digital state over its device's
+    /// window ([`entwine_core::evaluation::evaluate`] on the figures the store reads), stores
+    /// the evaluation on the state's row and moves the twin by it. A state evaluated before is
+    /// answered as stored, so a repeated call neither changes it nor counts anything twice; its
+    /// stored evaluation still moves the twin, so that a first call cut short between the two
+    /// writes is completed. The twin's position comes with the window, in the same query, and
+    /// the twin row is written only when its lifecycle changes. Answers the change when it was
+    /// written (a stale one, older than the twin's latest evaluation, is dropped unannounced).
     ///
-    /// Rejects an unknown id, or one whose stored device, physical state or timestamp differs
-    /// from the input.
-    pub async fn evaluate_twin(
-        &self,
-        pending: &PendingDigitalState,
-        config: &OdteConfig,
-    ) -> Result<(DigitalState, Written), StoreError> {
-        let (state, written, _) = self.evaluate(pending, config).await?;
-        Ok((state, written))
-    }
-
-    /// The twin handler's store work: [`Store::evaluate_twin`], then the twin's lifecycle
-    /// advanced by the evaluation (also on a redelivery, so that a first call cut short between
-    /// the two is completed). The twin's position comes with the window, in the same query;
-    /// the twin row is written only when its lifecycle changes. Answers the change, if any.
-    pub async fn evaluate_and_advance(
+    /// Rejects an unknown id, or one whose stored device, physical state, timestamp or readings
+    /// differ from the input.
+    pub async fn evaluate_digital_state(
         &self,
         pending: &PendingDigitalState,
         config: &OdteConfig,
     ) -> Result<(DigitalState, Written, Option<TwinChange>), StoreError> {
-        let (state, written, position) = self.evaluate(pending, config).await?;
-        let change = self.advance_from(position, &state, config).await?;
+        let (state, written, evaluation) = self.evaluate_state(pending, config).await?;
+        let change = self.record_twin_change(&state, &evaluation).await?;
         Ok((state, written, change))
     }
 
-    async fn evaluate(
+    /// [`Store::evaluate_digital_state`] without the twin: the seed's twin-handler work only
+    /// (the ODTE of the state, stored on its row); the twin table is left as it is.
+    pub async fn evaluate_digital_state_only(
         &self,
         pending: &PendingDigitalState,
         config: &OdteConfig,
-    ) -> Result<(DigitalState, Written, Option<TwinPosition>), StoreError> {
+    ) -> Result<(DigitalState, Written), StoreError> {
+        let (state, written, _) = self.evaluate_state(pending, config).await?;
+        Ok((state, written))
+    }
+
+    /// The figures the twin handler reads for digital state `id` (none if there is no such
+    /// row): its device's window at the state's timestamp, and the update times when `config`
+    /// measures availability. [`Store::evaluate_digital_state`] evaluates exactly these; they
+    /// equal [`WindowFigures::reference`] over the device's states.
+    pub async fn state_window(
+        &self,
+        id: i32,
+        config: &OdteConfig,
+    ) -> Result<Option<WindowFigures>, StoreError> {
+        let Some(row) = self.digital_row(id, config).await? else {
+            return Ok(None);
+        };
+        let pending = row.pending(id)?;
+        let figures = self
+            .window_figures(&row, pending.device_id.as_str(), pending.timestamp, config)
+            .await?;
+        Ok(Some(figures))
+    }
+
+    /// The window's figures of a digital state row read by [`Store::digital_row`].
+    async fn window_figures(
+        &self,
+        row: &DigitalRow,
+        device: &str,
+        t_ms: i64,
+        config: &OdteConfig,
+    ) -> Result<WindowFigures, StoreError> {
+        Ok(WindowFigures {
+            stats: queries::window_stats(row.window_states, row.window_timely),
+            updates: self.updates_of(device, t_ms, config).await?,
+        })
+    }
+
+    /// Reads, checks and evaluates a pending digital state: answers the digital state as
+    /// stored, whether this call stored it, and the evaluation that moves its twin.
+    async fn evaluate_state(
+        &self,
+        pending: &PendingDigitalState,
+        config: &OdteConfig,
+    ) -> Result<(DigitalState, Written, TwinEvaluation), StoreError> {
+        let row = self.checked_row(pending, config).await?;
+        let stored_pending = row.pending(pending.id)?;
+        let position = row.twin_position(pending.device_id.as_str())?;
+        // The handler evaluates at the state's time, which is then the twin's latest update.
+        let t = pending.timestamp;
+        let evaluate = |window| evaluation::evaluate(config, t, Some(t), window, position);
+        if let Some(stored) = row.evaluation(stored_pending.clone())? {
+            let evaluation = evaluate(Window::Evaluated(&stored));
+            return Ok((stored, Written::Existing, evaluation));
+        }
+        let figures = self
+            .window_figures(&row, pending.device_id.as_str(), t, config)
+            .await?;
+        let evaluation = evaluate(Window::Read(&figures));
+        let state = DigitalState::new(stored_pending, &evaluation.entanglement);
+        let updated = execute!(
+            self,
+            queries::STORE_EVALUATION,
+            pending.id,
+            state.availability,
+            state.reliability,
+            state.timeliness,
+            state.odte,
+            state.lifecycle.as_str()
+        )?;
+        if updated == 1 {
+            return Ok((state, Written::Created, evaluation));
+        }
+        // Another call evaluated the same state in between: answer what it stored.
+        let again = self.digital_row(pending.id, config).await?;
+        let again = again
+            .ok_or_else(|| StoreError::Corrupt(format!("digital state {} vanished", pending.id)))?;
+        let stored = again
+            .evaluation(again.pending(pending.id)?)?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "digital state {} was neither evaluated nor updatable",
+                    pending.id
+                ))
+            })?;
+        let evaluation = evaluate(Window::Evaluated(&stored));
+        Ok((stored, Written::Existing, evaluation))
+    }
+
+    /// The row of a pending digital state with its window, refused unless it is exactly the
+    /// stored state (device, physical state, timestamp and readings).
+    async fn checked_row(
+        &self,
+        pending: &PendingDigitalState,
+        config: &OdteConfig,
+    ) -> Result<DigitalRow, StoreError> {
         let row = self.digital_row(pending.id, config).await?;
         let row = row.ok_or_else(|| {
             StoreError::Rejected(InputError::new(
@@ -462,49 +562,7 @@ impl Store {
                 ("energy", stored_pending.energy, pending.energy),
             ],
         )?;
-        let position = row.twin_position(pending.device_id.as_str())?;
-        if let Some(stored) = row.evaluation(stored_pending.clone())? {
-            return Ok((stored, Written::Existing, position));
-        }
-
-        let stats = WindowStats {
-            states: u64::try_from(row.window_states).unwrap_or(0),
-            timely: u64::try_from(row.window_timely).unwrap_or(0),
-        };
-        let evaluation = match self
-            .availability_of(pending.device_id.as_str(), pending.timestamp, config)
-            .await?
-        {
-            Some(availability) => config.evaluate_with(stats, availability),
-            None => config.evaluate(stats),
-        };
-        let state = DigitalState::new(stored_pending, &evaluation);
-        let updated = execute!(
-            self,
-            queries::STORE_EVALUATION,
-            pending.id,
-            state.availability,
-            state.reliability,
-            state.timeliness,
-            state.odte,
-            state.lifecycle.as_str()
-        )?;
-        if updated == 1 {
-            return Ok((state, Written::Created, position));
-        }
-        // Another call evaluated the same state in between: answer what it stored.
-        let again = self.digital_row(pending.id, config).await?;
-        let again = again
-            .ok_or_else(|| StoreError::Corrupt(format!("digital state {} vanished", pending.id)))?;
-        let stored = again
-            .evaluation(again.pending(pending.id)?)?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "digital state {} was neither evaluated nor updatable",
-                    pending.id
-                ))
-            })?;
-        Ok((stored, Written::Existing, position))
+        Ok(row)
     }
 }
 
@@ -636,8 +694,8 @@ fn stored_device(table: &str, id: i32, raw: &str) -> Result<DeviceId, StoreError
         .map_err(|e| StoreError::Corrupt(format!("{table} row {id}: {e}")))
 }
 
-fn stored_lifecycle(id: i32, raw: &str) -> Result<Lifecycle, StoreError> {
-    Lifecycle::parse(raw).ok_or_else(|| {
+fn stored_lifecycle(id: i32, raw: &str) -> Result<SeedLifecycle, StoreError> {
+    SeedLifecycle::parse(raw).ok_or_else(|| {
         StoreError::Corrupt(format!("digitalstate row {id}: unknown lifecycle {raw:?}"))
     })
 }

@@ -1,14 +1,19 @@
-//! The twin table: each twin's place in its lifecycle ([`entwine_core::twin`]), advanced by the
-//! twin handler on every evaluation and by the twin evaluator at the current time.
+//! The twin table: each twin's place in its lifecycle ([`entwine_core::twin`]), moved by the
+//! twin handler on every evaluation ([`Store::evaluate_digital_state`]) and by the twin
+//! evaluator at the current time ([`Store::reevaluate_twins`]). Both read the figures of a
+//! window, evaluate them with [`entwine_core::evaluation::evaluate`] and write the answer.
 
 use std::collections::{HashMap, HashSet};
 
-use entwine_core::odte::{OdteConfig, WindowStats};
+use entwine_core::evaluation::{
+    self, LifecycleChange, TwinEvaluation, UpdateTimes, Window, WindowFigures,
+};
+use entwine_core::odte::{Entanglement, OdteConfig};
 use entwine_core::state::DigitalState;
-use entwine_core::twin::{availability, next_position, TwinLifecycle, TwinPosition};
+use entwine_core::twin::{TwinLifecycle, TwinPosition};
 use serde::{Deserialize, Serialize};
 
-use crate::queries::Sql;
+use crate::queries::{window_stats, Sql};
 use crate::{Store, StoreError};
 
 /// A twin that changed lifecycle.
@@ -71,6 +76,18 @@ struct Figures {
     reliability: f32,
     timeliness: f32,
     odte: f32,
+}
+
+impl Figures {
+    /// An evaluation at the stored precision (`REAL`), as [`DigitalState::new`] rounds it.
+    fn of(e: &Entanglement) -> Self {
+        Self {
+            availability: e.availability as f32,
+            reliability: e.reliability as f32,
+            timeliness: e.timeliness as f32,
+            odte: e.odte as f32,
+        }
+    }
 }
 
 /// Rows per upsert statement: 12 parameters each stays far below both backends' limits.
@@ -174,11 +191,19 @@ static WINDOWS_AT: Sql = Sql::new(
      ORDER BY t.device_id",
 );
 
-/// Every device's twin timestamps in `[$1, $2]`.
-static UPDATES_BETWEEN: Sql = Sql::new(
-    "SELECT device_id, timestamp FROM digitalstate \
+/// Every device's twin timestamps in `[$1, $2]` (`before_window` = 0), and each twin's latest
+/// one before `$1` (`before_window` = 1; no timestamp for a twin without one): what
+/// availability needs of every twin, in one round trip.
+static UPDATES_AT: Sql = Sql::new(
+    "SELECT device_id, timestamp, 0 AS before_window FROM digitalstate \
      WHERE timestamp >= $1 AND timestamp <= $2 AND device_id IS NOT NULL \
-     ORDER BY device_id, timestamp",
+     UNION ALL \
+     SELECT t.device_id, \
+            (SELECT MAX(x.timestamp) FROM digitalstate x \
+             WHERE x.device_id = t.device_id AND x.timestamp < $1), \
+            1 \
+     FROM twin t \
+     ORDER BY 1, 3, 2",
 );
 
 #[derive(sqlx::FromRow)]
@@ -251,16 +276,17 @@ impl Store {
         Ok(applied)
     }
 
-    /// The measured availability of `device` at `t_ms`, when `config` defines availability.
-    pub(crate) async fn availability_of(
+    /// The update times of `device` that availability needs at `t_ms`, when `config` measures
+    /// it: the last one before the window and those in it.
+    pub(crate) async fn updates_of(
         &self,
         device: &str,
         t_ms: i64,
         config: &OdteConfig,
-    ) -> Result<Option<f64>, StoreError> {
-        let Some(max_gap) = config.availability_max_gap_ms() else {
+    ) -> Result<Option<UpdateTimes>, StoreError> {
+        if config.availability_max_gap_ms().is_none() {
             return Ok(None);
-        };
+        }
         let (start, _) = config.window_of(t_ms);
         let rows: Vec<(i64,)> = fetch!(
             self,
@@ -271,48 +297,36 @@ impl Store {
             start,
             t_ms
         )?;
-        let updates: Vec<i64> = rows.into_iter().map(|(t,)| t).collect();
-        Ok(Some(availability(
-            &updates,
-            t_ms,
-            config.window_ms(),
-            max_gap,
-        )))
+        let mut updates = UpdateTimes::default();
+        for (t,) in rows {
+            if t < start {
+                updates.before_window = updates.before_window.max(Some(t));
+            } else {
+                updates.in_window.push(t);
+            }
+        }
+        Ok(Some(updates))
     }
 
-    /// Moves a twin from `previous` by the evaluation `state`. The row is written only when the
-    /// lifecycle changes: between changes it would only repeat the figures of the digital
-    /// state, and the hot path saves a write per event (the evaluator refreshes the figures).
-    pub(crate) async fn advance_from(
+    /// Writes the twin handler's lifecycle change, if its evaluation made one, and answers it
+    /// when the write applied. The row is written only on a change: between changes it would
+    /// only repeat the figures of the digital state, and the hot path saves a write per event
+    /// (the evaluator refreshes the figures).
+    pub(crate) async fn record_twin_change(
         &self,
-        previous: Option<TwinPosition>,
         state: &DigitalState,
-        config: &OdteConfig,
+        evaluation: &TwinEvaluation,
     ) -> Result<Option<TwinChange>, StoreError> {
-        let device = state.pending.device_id.as_str();
-        let t = state.pending.timestamp;
-        let next = next_position(
-            previous,
-            t,
-            Some(t),
-            f64::from(state.odte),
-            config.threshold(),
-            config.window_ms(),
-            config.silence_ms(),
-        );
-        let figures = Figures {
-            availability: state.availability,
-            reliability: state.reliability,
-            timeliness: state.timeliness,
-            odte: state.odte,
-        };
-        let Some(change) = change(device, previous, next, t, figures) else {
+        let Some(change) = evaluation.change else {
             return Ok(None);
         };
+        let device = state.pending.device_id.as_str();
+        let t = state.pending.timestamp;
+        let figures = Figures::of(&evaluation.entanglement);
         let applied = self
             .upsert(&[TwinRow {
                 device_id: device,
-                position: next,
+                position: evaluation.position,
                 digitalstate_id: Some(state.pending.id),
                 last_update: Some(t),
                 physicalstate_id: Some(state.pending.physicalstate_id),
@@ -322,17 +336,64 @@ impl Store {
             .await?;
         // A stale evaluation (a redelivered old state) is refused by the upsert: its change
         // never happened, so it is not announced.
-        Ok(applied.contains(device).then_some(change))
+        Ok(applied
+            .contains(device)
+            .then(|| twin_change(device, change, t, figures)))
     }
 
-    /// Re-evaluates every twin at `now_ms` (the twin evaluator): a twin whose device fell
-    /// silent loses reliability as its window empties, becomes disentangled, then unbound after
-    /// the silence threshold. Answers the lifecycle changes.
-    pub async fn evaluate_twins(
+    /// The twin evaluator's store work: re-evaluates every twin at `now_ms`
+    /// ([`entwine_core::evaluation::evaluate`] on the figures of [`Store::twin_windows`]), so
+    /// that a twin whose device fell silent loses reliability as its window empties, becomes
+    /// disentangled, then unbound after the silence threshold. Refreshes every twin's figures
+    /// and latest state; answers the lifecycle changes that were written (a twin the handler
+    /// evaluated later than `now_ms` in between keeps that evaluation, and its change here is
+    /// dropped).
+    pub async fn reevaluate_twins(
         &self,
         now_ms: i64,
         config: &OdteConfig,
     ) -> Result<Vec<TwinChange>, StoreError> {
+        let windows = self.twin_windows(now_ms, config).await?;
+        let mut changes = Vec::new();
+        let mut rows = Vec::with_capacity(windows.len());
+        for twin in &windows {
+            let evaluation = evaluation::evaluate(
+                config,
+                now_ms,
+                twin.last_update,
+                Window::Read(&twin.figures),
+                Some(twin.position),
+            );
+            let figures = Figures::of(&evaluation.entanglement);
+            if let Some(change) = evaluation.change {
+                changes.push(twin_change(&twin.device_id, change, now_ms, figures));
+            }
+            rows.push(TwinRow {
+                device_id: &twin.device_id,
+                position: evaluation.position,
+                digitalstate_id: twin.latest_id,
+                last_update: twin.last_update,
+                physicalstate_id: twin.latest_physical_id,
+                evaluated_at: now_ms,
+                figures,
+            });
+        }
+        // Every twin's refreshed figures and latest state, many rows per statement: a tick
+        // costs a few statements, not one per twin.
+        let applied = self.upsert(&rows).await?;
+        changes.retain(|c| applied.contains(&c.device_id));
+        Ok(changes)
+    }
+
+    /// What the twin evaluator reads at `now_ms`: every twin, its position, its latest update
+    /// and the figures of its window `[now − window, now]` (one grouped query, and one more
+    /// for the update times when `config` measures availability). The figures equal
+    /// [`entwine_core::evaluation::WindowFigures::reference`] over each device's states.
+    pub async fn twin_windows(
+        &self,
+        now_ms: i64,
+        config: &OdteConfig,
+    ) -> Result<Vec<TwinWindow>, StoreError> {
         let (start, end) = config.window_of(now_ms);
         let rows: Vec<WindowRow> = fetch!(
             self,
@@ -343,115 +404,77 @@ impl Store {
             end,
             config.timeliness_ms()
         )?;
-        let mut updates: HashMap<String, Vec<i64>> = HashMap::new();
-        let max_gap = config.availability_max_gap_ms();
-        if let Some(gap) = max_gap {
-            let listed: Vec<(String, i64)> = fetch!(
+        let measured = config.availability_max_gap_ms().is_some();
+        let mut updates: HashMap<String, UpdateTimes> = HashMap::new();
+        if measured {
+            let listed: Vec<(String, Option<i64>, i32)> = fetch!(
                 self,
-                UPDATES_BETWEEN,
+                UPDATES_AT,
                 fetch_all,
-                (String, i64),
-                start.saturating_sub(gap),
+                (String, Option<i64>, i32),
+                start,
                 end
             )?;
-            for (device, t) in listed {
-                updates.entry(device).or_default().push(t);
+            for (device, t, before_window) in listed {
+                let times = updates.entry(device).or_default();
+                match (before_window, t) {
+                    (_, None) => {}
+                    (0, Some(t)) => times.in_window.push(t),
+                    (_, Some(t)) => times.before_window = Some(t),
+                }
             }
         }
-        let mut changes = Vec::new();
-        let mut upserts = Vec::with_capacity(rows.len());
-        for row in rows {
-            let previous = position(
-                &row.device_id,
-                PositionRow {
-                    lifecycle: row.lifecycle.clone(),
-                    since: row.since,
-                    bound_at: row.bound_at,
-                },
-            )?;
-            let a = match max_gap {
-                None => 1.0,
-                Some(gap) => {
-                    let mut times = updates.remove(&row.device_id).unwrap_or_default();
-                    // Updates before the listed range: the gap that straddles it started
-                    // earlier than the range, which is all the availability needs to know.
-                    let earlier = start.saturating_sub(gap);
-                    if row.bound_at.is_some_and(|b| b < earlier)
-                        && times.first().is_none_or(|first| *first >= start)
-                    {
-                        times.insert(0, earlier - 1);
-                    }
-                    availability(&times, now_ms, config.window_ms(), gap)
-                }
-            };
-            let e = config.evaluate_with(
-                WindowStats {
-                    states: u64::try_from(row.window_states).unwrap_or(0),
-                    timely: u64::try_from(row.window_timely).unwrap_or(0),
-                },
-                a,
-            );
-            let next = next_position(
-                Some(previous),
-                now_ms,
-                row.last_update,
-                e.odte,
-                config.threshold(),
-                config.window_ms(),
-                config.silence_ms(),
-            );
-            let figures = Figures {
-                availability: e.availability as f32,
-                reliability: e.reliability as f32,
-                timeliness: e.timeliness as f32,
-                odte: e.odte as f32,
-            };
-            changes.extend(change(
-                &row.device_id,
-                Some(previous),
-                next,
-                now_ms,
-                figures,
-            ));
-            upserts.push((row, next, figures));
-        }
-        // Every twin's refreshed figures and latest state, many rows per statement: a tick
-        // costs a few statements, not one per twin.
-        let rows: Vec<TwinRow<'_>> = upserts
-            .iter()
-            .map(|(row, next, figures)| TwinRow {
-                device_id: &row.device_id,
-                position: *next,
-                digitalstate_id: row.latest_id,
-                last_update: row.last_update,
-                physicalstate_id: row.latest_physical_id,
-                evaluated_at: now_ms,
-                figures: *figures,
+        rows.into_iter()
+            .map(|row| {
+                let position = position(
+                    &row.device_id,
+                    PositionRow {
+                        lifecycle: row.lifecycle,
+                        since: row.since,
+                        bound_at: row.bound_at,
+                    },
+                )?;
+                let updates = measured.then(|| updates.remove(&row.device_id).unwrap_or_default());
+                Ok(TwinWindow {
+                    position,
+                    last_update: row.last_update,
+                    figures: WindowFigures {
+                        stats: window_stats(row.window_states, row.window_timely),
+                        updates,
+                    },
+                    latest_id: row.latest_id,
+                    latest_physical_id: row.latest_physical_id,
+                    device_id: row.device_id,
+                })
             })
-            .collect();
-        let applied = self.upsert(&rows).await?;
-        // A twin the handler evaluated later than `now` in between keeps that evaluation.
-        changes.retain(|c| applied.contains(&c.device_id));
-        Ok(changes)
+            .collect()
     }
 }
 
-fn change(
-    device: &str,
-    previous: Option<TwinPosition>,
-    next: TwinPosition,
-    at: i64,
-    figures: Figures,
-) -> Option<TwinChange> {
-    let from = previous.map(|p| p.lifecycle);
-    (from != Some(next.lifecycle)).then(|| TwinChange {
+/// One twin as the twin evaluator reads it ([`Store::twin_windows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinWindow {
+    /// The device it mirrors.
+    pub device_id: String,
+    /// Where it stood at its previous evaluation.
+    pub position: TwinPosition,
+    /// Its latest update: the largest timestamp of its digital states (ms).
+    pub last_update: Option<i64>,
+    /// The figures of its window.
+    pub figures: WindowFigures,
+    latest_id: Option<i32>,
+    latest_physical_id: Option<i32>,
+}
+
+fn twin_change(device: &str, change: LifecycleChange, at: i64, figures: Figures) -> TwinChange {
+    TwinChange {
         device_id: device.to_owned(),
-        from,
-        to: next.lifecycle,
+        from: change.from,
+        to: change.to,
         at,
         odte: figures.odte,
         availability: figures.availability,
         reliability: figures.reliability,
         timeliness: figures.timeliness,
-    })
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use entwine_core::odte::WindowStats;
 use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalState};
 use entwine_core::twin::TwinPosition;
 
@@ -136,6 +137,14 @@ pub(crate) static STORE_EVALUATION: Sql = Sql::new(
      SET availability = $2, reliability = $3, timeliness = $4, odte = $5, lifecycle = $6 \
      WHERE id = $1 AND odte IS NULL",
 );
+
+/// A window's counts as both window queries return them (`COUNT`, `SUM`: never negative).
+pub(crate) fn window_stats(states: i64, timely: i64) -> WindowStats {
+    WindowStats {
+        states: u64::try_from(states).unwrap_or(0),
+        timely: u64::try_from(timely).unwrap_or(0),
+    }
+}
 
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct PhysicalRow {

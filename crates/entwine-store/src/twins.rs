@@ -1,6 +1,6 @@
 //! Reading the twins back: each device's latest evaluation, and its history.
 
-use entwine_core::odte::Lifecycle;
+use entwine_core::odte::SeedLifecycle;
 use entwine_core::twin::TwinLifecycle;
 use serde::Serialize;
 
@@ -60,7 +60,7 @@ pub struct HistoryEntry {
     /// ODTE.
     pub odte: f32,
     /// The lifecycle after this state.
-    pub lifecycle: Lifecycle,
+    pub lifecycle: SeedLifecycle,
 }
 
 /// The rows of the devices whose id starts with a prefix: what a benchmark checks for lost and

@@ -1,11 +1,14 @@
 //! Flags and dispatch.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use entwine_config::{Environment, Flags, Loaded, Sources, DEFAULT_DATABASE_URL};
 use entwine_core::odte::OdteConfig;
 use entwine_store::{Store, StoreOptions};
+use secrecy::ExposeSecret;
 
 /// Digital twins of industrial IoT devices, built from serverless functions, that measure how
 /// faithfully each twin mirrors its device (ODTE = availability × reliability × timeliness).
@@ -35,17 +38,110 @@ pub enum Command {
     /// Measure the full chain on this machine: events/s, latency percentiles from the device to
     /// its twin, losses, CPU and memory; scaling curves; a table and a JSON file.
     Bench(crate::bench::BenchArgs),
+    /// Print the effective configuration (YAML or TOML), each value with its source (default,
+    /// file, Fission mount, variable, flag), passwords redacted; exit 2 when it is invalid.
+    Config(crate::config_cmd::ConfigArgs),
     /// Run a scripted scenario (faults on and off, rate changes, silent devices) on the local
     /// platform and write every twin's ODTE over time as CSV and an SVG plot.
     Experiment(crate::experiment::ExperimentArgs),
 }
 
-/// Where the store is.
-#[derive(Debug, Args)]
+/// Where the store is and its pool. Each flag overrides the typed configuration
+/// (`entwine_config`: defaults < `--config` file or Fission ConfigMap mounts < Secret mounts <
+/// `ENTWINE_*`/`DATABASE_URL` < flags); none has a default of its own.
+#[derive(Debug, Clone, Default, Args)]
 pub struct DatabaseArgs {
-    /// The store: `sqlite://PATH` (created when missing) or `postgres://user:pass@host:port/db`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://entwine.db")]
-    pub database_url: String,
+    /// The store: `sqlite://PATH` (created when missing) or `postgres://user:pass@host:port/db`
+    /// [default: `database.url` (`DATABASE_URL`), else the `postgres` keys
+    /// (`ENTWINE_POSTGRES__HOST`, …), else sqlite://entwine.db].
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Most connections of the store's pool [default: `database.max_connections`, 8].
+    #[arg(long, value_name = "N")]
+    pub database_max_connections: Option<u32>,
+    /// Seconds a call waits for a pooled connection [default: `database.acquire_timeout`, 5].
+    #[arg(long, value_name = "SECONDS")]
+    pub database_acquire_timeout: Option<f64>,
+    /// A configuration file, YAML (`.yaml`, `.yml`) or TOML (`.toml`) [default: `ENTWINE_CONFIG`].
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl DatabaseArgs {
+    /// Arguments that name the store by URL, as `--database-url URL` would.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            database_url: Some(url.into()),
+            ..Self::default()
+        }
+    }
+
+    fn flags(&self, flags: &mut Flags) {
+        flags
+            .set("database.url", "--database-url", self.database_url.clone())
+            .set(
+                "database.max_connections",
+                "--database-max-connections",
+                self.database_max_connections,
+            )
+            .set(
+                "database.acquire_timeout",
+                "--database-acquire-timeout",
+                self.database_acquire_timeout,
+            );
+    }
+
+    /// The typed configuration with these flags (and `odte`'s) on top.
+    pub fn load(&self, odte: Option<&OdteArgs>) -> anyhow::Result<Loaded> {
+        let mut flags = Flags::default();
+        self.flags(&mut flags);
+        if let Some(odte) = odte {
+            odte.flags(&mut flags);
+        }
+        load_config(self.config.clone(), flags)
+    }
+
+    /// Where the store is, as a URL: `--database-url`, else the typed configuration's
+    /// `database.url`, else a URL of its `postgres` keys, else `sqlite://entwine.db`.
+    pub fn url(&self) -> anyhow::Result<String> {
+        let url = self.load(None)?.database_url(Some(DEFAULT_DATABASE_URL))?;
+        Ok(url.expose_secret().to_owned())
+    }
+
+    /// The store's pool options (`--database-max-connections`, `database.max_connections`, …).
+    pub fn store_options(&self) -> anyhow::Result<StoreOptions> {
+        Ok(self.load(None)?.store_options()?)
+    }
+
+    /// Where the store is, for printing (no password).
+    pub fn redacted_url(&self) -> String {
+        match self
+            .load(None)
+            .and_then(|l| Ok(l.database(Some(DEFAULT_DATABASE_URL))?))
+        {
+            Ok(target) => target.redacted(),
+            Err(_) => self
+                .database_url
+                .as_deref()
+                .map_or_else(|| "?".into(), entwine_config::redact_url),
+        }
+    }
+}
+
+/// The configuration file of this run: `--config` of the subcommand (see [`run`]).
+static CONFIG_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The typed configuration: `file` (else `--config` of this run, else `ENTWINE_CONFIG`), the
+/// Fission mounts when present, the environment, then `flags`.
+fn load_config(file: Option<PathBuf>, flags: Flags) -> anyhow::Result<Loaded> {
+    let env = Environment::from_process();
+    let sources = Sources {
+        env: &env,
+        file: file.or_else(|| CONFIG_FILE.get().cloned()),
+        mounts: true,
+        flags,
+    };
+    Ok(entwine_config::load(&sources)?)
 }
 
 /// Flags of `entwine up`. Every address whose port is taken is replaced by a free port, printed.
@@ -95,6 +191,10 @@ pub struct UpArgs {
     /// Run no connector (when connectors run as processes of their own: `entwine connector`).
     #[arg(long)]
     pub no_connector: bool,
+    /// Have the connector call the functions over HTTP through this process's server, as on a
+    /// cluster, instead of in process (slower: for comparing, or checking the HTTP routes).
+    #[arg(long)]
+    pub http_functions: bool,
     /// Publish no digital events (by default each digital state and each lifecycle change go
     /// to the platform's broker).
     #[arg(long)]
@@ -114,46 +214,84 @@ pub struct UpArgs {
     pub odte: OdteArgs,
 }
 
-/// The ODTE configuration, with the seed's `odte` ConfigMap as defaults.
-#[derive(Debug, Args)]
+/// The ODTE configuration. Each flag overrides the typed configuration's `odte` section
+/// (`ENTWINE_ODTE__*`, a `--config` file, the `odte` ConfigMap), whose defaults are the seed's.
+#[derive(Debug, Clone, Default, Args)]
 pub struct OdteArgs {
-    /// Updates per second a device is expected to send.
-    #[arg(
-        long,
-        env = "ENTWINE_ODTE__EXPECTED_UPDATE_RATE",
-        default_value_t = 0.2
-    )]
-    pub expected_update_rate: f64,
-    /// Length of the ODTE window, in seconds.
-    #[arg(long, env = "ENTWINE_ODTE__TIME_WINDOW", default_value_t = 30.0)]
-    pub time_window: f64,
-    /// How soon (seconds) after the device measured its twin must mirror it.
-    #[arg(long, env = "ENTWINE_ODTE__DESIRED_TIMELINESS", default_value_t = 1.0)]
-    pub desired_timeliness: f64,
-    /// ODTE at or above which a twin is `entangled`.
-    #[arg(long, env = "ENTWINE_ODTE__THRESHOLD", default_value_t = 0.9)]
-    pub threshold: f64,
+    /// Updates per second a device is expected to send [default: `odte.expected_update_rate`, 0.2].
+    #[arg(long)]
+    pub expected_update_rate: Option<f64>,
+    /// Length of the ODTE window, in seconds [default: `odte.time_window`, 30].
+    #[arg(long)]
+    pub time_window: Option<f64>,
+    /// How soon (seconds) after the device measured its twin must mirror it
+    /// [default: `odte.desired_timeliness`, 1].
+    #[arg(long)]
+    pub desired_timeliness: Option<f64>,
+    /// ODTE at or above which a twin is `entangled` [default: `odte.threshold`, 0.9].
+    #[arg(long)]
+    pub threshold: Option<f64>,
     /// Measure availability: time in gaps between twin updates longer than this many seconds is
     /// unavailable (without it availability is the seed's constant 1).
-    #[arg(long, env = "ENTWINE_ODTE__AVAILABILITY_MAX_GAP")]
+    #[arg(long)]
     pub availability_max_gap: Option<f64>,
     /// Seconds without an update after which a twin is unbound (default: twice the window).
-    #[arg(long, env = "ENTWINE_ODTE__SILENCE_THRESHOLD")]
+    #[arg(long)]
     pub silence_threshold: Option<f64>,
 }
 
 impl OdteArgs {
-    /// The validated configuration.
+    /// Arguments that set every seed key, as the four flags would.
+    pub fn with_values(
+        expected_update_rate: f64,
+        time_window: f64,
+        desired_timeliness: f64,
+        threshold: f64,
+    ) -> Self {
+        Self {
+            expected_update_rate: Some(expected_update_rate),
+            time_window: Some(time_window),
+            desired_timeliness: Some(desired_timeliness),
+            threshold: Some(threshold),
+            ..Self::default()
+        }
+    }
+
+    fn flags(&self, flags: &mut Flags) {
+        flags
+            .set(
+                "odte.expected_update_rate",
+                "--expected-update-rate",
+                self.expected_update_rate,
+            )
+            .set("odte.time_window", "--time-window", self.time_window)
+            .set(
+                "odte.desired_timeliness",
+                "--desired-timeliness",
+                self.desired_timeliness,
+            )
+            .set("odte.threshold", "--threshold", self.threshold)
+            .set(
+                "odte.availability_max_gap",
+                "--availability-max-gap",
+                self.availability_max_gap,
+            )
+            .set(
+                "odte.silence_threshold",
+                "--silence-threshold",
+                self.silence_threshold,
+            );
+    }
+
+    /// The validated configuration: these flags over the typed configuration.
     pub fn config(&self) -> anyhow::Result<OdteConfig> {
-        OdteConfig::new(
-            self.expected_update_rate,
-            self.time_window,
-            self.desired_timeliness,
-            self.threshold,
-        )
-        .and_then(|c| c.with_availability_max_gap(self.availability_max_gap))
-        .and_then(|c| c.with_silence_threshold(self.silence_threshold))
-        .context("invalid ODTE configuration")
+        let mut flags = Flags::default();
+        self.flags(&mut flags);
+        let loaded = load_config(None, flags)?;
+        loaded
+            .odte()
+            .map_err(anyhow::Error::from)
+            .context("invalid ODTE configuration")
     }
 }
 
@@ -179,7 +317,9 @@ pub fn evaluator_period(raw: &str) -> Result<f64, String> {
 
 /// Runs a parsed command line until it is done (or, for `up`, until SIGINT/SIGTERM).
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    remember_config_file(&cli.command);
     match cli.command {
+        Command::Config(args) => crate::config_cmd::config(&args),
         Command::Migrate(args) => migrate(&args).await,
         Command::Up(args) => {
             crate::local::up(&args, entwine_functions::fission::shutdown_signal()).await
@@ -192,9 +332,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the store named by `args` and applies the migrations.
+/// `--config` of the subcommand, for [`OdteArgs::config`] too (it cannot see `DatabaseArgs`).
+fn remember_config_file(command: &Command) {
+    let file = match command {
+        Command::Up(args) => args.database.config.as_ref(),
+        Command::Migrate(args) => args.config.as_ref(),
+        Command::Config(args) => args.database.config.as_ref(),
+        _ => None,
+    };
+    if let Some(file) = file {
+        let _ = CONFIG_FILE.set(file.clone());
+    }
+}
+
+/// Opens the store named by `args` (over the typed configuration: `database.url`, else the
+/// `postgres` keys, else `sqlite://entwine.db`; the pool of `database.max_connections`) and
+/// applies the migrations.
 pub async fn open_migrated(args: &DatabaseArgs) -> anyhow::Result<Store> {
-    let store = Store::open(&args.database_url, &StoreOptions::default())?;
+    let loaded = args.load(None)?;
+    let options = loaded.store_options()?;
+    let store = loaded
+        .database(Some(DEFAULT_DATABASE_URL))?
+        .open(&options)?;
     store
         .migrate()
         .await

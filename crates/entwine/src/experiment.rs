@@ -42,7 +42,8 @@ use clap::Args;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::cli::{DatabaseArgs, OdteArgs, UpArgs};
+use entwine_core::odte::OdteConfig;
+use entwine_platform::{DeviceSettings, EvaluatorPeriod, Platform, PlatformConfig};
 
 /// Flags of `entwine experiment`.
 #[derive(Debug, Args)]
@@ -186,61 +187,40 @@ pub async fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
-    let listen = free_address()?;
-    let device_api = free_address()?;
-    let up_args = UpArgs {
-        database: DatabaseArgs {
-            database_url: format!("sqlite://{}", dir.path().join("experiment.db").display()),
-        },
-        listen,
-        broker_url: None,
-        mqtt_listen: "127.0.0.1:0".parse()?,
-        devices: scenario.devices,
-        device_prefix: "exp".into(),
-        device_rate: scenario.rate,
+    let url = format!("sqlite://{}", dir.path().join("experiment.db").display());
+    let mut config = PlatformConfig::ephemeral(&url);
+    config.odte = OdteConfig::new(
+        scenario.rate,
+        scenario.window,
+        scenario.desired_timeliness,
+        scenario.threshold,
+    )
+    .and_then(|c| c.with_availability_max_gap(scenario.availability_max_gap))
+    .and_then(|c| c.with_silence_threshold(scenario.silence_threshold))
+    .with_context(|| format!("{}: invalid ODTE settings", args.scenario.display()))?;
+    config.evaluator = EvaluatorPeriod::Every(Duration::from_secs_f64(
+        scenario.sample_every.min(scenario.window / 6.0).max(0.1),
+    ));
+    config.devices = Some(DeviceSettings {
+        count: scenario.devices,
+        prefix: "exp".into(),
+        rate: scenario.rate,
         update_period_ms: (1000.0 / scenario.rate).round().max(1.0) as u64,
         update_initial_delay_ms: 0,
-        device_api,
-        topic: Vec::new(),
-        connector_client_id: format!("entwine-experiment-{}", std::process::id()),
-        ack_order: crate::physical::AckOrderArg::Auto,
-        no_connector: false,
-        no_digital_events: false,
-        digital_state_topic: entwine_functions::publisher::DEFAULT_STATE_TOPIC.into(),
-        digital_lifecycle_topic: entwine_functions::publisher::DEFAULT_LIFECYCLE_TOPIC.into(),
-        evaluator_period: Some(scenario.sample_every.min(scenario.window / 6.0).max(0.1)),
-        odte: OdteArgs {
-            expected_update_rate: scenario.rate,
-            time_window: scenario.window,
-            desired_timeliness: scenario.desired_timeliness,
-            threshold: scenario.threshold,
-            availability_max_gap: scenario.availability_max_gap,
-            silence_threshold: scenario.silence_threshold,
-        },
-    };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let platform = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            crate::local::up(&up_args, async move { stop.cancelled().await }).await
-        })
-    };
-    let api = format!("http://{listen}");
-    let devices = format!("http://{device_api}");
-    let http = reqwest::Client::new();
-    // Up once the API answers.
-    let started = tokio::time::Instant::now();
-    while http.get(format!("{api}/api/twins")).send().await.is_err() {
-        anyhow::ensure!(
-            !platform.is_finished(),
-            "the platform stopped while starting"
-        );
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "the platform did not answer within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        ..DeviceSettings::default()
+    });
+    if let Some(connector) = &mut config.connector {
+        connector.client_id = format!("entwine-experiment-{}", std::process::id());
     }
+    let platform = Platform::start(config).await?;
+    let api = format!("http://{}", platform.http_address());
+    let devices = format!(
+        "http://{}",
+        platform
+            .device_api()
+            .context("the experiment's devices did not start")?
+    );
+    let http = reqwest::Client::new();
 
     let total: f64 = scenario.phases.iter().map(|p| p.seconds).sum();
     eprintln!(
@@ -305,11 +285,7 @@ pub async fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs_f64(next.max(0.0))).await;
         }
     }
-    stop.cancel();
-    platform
-        .await
-        .context("the platform panicked")?
-        .context("the platform failed")?;
+    platform.shutdown().await?;
 
     let csv = args.out.join("odte.csv");
     std::fs::write(&csv, to_csv(&samples))
@@ -324,11 +300,6 @@ pub async fn experiment(args: &ExperimentArgs) -> anyhow::Result<()> {
         svg.display()
     );
     Ok(())
-}
-
-fn free_address() -> anyhow::Result<std::net::SocketAddr> {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(probe.local_addr()?)
 }
 
 async fn send(
@@ -382,24 +353,43 @@ async fn sample(
         .collect())
 }
 
-/// The samples as CSV with a header.
+/// The samples as CSV (RFC 4180, by the `csv` crate) with a header: times to the millisecond,
+/// the four figures to four decimals, a field quoted when it holds a comma, a quote or a line
+/// break.
 pub fn to_csv(samples: &[Sample]) -> String {
-    let mut out =
-        String::from("t_s,phase,device_id,lifecycle,odte,availability,reliability,timeliness\n");
-    for s in samples {
-        out.push_str(&format!(
-            "{:.3},\"{}\",{},{},{:.4},{:.4},{:.4},{:.4}\n",
-            s.t,
-            s.phase.replace('"', "\"\""),
-            s.device_id,
-            s.lifecycle,
-            s.odte,
-            s.availability,
-            s.reliability,
-            s.timeliness
-        ));
-    }
-    out
+    let mut out = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    let header = [
+        "t_s",
+        "phase",
+        "device_id",
+        "lifecycle",
+        "odte",
+        "availability",
+        "reliability",
+        "timeliness",
+    ];
+    // Writing to memory cannot fail: the only errors of a `csv::Writer` are its writer's.
+    let written: csv::Result<()> = std::iter::once(header.map(String::from))
+        .chain(samples.iter().map(|s| {
+            [
+                format!("{:.3}", s.t),
+                s.phase.clone(),
+                s.device_id.clone(),
+                s.lifecycle.clone(),
+                format!("{:.4}", s.odte),
+                format!("{:.4}", s.availability),
+                format!("{:.4}", s.reliability),
+                format!("{:.4}", s.timeliness),
+            ]
+        }))
+        .try_for_each(|record| out.write_record(&record));
+    let bytes = written
+        .and_then(|()| out.into_inner().map_err(|e| e.into_error().into()))
+        .unwrap_or_default();
+    // Every field is a `String`: the bytes are UTF-8.
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 /// An SVG plot: ODTE over time, one line per twin, the phases as bands, the threshold dashed.
@@ -532,7 +522,17 @@ mod tests {
             lines[2],
             "1.500,\"base \"\"line\"\"\",exp-2,entangled,0.2500,1.0000,0.2500,1.0000"
         );
+        assert_eq!(
+            lines[1],
+            "0.500,\"base \"\"line\"\"\",exp-1,entangled,1.0000,1.0000,1.0000,1.0000"
+        );
         assert_eq!(lines.len(), 3);
+        let mut plain = sample(2.0, "exp-3", 0.5);
+        plain.phase = "silence, then back".into();
+        assert_eq!(
+            to_csv(&[plain]).lines().nth(1),
+            Some("2.000,\"silence, then back\",exp-3,entangled,0.5000,1.0000,0.5000,1.0000")
+        );
     }
 
     #[test]

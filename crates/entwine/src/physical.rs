@@ -54,6 +54,15 @@ impl AckOrderArg {
             Self::Arrival => entwine_connector::AckOrder::Arrival,
         }
     }
+
+    /// The order asked for, or `None` for `auto` (the platform picks the broker's).
+    pub fn explicit(self) -> Option<entwine_connector::AckOrder> {
+        match self {
+            Self::Auto => None,
+            Self::Arrival => Some(entwine_connector::AckOrder::Arrival),
+            Self::Completion => Some(entwine_connector::AckOrder::Completion),
+        }
+    }
 }
 
 /// Flags of `entwine device`.
@@ -108,14 +117,8 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
         DeviceConf::default()
     };
     let broker = match &args.broker_url {
-        Some(url) => {
-            let (host, port) = entwine_connector::parse_broker_url(url)?;
-            Broker { host, port }
-        }
-        None => Broker {
-            host: conf.target_mqtt_broker_address.clone(),
-            port: conf.target_mqtt_broker_port,
-        },
+        Some(url) => Broker::parse(url)?,
+        None => conf.broker()?,
     };
     let listen = args
         .http_listen
@@ -252,7 +255,7 @@ impl ConnectorArgs {
         config.lanes = self.lanes.max(1);
         config.ack_order = self.ack_order.resolve(false);
         if self.no_dead_letter_store {
-            config.dead_letter_route = None;
+            config.store_dead_letters = false;
         }
         anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be at least 1");
         config.max_in_flight = self.max_in_flight;

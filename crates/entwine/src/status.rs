@@ -59,7 +59,7 @@ pub async fn all_twins(
     base: &str,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let base = base.trim_end_matches('/');
-    let mut url = format!("{base}/api/twins?limit={}", crate::api::MAX_PAGE);
+    let mut url = format!("{base}/api/twins?limit={}", entwine_platform::api::MAX_PAGE);
     let mut twins = Vec::new();
     loop {
         let response = http.get(&url).send().await.with_context(|| {

@@ -365,3 +365,114 @@ fn mounts_of_several_namespaces_are_told_apart_by_the_pods_namespace_or_refused(
     .unwrap();
     assert_eq!(settings.odte.threshold(), 0.7);
 }
+
+/// The typed configuration's layers for a function: a file (`ENTWINE_CONFIG`) < the ConfigMap
+/// < the Secret < the environment, key by key, with the pool size and the HTTP limits.
+#[test]
+fn a_file_then_the_configmap_then_the_secret_then_the_environment_each_win_key_by_key() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("entwine.toml");
+    std::fs::write(
+        &file,
+        "[odte]\nexpected_update_rate = 0.4\ntime_window = 10\ndesired_timeliness = 4\nthreshold = 0.1\n\
+         [database]\nmax_connections = 2\n[http]\nbody_timeout = 3\n[postgres]\nhost = \"from-file\"\n",
+    )
+    .unwrap();
+    let configs = root.path().join("configs");
+    let secrets = root.path().join("secrets");
+    mount(&configs, "default", "postgres", &SEED_POSTGRES);
+    mount(
+        &configs,
+        "default",
+        "odte",
+        &[
+            ("time_window", "20"),
+            ("desired_timeliness", "3"),
+            ("threshold", "0.2"),
+        ],
+    );
+    mount(
+        &configs,
+        "default",
+        "database",
+        &[("max_connections", "12\n")],
+    );
+    mount(
+        &secrets,
+        "default",
+        "odte",
+        &[("time_window", "40"), ("threshold", "0.3")],
+    );
+    let settings = load(
+        Function::Twin,
+        &env(
+            root.path(),
+            &[
+                ("ENTWINE_CONFIG", file.to_str().unwrap()),
+                ("ENTWINE_ODTE__THRESHOLD", "0.45"),
+                ("ENTWINE_HTTP__MAX_CONNECTIONS", "77"),
+            ],
+        ),
+    )
+    .unwrap();
+    assert_eq!(settings.odte.expected_update_rate(), 0.4, "the file's");
+    assert_eq!(settings.odte.desired_timeliness_s(), 3.0, "the ConfigMap's");
+    assert_eq!(settings.odte.time_window_s(), 40.0, "the Secret's");
+    assert_eq!(settings.odte.threshold(), 0.45, "the environment's");
+    assert_eq!(settings.store.max_connections, 12, "the ConfigMap's");
+    assert_eq!(
+        settings.http.body_timeout,
+        std::time::Duration::from_secs(3)
+    );
+    assert_eq!(settings.http.max_connections, 77);
+    assert_eq!(
+        postgres(&settings).get_host(),
+        "postgres",
+        "the ConfigMap's"
+    );
+
+    // A bad value in the file is named with the file (once no layer above sets the key).
+    std::fs::remove_dir_all(configs.join("default/database")).unwrap();
+    std::fs::write(&file, "[database]\nmax_connections = \"lots\"\n").unwrap();
+    let err = load(
+        Function::Twin,
+        &env(root.path(), &[("ENTWINE_CONFIG", file.to_str().unwrap())]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "database.max_connections from {}: \"lots\" is not a number",
+            file.display()
+        )
+    );
+}
+
+/// A function binary refuses a bad mounted value with exit code 2, naming the key and the file.
+#[test]
+fn a_binary_with_a_bad_mounted_value_exits_2_naming_the_file() {
+    let root = tempfile::tempdir().unwrap();
+    let configs = root.path().join("configs");
+    mount(&configs, "default", "postgres", &SEED_POSTGRES);
+    mount(&configs, "default", "database", &[("max_connections", "0")]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_twin-handler"))
+        .env_clear()
+        .env("ENTWINE_CONFIG_ROOT", &configs)
+        .env("ENTWINE_SECRET_ROOT", root.path().join("secrets"))
+        .env("ENTWINE_PODINFO_DIR", root.path().join("podinfo"))
+        .env("FISSION_RUNTIME_PORT", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}{stderr}");
+    let path = configs.join("default/database/max_connections");
+    assert!(
+        format!("{stdout}{stderr}").contains(&format!(
+            "database.max_connections from {}: 0 is outside 1..=10000",
+            path.display()
+        )),
+        "{stdout}{stderr}"
+    );
+}

@@ -30,14 +30,17 @@ fn config() -> OdteConfig {
 }
 
 /// One event through the three writes as the functions make them (the twin handler's
-/// `evaluate_and_advance`), mirrored 10 ms after the device measured it.
+/// `evaluate_digital_state`), mirrored 10 ms after the device measured it.
 async fn chain(store: &Store, config: &OdteConfig, device: &str, shadow_ts: i64) -> DigitalState {
     let (physical, _) = store
         .record_physical_event(&event(device, shadow_ts - 10, 20.0), shadow_ts)
         .await
         .unwrap();
     let (pending, _) = store.record_shadow(&physical, shadow_ts).await.unwrap();
-    let (digital, written, _) = store.evaluate_and_advance(&pending, config).await.unwrap();
+    let (digital, written, _) = store
+        .evaluate_digital_state(&pending, config)
+        .await
+        .unwrap();
     assert_eq!(written, Written::Created);
     digital
 }
@@ -148,7 +151,7 @@ store_test!(
         let mut forged = pending.clone();
         forged.energy = 7.0;
         assert_eq!(
-            refused_field(t.store.evaluate_and_advance(&forged, &config()).await),
+            refused_field(t.store.evaluate_digital_state(&forged, &config()).await),
             "energy"
         );
         assert_eq!(
@@ -178,7 +181,7 @@ store_test!(
             ),
             (
                 DigitalState {
-                    lifecycle: entwine_core::odte::Lifecycle::Entangled,
+                    lifecycle: entwine_core::odte::SeedLifecycle::Entangled,
                     ..digital.clone()
                 },
                 "lifecycle",
@@ -245,7 +248,7 @@ store_test!(
         let old = &states[2];
         let (again, written, change) = t
             .store
-            .evaluate_and_advance(&old.pending, &config)
+            .evaluate_digital_state(&old.pending, &config)
             .await
             .unwrap();
         assert_eq!(written, Written::Existing);
@@ -267,13 +270,19 @@ store_test!(
         // At T0 + 12 s the window is [T0 + 2 s, T0 + 12 s]: the states at 2, 3, …, 10 s, nine
         // of the ten expected. The one at exactly T0 + 2 s counts (an open lower bound would
         // give 0.8).
-        t.store.evaluate_twins(T0 + 12_000, &config).await.unwrap();
+        t.store
+            .reevaluate_twins(T0 + 12_000, &config)
+            .await
+            .unwrap();
         let twin = t.store.twin("press-1").await.unwrap().unwrap();
         assert_eq!(twin.reliability, 0.9f32);
         assert_eq!(twin.timeliness, 1.0f32);
         assert_eq!(twin.evaluated_at, T0 + 12_000);
         // At T0 + 20 s only the state at exactly T0 + 10 s is left: R = 1/10.
-        t.store.evaluate_twins(T0 + 20_000, &config).await.unwrap();
+        t.store
+            .reevaluate_twins(T0 + 20_000, &config)
+            .await
+            .unwrap();
         let twin = t.store.twin("press-1").await.unwrap().unwrap();
         assert_eq!(twin.reliability, 0.1f32);
     }
@@ -287,13 +296,21 @@ store_test!(
             chain(&t.store, &config, "press-1", T0 + s * 1000).await;
         }
         // The evaluator ran at T0 + 40 s (silent for 29 s: disentangled, not yet unbound).
-        let changes = t.store.evaluate_twins(T0 + 40_000, &config).await.unwrap();
+        let changes = t
+            .store
+            .reevaluate_twins(T0 + 40_000, &config)
+            .await
+            .unwrap();
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].to, TwinLifecycle::Disentangled);
         // A second evaluator with a clock 29 s behind would see the twin entangled again (its
         // window [1 s, 11 s] is full): the stored evaluation is later, so nothing is written
         // and nothing is reported.
-        let stale = t.store.evaluate_twins(T0 + 11_000, &config).await.unwrap();
+        let stale = t
+            .store
+            .reevaluate_twins(T0 + 11_000, &config)
+            .await
+            .unwrap();
         assert_eq!(stale, Vec::new());
         let twin = t.store.twin("press-1").await.unwrap().unwrap();
         assert_eq!(twin.lifecycle, TwinLifecycle::Disentangled);

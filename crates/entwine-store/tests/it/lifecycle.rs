@@ -31,7 +31,10 @@ async fn event(
         .unwrap();
     let (pending, _) = store.record_shadow(&physical, shadow_ts).await.unwrap();
     // As the twin handler does, in one call.
-    let (digital, _, change) = store.evaluate_and_advance(&pending, config).await.unwrap();
+    let (digital, _, change) = store
+        .evaluate_digital_state(&pending, config)
+        .await
+        .unwrap();
     (digital.availability, digital.reliability, change)
 }
 
@@ -71,7 +74,7 @@ store_test!(
         let mut unbound_at = None;
         for s in 1..=40 {
             let now = last + s * 1000;
-            let changes = store.evaluate_twins(now, &config).await.unwrap();
+            let changes = store.reevaluate_twins(now, &config).await.unwrap();
             for c in changes {
                 match c.to {
                     TwinLifecycle::Disentangled => disentangled_at.get_or_insert(s),
@@ -133,7 +136,7 @@ store_test!(
         // Silence from 15 s; the evaluator at 20 s: 17 → 20 is lost, 3 s of 10.
         let changes = t
             .store
-            .evaluate_twins(T0 + 20_000, &measured)
+            .reevaluate_twins(T0 + 20_000, &measured)
             .await
             .unwrap();
         drop(changes);
@@ -144,7 +147,7 @@ store_test!(
         assert!((a - 0.6).abs() < 1e-6, "{a}");
         // Without the key, the same script keeps the seed's availability of 1.
         t.store
-            .evaluate_twins(T0 + 20_000, &seed_like)
+            .reevaluate_twins(T0 + 20_000, &seed_like)
             .await
             .unwrap();
         let twin = t.store.twin("seed-like").await.unwrap().unwrap();
@@ -167,7 +170,7 @@ store_test!(
             }
             if s >= 10 {
                 t.store
-                    .evaluate_twins(T0 + s * 1000 + 500, &config)
+                    .reevaluate_twins(T0 + s * 1000 + 500, &config)
                     .await
                     .unwrap();
                 let twin = t.store.twin("lossy").await.unwrap().unwrap();
@@ -199,7 +202,7 @@ store_test!(
             event(&t.store, &config, &format!("many-{d}"), T0 + d, 10).await;
         }
         let later = T0 + 1_200 + 31_000;
-        let changes = t.store.evaluate_twins(later, &config).await.unwrap();
+        let changes = t.store.reevaluate_twins(later, &config).await.unwrap();
         assert_eq!(changes.len(), 1_200, "every twin fell silent");
         assert!(changes.iter().all(|c| c.to == TwinLifecycle::Unbound));
         let twins = t.store.twins().await.unwrap();

@@ -4,3 +4,4 @@ mod integrity;
 mod lifecycle;
 mod migrations;
 mod pipeline;
+mod windows;

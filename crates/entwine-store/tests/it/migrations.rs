@@ -232,7 +232,11 @@ async fn a_seed_database_is_upgraded_in_place_with_its_rows() {
         .record_shadow(&physical, 1_700_000_010_060)
         .await
         .unwrap();
-    let (digital, _) = t.store.evaluate_twin(&pending, &config).await.unwrap();
+    let (digital, _) = t
+        .store
+        .evaluate_digital_state_only(&pending, &config)
+        .await
+        .unwrap();
     assert_eq!(
         digital.reliability, 0.5,
         "three states in the window: two from the seed"

@@ -1,7 +1,7 @@
 //! The three writes of the pipeline: idempotent, checked against their input, and computing the
 //! same window as the core's reference.
 
-use entwine_core::odte::{Lifecycle, OdteConfig, WindowStats};
+use entwine_core::odte::{OdteConfig, SeedLifecycle, WindowStats};
 use entwine_core::state::{DeviceId, PendingDigitalState, PhysicalEvent, PhysicalState};
 use entwine_core::twin::TwinLifecycle;
 use entwine_store::{HistoryCursor, Store, StoreError, StoreOptions, Written};
@@ -30,7 +30,10 @@ async fn chain(
         .unwrap();
     let (pending, _) = store.record_shadow(&physical, shadow_ts).await.unwrap();
     // As the twin handler does.
-    let (digital, written, _) = store.evaluate_and_advance(&pending, config).await.unwrap();
+    let (digital, written, _) = store
+        .evaluate_digital_state(&pending, config)
+        .await
+        .unwrap();
     assert_eq!(written, Written::Created);
     digital
 }
@@ -206,10 +209,10 @@ store_test!(
         assert_eq!(answers[2].odte, (1.0f64 / 3.0) as f32);
         // Row 9: window [10300, 40300] holds #3-#9, 6 of 7 timely.
         assert_eq!(answers[8].odte, (6.0f64 / 7.0) as f32);
-        assert_eq!(answers[8].lifecycle, Lifecycle::Disentangled);
+        assert_eq!(answers[8].lifecycle, SeedLifecycle::Disentangled);
         // Row 10: #5-#10, all timely: entangled.
         assert_eq!(answers[9].odte, 1.0);
-        assert_eq!(answers[9].lifecycle, Lifecycle::Entangled);
+        assert_eq!(answers[9].lifecycle, SeedLifecycle::Entangled);
         assert!(answers.iter().all(|a| a.availability == 1.0));
     }
 );
@@ -228,8 +231,16 @@ store_test!(
             .record_shadow(&physical, 1_700_000_000_020)
             .await
             .unwrap();
-        let (first, w1) = t.store.evaluate_twin(&pending, &config).await.unwrap();
-        let (again, w2) = t.store.evaluate_twin(&pending, &config).await.unwrap();
+        let (first, w1) = t
+            .store
+            .evaluate_digital_state_only(&pending, &config)
+            .await
+            .unwrap();
+        let (again, w2) = t
+            .store
+            .evaluate_digital_state_only(&pending, &config)
+            .await
+            .unwrap();
         assert_eq!((w1, w2), (Written::Created, Written::Existing));
         assert_eq!(first, again);
         // Redeliver the whole chain: the next event's window still holds two states, not three.
@@ -250,7 +261,11 @@ store_test!(
             .record_shadow(&physical2, 1_700_000_005_020)
             .await
             .unwrap();
-        let (second, _) = t.store.evaluate_twin(&pending2, &config).await.unwrap();
+        let (second, _) = t
+            .store
+            .evaluate_digital_state_only(&pending2, &config)
+            .await
+            .unwrap();
         assert_eq!(second.reliability, (2.0f64 / 6.0) as f32);
     }
 );
@@ -274,7 +289,11 @@ store_test!(
                     .record_shadow(&p, 1_700_000_000_020 + i)
                     .await
                     .unwrap();
-                store.evaluate_twin(&d, &config).await.unwrap().0
+                store
+                    .evaluate_digital_state_only(&d, &config)
+                    .await
+                    .unwrap()
+                    .0
             }));
         }
         let mut answers = Vec::new();
@@ -338,7 +357,7 @@ store_test!(
             ),
         ];
         for (field, input) in cases {
-            match t.store.evaluate_twin(&input, &config).await {
+            match t.store.evaluate_digital_state_only(&input, &config).await {
                 Err(StoreError::Rejected(e)) => assert_eq!(e.field, field, "{e}"),
                 other => panic!("{field}: expected a rejection, got {other:?}"),
             }

@@ -19,10 +19,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use entwine_connector::{ConnectorConfig, ConnectorStats};
 use entwine_device::fleet::Broker;
-use entwine_functions::handlers::{Function, SystemClock, TwinFunctions};
-use entwine_functions::http::{routes, with_fallbacks};
+use entwine_functions::handlers::Function;
+use entwine_platform::{
+    BrokerSource, ConnectorSettings, EvaluatorPeriod, FunctionsAccess, Platform, PlatformConfig,
+    StoreSource,
+};
 use entwine_store::{Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::broadcast;
@@ -112,6 +114,10 @@ pub struct BenchArgs {
     /// `completion` on Mosquitto; `completion` only with Mosquitto).
     #[arg(long, value_enum, default_value = "auto")]
     pub ack_order: crate::physical::AckOrderArg,
+    /// Have the connector call the functions over HTTP through the platform's own server (as
+    /// on a cluster through Fission's router) instead of in process.
+    #[arg(long)]
+    pub http_functions: bool,
     /// Write every figure as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -355,67 +361,63 @@ async fn run_chain(
     report::reset_peak_rss();
     let fresh = FreshStore::create(args).await?;
     let store = fresh.store.clone();
-    let broker = match args.scenario {
-        Scenario::Embedded => {
-            let address = crate::broker::start("127.0.0.1:0".parse()?).await?;
-            Broker {
-                host: address.ip().to_string(),
-                port: address.port(),
-            }
-        }
-        Scenario::Services => {
-            let (host, port) = entwine_connector::parse_broker_url(&args.broker_url)?;
-            Broker { host, port }
-        }
-    };
-
-    // The functions behind a local router, announcing digital states to the bench's observer.
-    let (feed, observed) = broadcast::channel(1 << 16);
-    let functions =
-        Arc::new(TwinFunctions::new(store.clone(), odte, Arc::new(SystemClock)).with_feed(feed));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot listen for the functions")?;
-    let address = listener.local_addr()?;
-    let http_stop = CancellationToken::new();
-    let http = {
-        let stop = http_stop.clone();
-        let app = with_fallbacks(routes(functions));
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
-
     let prefix = format!("bench{}x{}", std::process::id(), unique());
-    let progress = Arc::new(Progress::default());
-    let observer = tokio::spawn(observe(observed, format!("{prefix}-"), progress.clone()));
+    let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
 
-    let mut config = ConnectorConfig::new(
-        &format!("{}:{}", broker.host, broker.port),
-        vec!["device/+/telemetry/device_state".to_owned()],
-        &format!("http://{address}"),
-    )?;
-    config.client_id = format!("{prefix}-connector");
-    config.lanes = args.lanes;
-    config.finish_backlog = true;
-    config.ack_order = args.ack_order.resolve(args.scenario == Scenario::Embedded);
-    let connector_stats = Arc::new(ConnectorStats::default());
-    let connector_stop = CancellationToken::new();
-    let connector = tokio::spawn(entwine_connector::run(
-        config,
-        connector_stats.clone(),
-        connector_stop.clone(),
-    ));
+    // The platform without devices (the bench's load generator publishes) and without the
+    // evaluator, the digital publisher or a Prometheus recorder (the bench's own recorder
+    // takes the pipeline's metrics). The connector calls the functions in process unless
+    // `--http-functions`; every digital state is announced to the bench's observer.
+    let mut config = PlatformConfig::ephemeral("sqlite::memory:");
+    config.store = StoreSource::Given(store.clone());
+    config.broker = match args.scenario {
+        Scenario::Embedded => BrokerSource::Embedded(any),
+        Scenario::Services => BrokerSource::External(args.broker_url.clone()),
+    };
+    config.odte = odte;
+    config.evaluator = EvaluatorPeriod::Off;
+    config.devices = None;
+    config.digital_events = None;
+    config.metrics = false;
+    config.feed_capacity = 1 << 16;
+    config.connector = Some(ConnectorSettings {
+        client_id: format!("{prefix}-connector"),
+        ack_order: args.ack_order.explicit(),
+        lanes: Some(args.lanes),
+        access: if args.http_functions {
+            FunctionsAccess::Http
+        } else {
+            FunctionsAccess::InProcess
+        },
+        ..ConnectorSettings::default()
+    });
+    let platform = Platform::start(config).await.map_err(|e| match e {
+        entwine_platform::PlatformError::Component {
+            what: "connector",
+            source,
+        } => anyhow::anyhow!(
+            "the connector did not subscribe: is the broker at {} up? ({source:#})",
+            args.broker_url
+        ),
+        e => e.into(),
+    })?;
     anyhow::ensure!(
-        connector_stats
-            .wait_subscribed(&connector, Duration::from_secs(10))
-            .await,
-        "the connector did not subscribe within 10 s: is the broker at {}:{} up?",
-        broker.host,
-        broker.port
+        platform
+            .connector_stats()
+            .subscribed
+            .load(Ordering::Relaxed)
+            > 0,
+        "the connector did not subscribe within 10 s: is the broker at {} up?",
+        platform.broker().address()
     );
+    let broker = platform.broker().for_devices();
+    // Nothing is published before the load below starts, so the observer misses nothing.
+    let progress = Arc::new(Progress::default());
+    let observer = tokio::spawn(observe(
+        platform.digital_states(),
+        format!("{prefix}-"),
+        progress.clone(),
+    ));
 
     let load_stats = Arc::new(LoadStats::default());
     let load_stop = CancellationToken::new();
@@ -514,14 +516,8 @@ async fn run_chain(
     ticker.abort();
     bar.finish_and_clear();
 
-    connector_stop.cancel();
-    connector
-        .await
-        .context("the connector panicked")?
-        .context("connector")?;
+    platform.shutdown().await?;
     forget_session(&broker, &format!("{prefix}-connector")).await;
-    http_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     observer.abort();
 
     let stored = store.tally(&format!("{prefix}-")).await?;

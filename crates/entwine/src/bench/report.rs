@@ -35,11 +35,10 @@ pub struct Machine {
 impl Machine {
     /// This machine.
     pub fn this() -> Self {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = cpuinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        use procfs::Current;
+        let cpu_model = procfs::CpuInfo::current()
+            .ok()
+            .and_then(|info| info.model_name(0).map(str::to_owned))
             .unwrap_or_else(|| "unknown".into());
         Self {
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
@@ -155,20 +154,20 @@ impl CpuSample {
     /// CPU seconds so far of this process, and of every `postgres` and `mosquitto` process.
     pub fn now() -> Self {
         let mut sample = Self {
-            entwine: cpu_seconds("/proc/self/stat").unwrap_or(0.0),
+            entwine: procfs::process::Process::myself()
+                .and_then(|me| me.stat())
+                .map_or(0.0, |stat| cpu_seconds(&stat)),
             ..Self::default()
         };
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-                let slot = match comm.trim() {
-                    "postgres" => &mut sample.postgres,
-                    "mosquitto" => &mut sample.mosquitto,
-                    _ => continue,
-                };
-                *slot += cpu_seconds(path.join("stat")).unwrap_or(0.0);
-            }
+        // A process may end between the listing and the reading: it is skipped.
+        let processes = procfs::process::all_processes().into_iter().flatten();
+        for stat in processes.flatten().filter_map(|p| p.stat().ok()) {
+            let slot = match stat.comm.as_str() {
+                "postgres" => &mut sample.postgres,
+                "mosquitto" => &mut sample.mosquitto,
+                _ => continue,
+            };
+            *slot += cpu_seconds(&stat);
         }
         sample
     }
@@ -198,34 +197,25 @@ impl CpuSample {
     }
 }
 
-/// User + system CPU seconds of the process whose `stat` file is `path`.
-fn cpu_seconds(path: impl AsRef<std::path::Path>) -> Option<f64> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    // The command name (field 2) may hold spaces; the fields after its closing parenthesis are
-    // state, ppid… with utime and stime the 12th and 13th of them.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // USER_HZ is 100 on every Linux architecture we build for.
-    Some(ticks / 100.0)
+/// User + system CPU seconds of a process, from its `/proc/<pid>/stat`.
+fn cpu_seconds(stat: &procfs::process::Stat) -> f64 {
+    (stat.utime + stat.stime) as f64 / procfs::ticks_per_second().max(1) as f64
 }
 
 /// Starts a new peak of this process's resident memory (Linux: `clear_refs` 5 resets VmHWM).
 pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    if let Ok(me) = procfs::process::Process::myself() {
+        let _ = me.clear_refs(procfs::process::ClearRefs::PeakRSS);
+    }
 }
 
 /// This process's peak resident memory since the last reset, MiB.
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    procfs::process::Process::myself()
+        .and_then(|me| me.status())
         .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+        .and_then(|status| status.vmhwm)
+        .map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
 fn ms(p: Option<&Percentiles>) -> String {
@@ -351,15 +341,15 @@ mod tests {
 
     #[test]
     fn cpu_seconds_reads_utime_and_stime_after_a_command_with_spaces() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stat");
-        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
-        std::fs::write(
-            &path,
-            "42 (tokio rt (1)) S 1 42 42 0 -1 4194560 10 0 0 0 250 50 0 0 20 0",
-        )
-        .unwrap();
-        assert_eq!(cpu_seconds(&path), Some(3.0));
+        use procfs::FromRead;
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime
+        // stime, then the 22 fields up to cnswap (procfs reads them all).
+        let line = "42 (tokio rt (1)) S 1 42 42 0 -1 4194560 10 0 0 0 250 50 \
+                    0 0 20 0 1 0 100 1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0";
+        let stat = procfs::process::Stat::from_read(line.as_bytes()).unwrap();
+        assert_eq!(stat.comm, "tokio rt (1)");
+        assert_eq!(procfs::ticks_per_second(), 100, "USER_HZ on Linux");
+        assert_eq!(cpu_seconds(&stat), 3.0);
         assert!(peak_rss_mib() > 0.0, "this process has a resident set");
     }
 }

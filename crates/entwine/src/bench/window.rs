@@ -83,7 +83,7 @@ async fn point(
         let (pending, _) = store.record_shadow(&physical, t).await?;
         if i >= n {
             let started = Instant::now();
-            let (digital, _) = store.evaluate_twin(&pending, &config).await?;
+            let (digital, _) = store.evaluate_digital_state_only(&pending, &config).await?;
             costs.push(started.elapsed().as_secs_f64() * 1e6);
             anyhow::ensure!(
                 (digital.reliability - 1.0).abs() < 1e-6,

@@ -8,7 +8,7 @@ use tower::ServiceExt;
 
 async fn get(store: &TestStore, uri: &str) -> (StatusCode, Value) {
     let (feed, _) = tokio::sync::broadcast::channel(8);
-    let app = entwine::api::router(
+    let app = entwine_platform::api::router(
         store.store.clone(),
         feed,
         None,
@@ -178,7 +178,7 @@ async fn status_follows_the_pages_of_a_running_platform() {
     let t = TestStore::postgres().await;
     twins(&t.store, 1001).await;
     let (feed, _) = tokio::sync::broadcast::channel(8);
-    let app = entwine::api::router(
+    let app = entwine_platform::api::router(
         t.store.clone(),
         feed,
         None,

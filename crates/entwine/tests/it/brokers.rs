@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use entwine::broker::MAX_MESSAGE_BYTES;
+use entwine_platform::broker::MAX_MESSAGE_BYTES;
 use entwine_testing::{free_port, unique};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
@@ -340,7 +340,7 @@ async fn an_oversized_message_is_refused_and_the_next_one_flows(port: u16, same_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_refuses_a_message_over_256_kib_and_carries_on() {
     assert_eq!(MAX_MESSAGE_BYTES, 262_144);
-    let address = entwine::broker::start("127.0.0.1:0".parse().unwrap())
+    let address = entwine_platform::broker::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     an_oversized_message_is_refused_and_the_next_one_flows(address.port(), false).await;

@@ -34,15 +34,15 @@ async fn a_scripted_scenario_writes_odte_over_time_as_csv_and_svg() {
         String::from_utf8_lossy(&run.stderr)
     );
     let csv = std::fs::read_to_string(out.join("odte.csv")).unwrap();
-    let rows: Vec<Vec<&str>> = csv
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').collect())
+    // Read as CSV (a phase name may hold a comma, and is then quoted).
+    let rows: Vec<Vec<String>> = csv::Reader::from_reader(csv.as_bytes())
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
         .collect();
     assert!(rows.len() > 20, "{csv}");
     let odte = |device: &str, phase: &str| -> Vec<f64> {
         rows.iter()
-            .filter(|r| r[2] == device && r[1] == format!("\"{phase}\""))
+            .filter(|r| r[2] == device && r[1] == phase)
             .map(|r| r[4].parse().unwrap())
             .collect()
     };

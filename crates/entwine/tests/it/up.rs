@@ -1,112 +1,124 @@
-//! `entwine up` as a newcomer runs it: a subprocess on free ports, watched through its API,
-//! stopped with Ctrl-C.
+//! `entwine up`'s platform as a newcomer runs it: the flags parsed as the binary parses them,
+//! the platform started in this process on free ports ([`entwine_platform::Platform`], whose
+//! handles give the addresses), watched through its API, stopped as Ctrl-C stops it. One test
+//! runs the binary itself, with Ctrl-C.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use entwine_testing::{eventually, mqtt_address, unique, TestDatabase};
+use clap::Parser;
+use entwine_platform::{Platform, ShutdownReport};
+use entwine_testing::{eventually, free_port, mqtt_address, unique, TestDatabase};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+use tokio::sync::broadcast;
 
 const DEVICES: usize = 3;
 
 struct Up {
-    child: Child,
+    platform: Platform,
     api: String,
     /// The devices' API (`/conf`, `/faults`), when there are devices.
     devices: Option<String>,
     /// The platform's broker, `host:port`.
     mqtt: String,
-    output: tokio::task::JoinHandle<Vec<String>>,
+    /// The device ids' prefix (unique per test: the metrics recorder is the process's).
+    prefix: String,
+    /// Lifecycle changes as `entwine up` prints them.
+    changes: tokio::task::JoinHandle<Vec<String>>,
 }
 
-/// Starts `entwine up` with fast devices (5 msg/s) and a 2 s window expecting 5 updates/s.
-async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
-    start_up_with_env(dir, extra, &[]).await
+/// What a stopped platform did and printed.
+struct Stopped {
+    report: ShutdownReport,
+    printed: Vec<String>,
 }
 
-/// As [`start_up`], with environment variables `env` set.
-async fn start_up_with_env(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Up {
+/// The flags of `entwine up` with fast devices (5 msg/s) and a 2 s window expecting 5
+/// updates/s, on free ports, with `extra` after them.
+fn up_flags(dir: &std::path::Path, prefix: &str, extra: &[&str]) -> Vec<String> {
+    let database = format!("sqlite://{}", dir.join("entwine.db").display());
     let devices = DEVICES.to_string();
-    let mut args = vec![
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--mqtt-listen",
-        "127.0.0.1:0",
-        "--device-api",
-        "127.0.0.1:0",
-        "--device-rate",
-        "5",
-        "--update-period-ms",
-        "200",
-        "--update-initial-delay-ms",
-        "0",
-        "--expected-update-rate",
-        "5",
-        "--time-window",
-        "2",
+    let defaults = [
+        ("--database-url", database.as_str()),
+        ("--listen", "127.0.0.1:0"),
+        ("--mqtt-listen", "127.0.0.1:0"),
+        ("--device-api", "127.0.0.1:0"),
+        ("--device-rate", "5"),
+        ("--update-period-ms", "200"),
+        ("--update-initial-delay-ms", "0"),
+        ("--expected-update-rate", "5"),
+        ("--time-window", "2"),
+        ("--devices", devices.as_str()),
+        ("--device-prefix", prefix),
     ];
-    if !extra.contains(&"--devices") {
-        args.extend_from_slice(&["--devices", &devices]);
+    let mut args = vec!["entwine".to_owned(), "up".to_owned()];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_owned(), value.to_owned()]);
+        }
     }
-    args.extend_from_slice(extra);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_entwine"))
-        .args(&args)
-        .current_dir(dir)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn,rumqttd=off")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Starts `entwine up`'s platform (see [`up_flags`]).
+async fn start_up(dir: &std::path::Path, extra: &[&str]) -> Up {
+    start_up_with(dir, extra, |_| {}).await
+}
+
+/// As [`start_up`], with the platform's configuration changed by `adjust` before it starts.
+async fn start_up_with(
+    dir: &std::path::Path,
+    extra: &[&str],
+    adjust: impl FnOnce(&mut entwine_platform::PlatformConfig),
+) -> Up {
+    let prefix = extra
+        .iter()
+        .position(|a| *a == "--device-prefix")
+        .map_or_else(|| unique("up"), |i| extra[i + 1].to_owned());
+    let cli = entwine::cli::Cli::try_parse_from(up_flags(dir, &prefix, extra)).unwrap();
+    let entwine::cli::Command::Up(args) = cli.command else {
+        unreachable!("the flags start with `up`")
+    };
+    let mut config = entwine::local::platform_config(&args).unwrap();
+    adjust(&mut config);
+    let platform = tokio::time::timeout(Duration::from_secs(30), Platform::start(config))
+        .await
+        .expect("the platform starts within 30 s")
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (api, devices, mqtt) = tokio::time::timeout(Duration::from_secs(30), async {
-        let (mut api, mut devices, mut mqtt) = (None, None, None);
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let line = line.trim();
-            if line.starts_with("broker:") {
-                mqtt = line.rsplit_once("mqtt://").map(|(_, a)| a.to_owned());
-            }
-            if let Some(url) = line.strip_prefix("functions:") {
-                api = Some(url.trim().to_owned());
-            }
-            if line.starts_with("devices:") {
-                devices = line
-                    .split_once("API ")
-                    .map(|(_, url)| url.trim_end_matches("/conf").to_owned());
-            }
-            if line.starts_with("stop:") {
-                return (
-                    api.expect("the functions' address is printed"),
-                    devices,
-                    mqtt.expect("the broker's address is printed"),
-                );
-            }
-        }
-        panic!("entwine up ended without saying where it listens");
-    })
-    .await
-    .expect("entwine up starts within 30 s");
-    let output = tokio::spawn(async move {
-        let mut rest = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            rest.push(line);
-        }
-        rest
-    });
+    let changes = tokio::spawn(collect_changes(platform.lifecycle_changes()));
     Up {
-        child,
-        api,
-        devices,
-        mqtt,
-        output,
+        api: format!("http://{}", platform.http_address()),
+        devices: platform.device_api().map(|a| format!("http://{a}")),
+        mqtt: platform.broker().address(),
+        prefix,
+        changes,
+        platform,
+    }
+}
+
+/// Every lifecycle change, as `entwine up` prints it, until the platform stops.
+async fn collect_changes(
+    mut changes: broadcast::Receiver<entwine_store::TwinChange>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        match changes.recv().await {
+            Ok(change) => lines.push(entwine::local::lifecycle_line(&change)),
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return lines,
+        }
     }
 }
 
 impl Up {
+    /// The id of device `i` (1-based).
+    fn device(&self, i: usize) -> String {
+        format!("{}-{i}", self.prefix)
+    }
+
     async fn twins(&self) -> Vec<Value> {
         // Fewer twins than a page: the first page holds them all.
         let answer: Value = reqwest::get(format!("{}/api/twins", self.api))
@@ -127,19 +139,14 @@ impl Up {
         .await;
     }
 
-    /// Ctrl-C; answers what it printed after starting.
-    async fn interrupt(mut self) -> Vec<String> {
-        let pid = self.child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+    /// Stops the platform as Ctrl-C does; answers its report and the lifecycle changes.
+    async fn interrupt(self) -> Stopped {
+        let report = tokio::time::timeout(Duration::from_secs(20), self.platform.shutdown())
             .await
-            .expect("stops within 20 s of SIGINT")
+            .expect("stops within 20 s")
             .unwrap();
-        assert_eq!(status.code(), Some(0), "exit code");
-        self.output.await.unwrap()
+        let printed = self.changes.await.unwrap();
+        Stopped { report, printed }
     }
 }
 
@@ -257,40 +264,101 @@ async fn up_runs_the_whole_platform_on_sqlite_and_continues_after_a_restart() {
     let up = start_up(dir.path(), &[]).await;
     up.wait_until_all_entangled().await;
     check_api(&up).await;
-    let printed = up.interrupt().await;
+    let prefix = up.prefix.clone();
+    let stopped = up.interrupt().await;
     assert!(
-        printed
+        stopped
+            .printed
             .iter()
-            .any(|l| l.contains(": bound → entangled (ODTE")),
-        "lifecycle changes are printed: {printed:?}"
+            .any(|l| l.starts_with(&format!("twin {prefix}-1: bound → entangled (ODTE"))),
+        "lifecycle changes: {:?}",
+        stopped.printed
     );
-    assert_eq!(printed.last().map(String::as_str), Some("entwine stopped"));
 
     let url = format!("sqlite://{}", dir.path().join("entwine.db").display());
     let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
     let first_run = one_digital_state_per_physical_state(&store).await;
     store.close().await;
 
-    // Same file, second run: the history continues.
-    let up = start_up(dir.path(), &[]).await;
+    // Same file, second run, this time the binary as a newcomer runs it (README), with
+    // Ctrl-C: the history continues, and what it printed says so.
+    let port = free_port();
+    let flags = up_flags(
+        dir.path(),
+        &prefix,
+        &["--listen", &format!("127.0.0.1:{port}")],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_entwine"))
+        .args(&flags[1..])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn,rumqttd=off")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let output = {
+        let printed = printed.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                printed.lock().unwrap().push(line);
+            }
+        })
+    };
+    let api = format!("http://127.0.0.1:{port}");
+    // The twins come back from their silence between the runs: each change is printed.
+    eventually(
+        Duration::from_secs(30),
+        "a lifecycle change printed",
+        || async {
+            printed
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.starts_with(&format!("twin {prefix}-1: ")))
+        },
+    )
+    .await;
     eventually(
         Duration::from_secs(30),
         "new states after the restart",
         || async {
-            let page: Value = reqwest::get(format!(
-                "{}/api/twins/iiot-device-1/history?limit=1000",
-                up.api
-            ))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            let Ok(answer) =
+                reqwest::get(format!("{api}/api/twins/{prefix}-1/history?limit=1000")).await
+            else {
+                return false;
+            };
+            let page: Value = answer.json().await.unwrap();
             page["items"].as_array().unwrap().len() as i64 > first_run / DEVICES as i64 + 3
         },
     )
     .await;
-    up.interrupt().await;
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("stops within 20 s of SIGINT")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "exit code");
+    output.await.unwrap();
+    let printed = printed.lock().unwrap().clone();
+    assert_eq!(printed.first().map(String::as_str), Some("entwine is up"));
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.trim() == format!("functions:  {api}")),
+        "{printed:?}"
+    );
+    assert!(
+        printed.iter().any(|l| l.starts_with("devices published ")),
+        "{printed:?}"
+    );
+    assert_eq!(printed.last().map(String::as_str), Some("entwine stopped"));
     let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
     assert!(one_digital_state_per_physical_state(&store).await > first_run);
 }
@@ -329,20 +397,6 @@ async fn up_runs_on_postgresql_and_mosquitto_when_given_them() {
     one_digital_state_per_physical_state(&db.migrated_store().await).await;
 }
 
-/// `devices published N messages; the connector completed M chains and dead-lettered D`.
-fn stop_report(printed: &[String]) -> (i64, i64, i64) {
-    let line = printed
-        .iter()
-        .find(|l| l.starts_with("devices published "))
-        .unwrap_or_else(|| panic!("no stop report in {printed:?}"));
-    let numbers: Vec<i64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .map(|w| w.parse().unwrap())
-        .collect();
-    (numbers[0], numbers[1], numbers[2])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_on_the_embedded_broker_every_message_is_stored_and_ctrl_c_ends_live_streams() {
     // A hundred devices at 5 msg/s: lanes finish out of arrival order all the time, which the
@@ -358,13 +412,13 @@ async fn under_load_on_the_embedded_broker_every_message_is_stored_and_ctrl_c_en
         stream.chunk().await.unwrap().is_some(),
         "the stream delivers"
     );
-    let printed = up.interrupt().await;
-    let (published, completed, dead) = stop_report(&printed);
-    assert!(published > 1000, "{printed:?}");
+    let report = up.interrupt().await.report;
+    let published = i64::try_from(report.published).unwrap();
+    assert!(published > 1000, "{report:?}");
     assert_eq!(
-        (completed, dead),
-        (published, 0),
-        "every published message went through: {printed:?}"
+        (report.completed, report.dead_lettered),
+        (report.published, 0),
+        "every published message went through"
     );
     let url = format!("sqlite://{}", dir.path().join("entwine.db").display());
     let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
@@ -384,19 +438,20 @@ async fn a_silenced_device_disentangles_unbinds_and_entangles_again_when_it_retu
     )
     .await;
     up.wait_until_all_entangled().await;
-    let devices = up.devices.clone().expect("the devices' API is printed");
+    let devices = up.devices.clone().expect("the devices' API runs");
     let http = reqwest::Client::new();
-    let lifecycle = |id: &'static str| {
+    let (d1, d2) = (up.device(1), up.device(2));
+    let lifecycle = |id: &str| {
         let url = format!("{}/api/twins/{id}", up.api);
         async move {
             let twin: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
             twin["lifecycle"].as_str().unwrap().to_owned()
         }
     };
-    // iiot-device-2 falls silent: every one of its messages lost at the device.
+    // Device 2 falls silent: every one of its messages lost at the device.
     let silenced = http
         .put(format!("{devices}/faults"))
-        .json(&serde_json::json!({"device": "iiot-device-2", "loss": 1.0}))
+        .json(&serde_json::json!({"device": up.device(2), "loss": 1.0}))
         .send()
         .await
         .unwrap();
@@ -405,7 +460,7 @@ async fn a_silenced_device_disentangles_unbinds_and_entangles_again_when_it_retu
     eventually(
         Duration::from_secs(10),
         "the silent twin disentangled",
-        || async { lifecycle("iiot-device-2").await == "disentangled" },
+        || async { lifecycle(&d2).await == "disentangled" },
     )
     .await;
     assert!(
@@ -415,7 +470,7 @@ async fn a_silenced_device_disentangles_unbinds_and_entangles_again_when_it_retu
     eventually(
         Duration::from_secs(10),
         "the silent twin unbound",
-        || async { lifecycle("iiot-device-2").await == "unbound" },
+        || async { lifecycle(&d2).await == "unbound" },
     )
     .await;
     // Its last message may have left up to 0.2 s before the fault was switched on.
@@ -423,11 +478,7 @@ async fn a_silenced_device_disentangles_unbinds_and_entangles_again_when_it_retu
         silent_since.elapsed() >= Duration::from_millis(3_500),
         "not before the 4 s threshold"
     );
-    assert_eq!(
-        lifecycle("iiot-device-1").await,
-        "entangled",
-        "the others carry on"
-    );
+    assert_eq!(lifecycle(&d1).await, "entangled", "the others carry on");
     // It returns.
     let cleared = http
         .delete(format!("{devices}/faults"))
@@ -438,18 +489,20 @@ async fn a_silenced_device_disentangles_unbinds_and_entangles_again_when_it_retu
     eventually(
         Duration::from_secs(15),
         "the twin entangled again",
-        || async { lifecycle("iiot-device-2").await == "entangled" },
+        || async { lifecycle(&d2).await == "entangled" },
     )
     .await;
-    let printed = up.interrupt().await;
+    let silent = up.device(2);
+    let printed = up.interrupt().await.printed;
     for change in [
-        "twin iiot-device-2: entangled → disentangled",
-        "twin iiot-device-2: disentangled → unbound",
-        "twin iiot-device-2: unbound → bound",
-        "twin iiot-device-2: bound → entangled",
+        "entangled → disentangled",
+        "disentangled → unbound",
+        "unbound → bound",
+        "bound → entangled",
     ] {
+        let change = format!("twin {silent}: {change}");
         assert!(
-            printed.iter().any(|l| l.starts_with(change)),
+            printed.iter().any(|l| l.starts_with(&change)),
             "no {change:?} in {printed:?}"
         );
     }
@@ -476,15 +529,15 @@ async fn a_silent_twins_series_leave_metrics_after_the_silence_threshold_and_com
     let entangled = |id: &str| format!("entwine_twin_entangled{{device_id=\"{id}\"}} ");
     let text = metrics().await;
     for i in 1..=DEVICES {
-        let id = format!("iiot-device-{i}");
+        let id = up.device(i);
         assert!(text.contains(&odte(&id)), "{id} in {text}");
         assert!(text.contains(&entangled(&id)), "{id} in {text}");
     }
-    let devices = up.devices.clone().expect("the devices' API is printed");
+    let devices = up.devices.clone().expect("the devices' API runs");
     let http = reqwest::Client::new();
     let silenced = http
         .put(format!("{devices}/faults"))
-        .json(&serde_json::json!({"device": "iiot-device-2", "loss": 1.0}))
+        .json(&serde_json::json!({"device": up.device(2), "loss": 1.0}))
         .send()
         .await
         .unwrap();
@@ -497,7 +550,7 @@ async fn a_silent_twins_series_leave_metrics_after_the_silence_threshold_and_com
         || async {
             metrics()
                 .await
-                .contains(&format!("{}0\n", entangled("iiot-device-2")))
+                .contains(&format!("{}0\n", entangled(&up.device(2))))
         },
     )
     .await;
@@ -507,7 +560,7 @@ async fn a_silent_twins_series_leave_metrics_after_the_silence_threshold_and_com
         "the silent twin's series gone from /metrics",
         || async {
             let text = metrics().await;
-            !text.contains(&odte("iiot-device-2")) && !text.contains(&entangled("iiot-device-2"))
+            !text.contains(&odte(&up.device(2))) && !text.contains(&entangled(&up.device(2)))
         },
     )
     .await;
@@ -518,9 +571,9 @@ async fn a_silent_twins_series_leave_metrics_after_the_silence_threshold_and_com
         silent_since.elapsed()
     );
     let text = metrics().await;
-    for id in ["iiot-device-1", "iiot-device-3"] {
+    for id in [up.device(1), up.device(3)] {
         assert!(
-            text.contains(&format!("{}1\n", entangled(id))),
+            text.contains(&format!("{}1\n", entangled(&id))),
             "{id} still entangled in {text}"
         );
     }
@@ -533,7 +586,7 @@ async fn a_silent_twins_series_leave_metrics_after_the_silence_threshold_and_com
     eventually(
         Duration::from_secs(15),
         "the returning twin's series back",
-        || async { metrics().await.contains(&odte("iiot-device-2")) },
+        || async { metrics().await.contains(&odte(&up.device(2))) },
     )
     .await;
     up.interrupt().await;
@@ -692,7 +745,12 @@ async fn hostile_payloads_are_dead_lettered_and_listed_while_every_device_stays_
         .twins()
         .await
         .iter()
-        .filter(|t| t["device_id"].as_str().unwrap().starts_with("iiot-device-"))
+        .filter(|t| {
+            t["device_id"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{}-", up.prefix))
+        })
         .map(|t| t["last_digital_timestamp"].as_i64().unwrap())
         .collect();
     assert_eq!(before.len(), DEVICES);
@@ -703,7 +761,12 @@ async fn hostile_payloads_are_dead_lettered_and_listed_while_every_device_stays_
             let twins = up.twins().await;
             let devices: Vec<&Value> = twins
                 .iter()
-                .filter(|t| t["device_id"].as_str().unwrap().starts_with("iiot-device-"))
+                .filter(|t| {
+                    t["device_id"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with(&format!("{}-", up.prefix))
+                })
                 .collect();
             devices.iter().zip(&before).all(|(t, b)| {
                 t["lifecycle"] == "entangled" && t["last_digital_timestamp"].as_i64().unwrap() > *b
@@ -711,10 +774,13 @@ async fn hostile_payloads_are_dead_lettered_and_listed_while_every_device_stays_
         },
     )
     .await;
-    let printed = up.interrupt().await;
-    let (published, completed, dead) = stop_report(&printed);
+    let report = up.interrupt().await.report;
     // Every emulated device message, and the first event of hostile-2, went through.
-    assert_eq!((completed, dead), (published + 1, 3), "{printed:?}");
+    assert_eq!(
+        (report.completed, report.dead_lettered),
+        (report.published + 1, 3),
+        "{report:?}"
+    );
 }
 
 /// Half a request head on a fresh connection; how long until the server closes it.
@@ -737,23 +803,21 @@ async fn slow_client_lifetime(address: &str) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ups_servers_cut_slow_clients_off_serve_the_others_and_answer_errors_in_json() {
     let dir = tempfile::tempdir().unwrap();
-    let up = start_up_with_env(
-        dir.path(),
-        &["--devices", "1"],
-        &[("ENTWINE_HTTP_HEADER_READ_TIMEOUT", "0.5")],
-    )
+    // As ENTWINE_HTTP_HEADER_READ_TIMEOUT=0.5 would set it (read by `entwine_http::Limits`).
+    let up = start_up_with(dir.path(), &["--devices", "1"], |config| {
+        config.http_limits.header_read_timeout = Duration::from_millis(500);
+    })
     .await;
     let api = up.api.trim_start_matches("http://").to_owned();
-    let devices = up.devices.clone().expect("the devices' API is printed");
-    let device_api = devices.trim_start_matches("http://").to_owned();
-    // Both servers, the functions' and twins API's and the devices', cut a slow client off.
-    for address in [&api, &device_api] {
-        let lifetime = slow_client_lifetime(address).await;
-        assert!(
-            lifetime >= Duration::from_millis(450) && lifetime < Duration::from_millis(2_000),
-            "{address}: closed after {lifetime:?}"
-        );
-    }
+    let devices = up.devices.clone().expect("the devices' API runs");
+    // The server of the functions and the twins API cuts a slow client off. (The devices' API
+    // is the same `entwine_http::serve`, with its limits from the environment: tested in
+    // entwine-http.)
+    let lifetime = slow_client_lifetime(&api).await;
+    assert!(
+        lifetime >= Duration::from_millis(450) && lifetime < Duration::from_millis(2_000),
+        "{api}: closed after {lifetime:?}"
+    );
     // 300 slow clients hold sockets; a normal request is answered at once.
     let mut slow = Vec::new();
     for _ in 0..300 {
