@@ -502,6 +502,13 @@ impl Platform {
         };
 
         let connector_stop = CancellationToken::new();
+        // Until the platform is returned, a failure below stops what already runs.
+        let mut started = Started {
+            stops: vec![http_stop.clone(), connector_stop.clone()],
+            tasks: std::iter::once(http.abort_handle())
+                .chain(evaluator.as_ref().map(JoinHandle::abort_handle))
+                .collect(),
+        };
         let connector_stats = Arc::new(ConnectorStats::default());
         let mut connector = match &config.connector {
             None => None,
@@ -594,6 +601,8 @@ impl Platform {
             _ => None,
         };
 
+        started.stops.clear();
+        started.tasks.clear();
         Ok(Self {
             store,
             close_store,
@@ -753,6 +762,20 @@ impl Drop for Platform {
         if let Some(evaluator) = &self.evaluator {
             evaluator.abort();
         }
+    }
+}
+
+/// What `Platform::start` started so far, stopped if it returns an error before the platform
+/// exists (a dropped `Platform` stops itself).
+struct Started {
+    stops: Vec<CancellationToken>,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.stops.iter().for_each(CancellationToken::cancel);
+        self.tasks.iter().for_each(tokio::task::AbortHandle::abort);
     }
 }
 

@@ -330,7 +330,7 @@ async fn admin(url: &str, statement: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut connection = sqlx::PgConnection::connect(url)
         .await
-        .with_context(|| format!("cannot connect to {}", crate::local::redact(url)))?;
+        .with_context(|| format!("cannot connect to {}", entwine_config::redact_url(url)))?;
     sqlx::query(statement)
         .execute(&mut connection)
         .await
