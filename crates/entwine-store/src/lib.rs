@@ -34,6 +34,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod batch;
 mod error;
 #[macro_use]
 mod queries;
@@ -55,6 +56,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+pub use batch::{is_element_error, Each};
 pub use deadletters::StoredDeadLetter;
 pub use error::StoreError;
 pub use lifecycle::{TwinChange, TwinWindow};
@@ -440,7 +442,13 @@ impl Store {
         };
         let pending = row.pending(id)?;
         let figures = self
-            .window_figures(&row, pending.device_id.as_str(), pending.timestamp, config)
+            .window_figures(
+                &row,
+                id,
+                pending.device_id.as_str(),
+                pending.timestamp,
+                config,
+            )
             .await?;
         Ok(Some(figures))
     }
@@ -449,13 +457,14 @@ impl Store {
     async fn window_figures(
         &self,
         row: &DigitalRow,
+        id: i32,
         device: &str,
         t_ms: i64,
         config: &OdteConfig,
     ) -> Result<WindowFigures, StoreError> {
         Ok(WindowFigures {
             stats: queries::window_stats(row.window_states, row.window_timely),
-            updates: self.updates_of(device, t_ms, config).await?,
+            updates: self.updates_of(device, t_ms, id, config).await?,
         })
     }
 
@@ -477,7 +486,7 @@ impl Store {
             return Ok((stored, Written::Existing, evaluation));
         }
         let figures = self
-            .window_figures(&row, pending.device_id.as_str(), t, config)
+            .window_figures(&row, pending.id, pending.device_id.as_str(), t, config)
             .await?;
         let evaluation = evaluate(Window::Read(&figures));
         let state = DigitalState::new(stored_pending, &evaluation.entanglement);

@@ -160,10 +160,12 @@ fn upsert_sql(rows: usize, postgres: bool) -> String {
     sql
 }
 
-/// The twin timestamps of device `$1` from its last update before `$2` (or `$2`) to `$3`.
+/// The twin timestamps of device `$1` from its last update before `$2` (or `$2`) to `$3`, of
+/// its states up to digital state `$4` (those written after it are not its history, even when
+/// a batch stamped them with the same time).
 static UPDATES_OF_DEVICE: Sql = Sql::new(
     "SELECT timestamp FROM digitalstate \
-     WHERE device_id = $1 AND timestamp <= $3 \
+     WHERE device_id = $1 AND timestamp <= $3 AND id <= $4 \
        AND timestamp >= COALESCE( \
              (SELECT MAX(timestamp) FROM digitalstate WHERE device_id = $1 AND timestamp < $2), \
              $2) \
@@ -282,6 +284,7 @@ impl Store {
         &self,
         device: &str,
         t_ms: i64,
+        up_to_id: i32,
         config: &OdteConfig,
     ) -> Result<Option<UpdateTimes>, StoreError> {
         if config.availability_max_gap_ms().is_none() {
@@ -295,7 +298,8 @@ impl Store {
             (i64,),
             device,
             start,
-            t_ms
+            t_ms,
+            up_to_id
         )?;
         let mut updates = UpdateTimes::default();
         for (t,) in rows {

@@ -100,7 +100,9 @@ pub(crate) static SHADOW_BY_PHYSICAL: Sql = Sql::new(
 
 /// Digital state `$1` with the counts of its device's window `[timestamp − $2, timestamp]`:
 /// the states in it that have a physical state, and those mirrored within `$3` ms of the
-/// device's measurement. One round trip, served by `digitalstate_device_timestamp_idx`.
+/// device's measurement, among the device's states up to `$1` (a state written after it, such
+/// as a later one of the same batch stamped with the same time, is not in its window). One
+/// round trip, served by `digitalstate_device_timestamp_idx`.
 /// `GROUP BY d.id` is enough for the other columns of `d`: PostgreSQL knows they depend on the
 /// primary key, and SQLite allows them.
 pub(crate) static DIGITAL_WITH_WINDOW: Sql = Sql::new(
@@ -114,7 +116,7 @@ pub(crate) static DIGITAL_WITH_WINDOW: Sql = Sql::new(
                 AS window_timely \
      FROM digitalstate d \
      LEFT JOIN digitalstate w ON w.device_id = d.device_id \
-          AND w.timestamp >= d.timestamp - $2 AND w.timestamp <= d.timestamp \
+          AND w.timestamp >= d.timestamp - $2 AND w.timestamp <= d.timestamp AND w.id <= d.id \
      LEFT JOIN physicalstate p ON p.id = w.physicalstate_id \
      WHERE d.id = $1 \
      GROUP BY d.id",
