@@ -1,15 +1,29 @@
-//! The pipeline's writes for many inputs at once: what a function does with a batch (a JSON
-//! array through its route). Each answers one result per input, in order, with exactly the
-//! per-event semantics: the inputs are taken in order, as if each were written alone after the
-//! previous one (a device's later state in the batch is not in an earlier state's window), each
-//! idempotent. An input the store refuses (unknown id, a different event under a used key, a
-//! corrupt row) is refused alone and the others go on; a failure of the store itself
-//! (unavailable, not migrated) fails the whole batch, which then wrote nothing.
+//! The pipeline's writes, for one input or many at once (what a function does with a batch, a
+//! JSON array through its route). Each answers one result per input, in order, with exactly
+//! the per-event semantics: the inputs are taken in order, as if each were written alone after
+//! the previous one (a device's later state in the batch is not in an earlier state's window,
+//! and its twin moves through the batch's evaluations in turn), each idempotent. An input the
+//! store refuses (unknown id, a different event under a used key, a corrupt row) is refused
+//! alone and the others go on; a failure of the store itself (unavailable, not migrated) fails
+//! the whole batch.
+//!
+//! Set-based: each step is one statement for the whole batch, whatever its size — on
+//! PostgreSQL over `UNNEST` of one array per column, on SQLite over `json_each` of one JSON
+//! array of rows — so its text never changes and each connection prepares it once. The single
+//! calls ([`Store::record_physical_event`] and the others) are batches of one.
 
+use std::collections::{HashMap, HashSet};
+
+use entwine_core::evaluation::{self, TwinEvaluation, UpdateTimes, Window, WindowFigures};
 use entwine_core::odte::OdteConfig;
 use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState};
+use entwine_core::twin::TwinPosition;
+use entwine_core::InputError;
+use serde_json::{json, Value};
 
-use crate::{Store, StoreError, TwinChange, Written};
+use crate::lifecycle::{twin_change, upsert_lite, upsert_pg, Figures, TwinRow};
+use crate::queries::{window_stats, DigitalRow, PendingRow, PhysicalRow};
+use crate::{contradiction, display_opt, mismatch, Store, StoreError, TwinChange, Written};
 
 /// One result per input of a batch, in the inputs' order: what the single call would answer, or
 /// the input's own refusal ([`StoreError::Rejected`], [`StoreError::Conflict`] or
@@ -25,69 +39,921 @@ pub fn is_element_error(error: &StoreError) -> bool {
     )
 }
 
-/// Sorts a single call's result into the batch's: an element's own error is kept in `each`, the
-/// store's ends the batch.
-fn sort<T>(each: &mut Each<T>, result: Result<T, StoreError>) -> Result<(), StoreError> {
-    match result {
-        Err(e) if !is_element_error(&e) => Err(e),
-        other => {
-            each.push(other);
-            Ok(())
+/// A reading as SQLite's JSON carries it: the `f64` of the `f32`, whose shortest decimal text
+/// parses back to exactly the double SQLite stores for the `f32` (binding an `f32` stores the
+/// same double), so equality with a stored reading holds bit for bit.
+fn reading(value: f32) -> Value {
+    json!(f64::from(value))
+}
+
+/// Runs a statement of `postgres` (binding each array) or `sqlite` (binding one JSON text) form.
+macro_rules! set_based {
+    ($store:expr, $method:ident, $row:ty, pg: $pg:expr => [$($pgarg:expr),* $(,)?], lite: $lite:expr => [$($litearg:expr),* $(,)?]) => {
+        match $store {
+            Store::Postgres(pool) => {
+                sqlx::query_as::<_, $row>($pg)$(.bind($pgarg))*.$method(pool).await
+            }
+            Store::Sqlite(pool) => {
+                sqlx::query_as::<_, $row>($lite)$(.bind($litearg))*.$method(pool).await
+            }
         }
-    }
+        .map_err(StoreError::from_sqlx)
+    };
+}
+
+const INSERT_PHYSICAL_PG: &str = "\
+    INSERT INTO physicalstate (device_id, device_timestamp, timestamp, temperature, energy) \
+    SELECT b.device_id, b.device_timestamp, $5, b.temperature, b.energy \
+    FROM UNNEST($1::varchar[], $2::int8[], $3::float4[], $4::float4[]) WITH ORDINALITY \
+         AS b(device_id, device_timestamp, temperature, energy, ord) \
+    ORDER BY b.ord \
+    ON CONFLICT (device_id, device_timestamp) DO NOTHING \
+    RETURNING id, device_id, device_timestamp, timestamp, temperature, energy";
+
+/// `WHERE true`: SQLite needs it to read `ON CONFLICT` after `INSERT … SELECT` as the upsert.
+const INSERT_PHYSICAL_LITE: &str = "\
+    INSERT INTO physicalstate (device_id, device_timestamp, timestamp, temperature, energy) \
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), ?2, \
+           json_extract(value, '$[2]'), json_extract(value, '$[3]') \
+    FROM json_each(?1) WHERE true ORDER BY key \
+    ON CONFLICT (device_id, device_timestamp) DO NOTHING \
+    RETURNING id, device_id, device_timestamp, timestamp, temperature, energy";
+
+const PHYSICAL_BY_EVENTS_PG: &str = "\
+    SELECT p.id, p.device_id, p.device_timestamp, p.timestamp, p.temperature, p.energy \
+    FROM physicalstate p \
+    JOIN UNNEST($1::varchar[], $2::int8[]) AS b(device_id, device_timestamp) \
+      ON p.device_id = b.device_id AND p.device_timestamp = b.device_timestamp";
+
+const PHYSICAL_BY_EVENTS_LITE: &str = "\
+    SELECT p.id, p.device_id, p.device_timestamp, p.timestamp, p.temperature, p.energy \
+    FROM json_each(?1) b \
+    JOIN physicalstate p ON p.device_id = json_extract(b.value, '$[0]') \
+                        AND p.device_timestamp = json_extract(b.value, '$[1]')";
+
+const PHYSICAL_BY_IDS_PG: &str = "\
+    SELECT id, device_id, device_timestamp, timestamp, temperature, energy \
+    FROM physicalstate WHERE id = ANY($1)";
+
+const PHYSICAL_BY_IDS_LITE: &str = "\
+    SELECT id, device_id, device_timestamp, timestamp, temperature, energy \
+    FROM physicalstate WHERE id IN (SELECT value FROM json_each(?1))";
+
+/// The digital copy of each physical state that is exactly the stored one (device, device
+/// timestamp, timestamp, readings) and has no copy yet.
+const INSERT_SHADOWS_PG: &str = "\
+    INSERT INTO digitalstate (physicalstate_id, device_id, timestamp, temperature, energy) \
+    SELECT p.id, p.device_id, $7, p.temperature, p.energy \
+    FROM UNNEST($1::int4[], $2::varchar[], $3::int8[], $4::int8[], $5::float4[], $6::float4[]) \
+         WITH ORDINALITY AS b(id, device_id, device_timestamp, timestamp, temperature, energy, ord) \
+    JOIN physicalstate p ON p.id = b.id AND p.device_id = b.device_id \
+     AND p.device_timestamp = b.device_timestamp AND p.timestamp = b.timestamp \
+     AND p.temperature = b.temperature AND p.energy = b.energy \
+    ORDER BY b.ord \
+    ON CONFLICT (physicalstate_id) DO NOTHING \
+    RETURNING id, physicalstate_id, device_id, timestamp, temperature, energy";
+
+const INSERT_SHADOWS_LITE: &str = "\
+    INSERT INTO digitalstate (physicalstate_id, device_id, timestamp, temperature, energy) \
+    SELECT p.id, p.device_id, ?2, p.temperature, p.energy \
+    FROM json_each(?1) b \
+    JOIN physicalstate p ON p.id = json_extract(b.value, '$[0]') \
+     AND p.device_id = json_extract(b.value, '$[1]') \
+     AND p.device_timestamp = json_extract(b.value, '$[2]') \
+     AND p.timestamp = json_extract(b.value, '$[3]') \
+     AND p.temperature = json_extract(b.value, '$[4]') \
+     AND p.energy = json_extract(b.value, '$[5]') \
+    WHERE true ORDER BY b.key \
+    ON CONFLICT (physicalstate_id) DO NOTHING \
+    RETURNING id, physicalstate_id, device_id, timestamp, temperature, energy";
+
+const SHADOWS_BY_PHYSICAL_PG: &str = "\
+    SELECT id, physicalstate_id, device_id, timestamp, temperature, energy \
+    FROM digitalstate WHERE physicalstate_id = ANY($1)";
+
+const SHADOWS_BY_PHYSICAL_LITE: &str = "\
+    SELECT id, physicalstate_id, device_id, timestamp, temperature, energy \
+    FROM digitalstate WHERE physicalstate_id IN (SELECT value FROM json_each(?1))";
+
+/// The digital states of a batch, each with its twin's row (read once) and the counts of its
+/// device's window `[timestamp − $2, timestamp]`: the states in it that have a physical state,
+/// and those mirrored within `$3` ms of the device's measurement — among the device's states
+/// up to it (a later one of the same batch, stamped with the same time, is not in its window).
+/// One round trip for the whole batch, served by `digitalstate_device_timestamp_idx`.
+/// `GROUP BY d.id, t.device_id` is enough for the other columns: PostgreSQL knows they depend
+/// on the primary keys, and SQLite allows them.
+macro_rules! digital_with_window {
+    ($ids:literal, $window:literal, $timely:literal) => {
+        concat!(
+            "SELECT d.id, d.physicalstate_id, d.device_id, d.timestamp, d.temperature, d.energy, \
+                    d.availability, d.reliability, d.timeliness, d.odte, d.lifecycle, \
+                    t.lifecycle AS twin_lifecycle, t.since AS twin_since, \
+                    t.bound_at AS twin_bound_at, t.evaluated_at AS twin_evaluated_at, \
+                    COUNT(p.id) AS window_states, \
+                    COALESCE(SUM(CASE WHEN w.timestamp - p.device_timestamp <= ",
+            $timely,
+            " THEN 1 ELSE 0 END), 0) AS window_timely \
+             FROM digitalstate d \
+             LEFT JOIN twin t ON t.device_id = d.device_id \
+             LEFT JOIN digitalstate w ON w.device_id = d.device_id \
+                  AND w.timestamp >= d.timestamp - ",
+            $window,
+            " AND w.timestamp <= d.timestamp AND w.id <= d.id \
+             LEFT JOIN physicalstate p ON p.id = w.physicalstate_id \
+             WHERE d.id ",
+            $ids,
+            " GROUP BY d.id, t.device_id"
+        )
+    };
+}
+
+const DIGITAL_WITH_WINDOW_PG: &str = digital_with_window!("= ANY($1)", "$2", "$3");
+const DIGITAL_WITH_WINDOW_LITE: &str =
+    digital_with_window!("IN (SELECT value FROM json_each(?1))", "?2", "?3");
+
+/// The digital states of a batch as stored, in [`DigitalRow`]'s shape without twin or window.
+macro_rules! digital_by_ids {
+    ($ids:literal) => {
+        concat!(
+            "SELECT id, physicalstate_id, device_id, timestamp, temperature, energy, \
+                    availability, reliability, timeliness, odte, lifecycle, \
+                    CAST(NULL AS VARCHAR(32)) AS twin_lifecycle, CAST(NULL AS BIGINT) AS twin_since, \
+                    CAST(NULL AS BIGINT) AS twin_bound_at, CAST(NULL AS BIGINT) AS twin_evaluated_at, \
+                    CAST(0 AS BIGINT) AS window_states, CAST(0 AS BIGINT) AS window_timely \
+             FROM digitalstate WHERE id ",
+            $ids
+        )
+    };
+}
+
+const DIGITAL_BY_IDS_PG: &str = digital_by_ids!("= ANY($1)");
+const DIGITAL_BY_IDS_LITE: &str = digital_by_ids!("IN (SELECT value FROM json_each(?1))");
+
+/// The update times availability needs for each digital state of a batch: its device's twin
+/// timestamps from the last one before its window `[timestamp − $2, timestamp]` (or the
+/// window's start) to its own, among the states up to it.
+macro_rules! updates_of_states {
+    ($ids:literal, $window:literal) => {
+        concat!(
+            "SELECT d.id, x.timestamp FROM digitalstate d \
+             JOIN digitalstate x ON x.device_id = d.device_id \
+              AND x.timestamp <= d.timestamp AND x.id <= d.id \
+              AND x.timestamp >= COALESCE( \
+                    (SELECT MAX(y.timestamp) FROM digitalstate y \
+                     WHERE y.device_id = d.device_id AND y.timestamp < d.timestamp - ",
+            $window,
+            "), d.timestamp - ",
+            $window,
+            ") WHERE d.id ",
+            $ids,
+            " ORDER BY d.id, x.timestamp"
+        )
+    };
+}
+
+const UPDATES_OF_STATES_PG: &str = updates_of_states!("= ANY($1)", "$2");
+const UPDATES_OF_STATES_LITE: &str =
+    updates_of_states!("IN (SELECT value FROM json_each(?1))", "?2");
+
+/// Stores evaluations where none is stored yet; answers the rows it wrote.
+const STORE_EVALUATIONS_PG: &str = "\
+    UPDATE digitalstate d \
+    SET availability = b.availability, reliability = b.reliability, timeliness = b.timeliness, \
+        odte = b.odte, lifecycle = b.lifecycle \
+    FROM UNNEST($1::int4[], $2::float4[], $3::float4[], $4::float4[], $5::float4[], \
+                $6::varchar[]) AS b(id, availability, reliability, timeliness, odte, lifecycle) \
+    WHERE d.id = b.id AND d.odte IS NULL \
+    RETURNING d.id";
+
+const STORE_EVALUATIONS_LITE: &str = "\
+    UPDATE digitalstate \
+    SET availability = b.availability, reliability = b.reliability, timeliness = b.timeliness, \
+        odte = b.odte, lifecycle = b.lifecycle \
+    FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS availability, \
+                 json_extract(value, '$[2]') AS reliability, \
+                 json_extract(value, '$[3]') AS timeliness, json_extract(value, '$[4]') AS odte, \
+                 json_extract(value, '$[5]') AS lifecycle \
+          FROM json_each(?1)) AS b \
+    WHERE digitalstate.id = b.id AND digitalstate.odte IS NULL \
+    RETURNING digitalstate.id";
+
+/// A batch's ids as each backend binds them.
+fn ids_json(ids: &[i32]) -> String {
+    Value::from(ids.to_vec()).to_string()
 }
 
 impl Store {
-    /// [`Store::record_physical_event`] for every event of a batch, received at `now_ms`.
+    /// [`Store::record_physical_event`] for every event of a batch, received at `now_ms`: one
+    /// insert for all of them, and one read of the stored rows of those that were there before.
     pub async fn record_physical_events(
         &self,
         events: &[PhysicalEvent],
         now_ms: i64,
     ) -> Result<Each<(PhysicalState, Written)>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let devices: Vec<&str> = events.iter().map(|e| e.device_id.as_str()).collect();
+        let stamps: Vec<i64> = events.iter().map(|e| e.device_timestamp).collect();
+        let lite = || {
+            Value::from(
+                events
+                    .iter()
+                    .map(|e| {
+                        json!([
+                            e.device_id.as_str(),
+                            e.device_timestamp,
+                            reading(e.temperature),
+                            reading(e.energy)
+                        ])
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .to_string()
+        };
+        let inserted: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
+            pg: INSERT_PHYSICAL_PG => [
+                &devices,
+                &stamps,
+                events.iter().map(|e| e.temperature).collect::<Vec<f32>>(),
+                events.iter().map(|e| e.energy).collect::<Vec<f32>>(),
+                now_ms
+            ],
+            lite: INSERT_PHYSICAL_LITE => [lite(), now_ms])?;
+        let mut created: HashMap<(String, i64), PhysicalRow> = inserted
+            .into_iter()
+            .map(|row| ((row.device_id.clone(), row.device_timestamp), row))
+            .collect();
+        // The events not inserted now: redeliveries, a different event under a used key, or
+        // the second of two equal keys in this batch (then the first one's row).
+        let mut stored: HashMap<(String, i64), PhysicalState> = HashMap::new();
+        if created.len() < events.len() {
+            let lite = || {
+                Value::from(
+                    events
+                        .iter()
+                        .map(|e| json!([e.device_id.as_str(), e.device_timestamp]))
+                        .collect::<Vec<_>>(),
+                )
+                .to_string()
+            };
+            let rows: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
+                pg: PHYSICAL_BY_EVENTS_PG => [&devices, &stamps],
+                lite: PHYSICAL_BY_EVENTS_LITE => [lite()])?;
+            for row in rows {
+                let key = (row.device_id.clone(), row.device_timestamp);
+                if !created.contains_key(&key) {
+                    stored.insert(key, row.into_state()?);
+                }
+            }
+        }
         let mut each = Vec::with_capacity(events.len());
         for event in events {
-            sort(&mut each, self.record_physical_event(event, now_ms).await)?;
+            let key = (event.device_id.as_str().to_owned(), event.device_timestamp);
+            if let Some(row) = created.remove(&key) {
+                let state = row.into_state();
+                if let Ok(state) = &state {
+                    stored.insert(key, state.clone());
+                }
+                each.push(state.map(|s| (s, Written::Created)));
+                continue;
+            }
+            each.push(match stored.get(&key) {
+                Some(state) => {
+                    same_event(state, event).map(|()| (state.clone(), Written::Existing))
+                }
+                None => Err(StoreError::Corrupt(format!(
+                    "physical state of {} at {} conflicted on insert but cannot be read",
+                    event.device_id, event.device_timestamp
+                ))),
+            });
         }
         Ok(each)
     }
 
-    /// [`Store::record_shadow`] for every physical state of a batch, at `now_ms`.
+    /// [`Store::record_shadow`] for every physical state of a batch, at `now_ms`: one insert for
+    /// all of them; the physical states and copies of those not inserted read in two more.
     pub async fn record_shadows(
         &self,
         states: &[PhysicalState],
         now_ms: i64,
     ) -> Result<Each<(PendingDigitalState, Written)>, StoreError> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i32> = states.iter().map(|s| s.id).collect();
+        let lite = || {
+            Value::from(
+                states
+                    .iter()
+                    .map(|s| {
+                        json!([
+                            s.id,
+                            s.device_id.as_str(),
+                            s.device_timestamp,
+                            s.timestamp,
+                            reading(s.temperature),
+                            reading(s.energy)
+                        ])
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .to_string()
+        };
+        let inserted: Vec<PendingRow> = set_based!(self, fetch_all, PendingRow,
+            pg: INSERT_SHADOWS_PG => [
+                &ids,
+                states.iter().map(|s| s.device_id.as_str()).collect::<Vec<&str>>(),
+                states.iter().map(|s| s.device_timestamp).collect::<Vec<i64>>(),
+                states.iter().map(|s| s.timestamp).collect::<Vec<i64>>(),
+                states.iter().map(|s| s.temperature).collect::<Vec<f32>>(),
+                states.iter().map(|s| s.energy).collect::<Vec<f32>>(),
+                now_ms
+            ],
+            lite: INSERT_SHADOWS_LITE => [lite(), now_ms])?;
+        let mut created: HashMap<i32, PendingRow> = inserted
+            .into_iter()
+            .map(|row| (row.physicalstate_id, row))
+            .collect();
+        // Not inserted: a redelivery, or a physical state that is not the stored one. Either
+        // way the input must be exactly what is stored, or nothing is answered but an error.
+        let mut physical: HashMap<i32, PhysicalRow> = HashMap::new();
+        let mut copies: HashMap<i32, PendingDigitalState> = HashMap::new();
+        if created.len() < states.len() {
+            let rest: Vec<i32> = ids
+                .iter()
+                .copied()
+                .filter(|id| !created.contains_key(id))
+                .collect();
+            let rows: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
+                pg: PHYSICAL_BY_IDS_PG => [&rest],
+                lite: PHYSICAL_BY_IDS_LITE => [ids_json(&rest)])?;
+            physical.extend(rows.into_iter().map(|row| (row.id, row)));
+            let rows: Vec<PendingRow> = set_based!(self, fetch_all, PendingRow,
+                pg: SHADOWS_BY_PHYSICAL_PG => [&rest],
+                lite: SHADOWS_BY_PHYSICAL_LITE => [ids_json(&rest)])?;
+            for row in rows {
+                copies.insert(row.physicalstate_id, row.into_pending()?);
+            }
+        }
         let mut each = Vec::with_capacity(states.len());
         for state in states {
-            sort(&mut each, self.record_shadow(state, now_ms).await)?;
+            if let Some(row) = created.remove(&state.id) {
+                let pending = row.into_pending();
+                if let Ok(pending) = &pending {
+                    copies.insert(state.id, pending.clone());
+                    physical
+                        .entry(state.id)
+                        .or_insert_with(|| PhysicalRow::of(state));
+                }
+                each.push(pending.map(|p| (p, Written::Created)));
+                continue;
+            }
+            each.push(existing_shadow(
+                state,
+                physical.get(&state.id),
+                copies.get(&state.id),
+            ));
         }
         Ok(each)
     }
 
     /// [`Store::evaluate_digital_state`] for every pending state of a batch, in order: each
-    /// state's window holds the states before it, not those after it in the batch, and each
-    /// twin moves through its states' evaluations in turn.
+    /// state's window holds the states up to it (not those after it in the batch), and each
+    /// twin moves through its states' evaluations in turn. One read of every state with its
+    /// window and twin (and one of the update times when availability is measured); then one
+    /// statement storing the new evaluations and one writing the twins that changed lifecycle,
+    /// in one transaction.
     pub async fn evaluate_digital_states(
         &self,
         pending: &[PendingDigitalState],
         config: &OdteConfig,
     ) -> Result<Each<(DigitalState, Written, Option<TwinChange>)>, StoreError> {
-        let mut each = Vec::with_capacity(pending.len());
-        for state in pending {
-            sort(&mut each, self.evaluate_digital_state(state, config).await)?;
-        }
-        Ok(each)
+        self.evaluate_batch(pending, config, true).await
     }
 
-    /// [`Store::stored_digital`] for every digital state of a batch.
+    /// [`Store::evaluate_digital_states`] without the twins (see
+    /// [`Store::evaluate_digital_state_only`]).
+    pub async fn evaluate_digital_states_only(
+        &self,
+        pending: &[PendingDigitalState],
+        config: &OdteConfig,
+    ) -> Result<Each<(DigitalState, Written)>, StoreError> {
+        let each = self.evaluate_batch(pending, config, false).await?;
+        Ok(each
+            .into_iter()
+            .map(|r| r.map(|(state, written, _)| (state, written)))
+            .collect())
+    }
+
+    async fn evaluate_batch(
+        &self,
+        pending: &[PendingDigitalState],
+        config: &OdteConfig,
+        twins: bool,
+    ) -> Result<Each<(DigitalState, Written, Option<TwinChange>)>, StoreError> {
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A concurrent call may evaluate some of the same states between this batch's read and
+        // its write; the write then stored nothing, and the batch is read again, finding them
+        // evaluated (a redelivery racing its first delivery).
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let plan = self.plan_evaluations(pending, config, twins).await?;
+            match self.write_evaluations(&plan).await? {
+                Some(applied) => return Ok(plan.answers(applied)),
+                None if attempt < 3 => {
+                    tracing::debug!(attempt, "evaluations raced another call; reading again");
+                }
+                None => {
+                    return Err(StoreError::Corrupt(
+                        "digital states were neither evaluated nor updatable after 3 attempts"
+                            .into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Reads the batch's states with their windows and evaluates them in order.
+    async fn plan_evaluations(
+        &self,
+        pending: &[PendingDigitalState],
+        config: &OdteConfig,
+        twins: bool,
+    ) -> Result<Plan, StoreError> {
+        let ids: Vec<i32> = pending.iter().map(|p| p.id).collect();
+        let rows = self.digital_rows(&ids, config).await?;
+        let mut updates = if config.availability_max_gap_ms().is_some() {
+            self.updates_of_states(&ids, &rows, config).await?
+        } else {
+            HashMap::new()
+        };
+        let mut plan = Plan {
+            results: Vec::with_capacity(pending.len()),
+            evaluations: Vec::new(),
+            twins: HashMap::new(),
+        };
+        // Each device's twin as this batch moves it: where it stands, and the time of the
+        // evaluation its row holds (a change older than that is stale and not written).
+        let mut positions: HashMap<String, (Option<TwinPosition>, Option<i64>)> = HashMap::new();
+        let mut evaluated: HashMap<i32, DigitalState> = HashMap::new();
+        for input in pending {
+            let Some(row) = rows.get(&input.id) else {
+                plan.results.push(Err(StoreError::Rejected(InputError::new(
+                    "id",
+                    format!("no digital state with id {}", input.id),
+                ))));
+                continue;
+            };
+            let checked = check_row(row, input).and_then(|stored_pending| {
+                let device = input.device_id.as_str();
+                let twin = match positions.get(device) {
+                    Some(twin) => *twin,
+                    None => (row.twin_position(device)?, row.twin_evaluated_at()),
+                };
+                Ok((stored_pending, twin))
+            });
+            let (stored_pending, (position, twin_at)) = match checked {
+                Ok(checked) => checked,
+                Err(e) => {
+                    plan.results.push(Err(e));
+                    continue;
+                }
+            };
+            // The handler evaluates at the state's time, which is then the twin's latest update.
+            let t = input.timestamp;
+            let evaluate = |window| evaluation::evaluate(config, t, Some(t), window, position);
+            let earlier = match evaluated.get(&input.id) {
+                Some(state) => Some(state.clone()),
+                None => match row.evaluation(stored_pending.clone()) {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        plan.results.push(Err(e));
+                        continue;
+                    }
+                },
+            };
+            let (state, written, evaluation) = match earlier {
+                Some(stored) => {
+                    let evaluation = evaluate(Window::Evaluated(&stored));
+                    (stored, Written::Existing, evaluation)
+                }
+                None => {
+                    let figures = WindowFigures {
+                        stats: window_stats(row.window_states, row.window_timely),
+                        updates: config
+                            .availability_max_gap_ms()
+                            .map(|_| updates.remove(&input.id).unwrap_or_default()),
+                    };
+                    let evaluation = evaluate(Window::Read(&figures));
+                    let state = DigitalState::new(stored_pending, &evaluation.entanglement);
+                    evaluated.insert(input.id, state.clone());
+                    plan.evaluations.push(state.clone());
+                    (state, Written::Created, evaluation)
+                }
+            };
+            let device = input.device_id.as_str().to_owned();
+            let mut twin = (position, twin_at);
+            let change = if twins {
+                plan.move_twin(&device, &state, &evaluation, &mut twin)
+            } else {
+                None
+            };
+            positions.insert(device, twin);
+            plan.results.push(Ok((state, written, change)));
+        }
+        Ok(plan)
+    }
+
+    /// Writes a plan's evaluations and twins in one transaction. Answers the devices whose twin
+    /// row took this write, or `None` (nothing written) if a state was evaluated by another
+    /// call since it was read.
+    async fn write_evaluations(&self, plan: &Plan) -> Result<Option<HashSet<String>>, StoreError> {
+        let states = &plan.evaluations;
+        let twins: Vec<TwinRow<'_>> = plan.twins.values().map(|t| t.row()).collect();
+        if states.is_empty() && twins.is_empty() {
+            return Ok(Some(HashSet::new()));
+        }
+        macro_rules! write {
+            ($pool:expr, $upsert:ident, $evaluations:expr) => {{
+                let mut tx = $pool.begin().await.map_err(StoreError::from_sqlx)?;
+                if !states.is_empty() {
+                    let updated: Vec<(i32,)> = $evaluations
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(StoreError::from_sqlx)?;
+                    if updated.len() != states.len() {
+                        tx.rollback().await.map_err(StoreError::from_sqlx)?;
+                        return Ok(None);
+                    }
+                }
+                let applied = $upsert(&mut tx, &twins).await?;
+                tx.commit().await.map_err(StoreError::from_sqlx)?;
+                Ok(Some(applied))
+            }};
+        }
+        match self {
+            Store::Postgres(pool) => write!(
+                pool,
+                upsert_pg,
+                sqlx::query_as::<_, (i32,)>(STORE_EVALUATIONS_PG)
+                    .bind(states.iter().map(|s| s.pending.id).collect::<Vec<i32>>())
+                    .bind(states.iter().map(|s| s.availability).collect::<Vec<f32>>())
+                    .bind(states.iter().map(|s| s.reliability).collect::<Vec<f32>>())
+                    .bind(states.iter().map(|s| s.timeliness).collect::<Vec<f32>>())
+                    .bind(states.iter().map(|s| s.odte).collect::<Vec<f32>>())
+                    .bind(
+                        states
+                            .iter()
+                            .map(|s| s.lifecycle.as_str())
+                            .collect::<Vec<&str>>()
+                    )
+            ),
+            Store::Sqlite(pool) => write!(
+                pool,
+                upsert_lite,
+                sqlx::query_as::<_, (i32,)>(STORE_EVALUATIONS_LITE).bind(
+                    Value::from(
+                        states
+                            .iter()
+                            .map(|s| json!([
+                                s.pending.id,
+                                reading(s.availability),
+                                reading(s.reliability),
+                                reading(s.timeliness),
+                                reading(s.odte),
+                                s.lifecycle.as_str()
+                            ]))
+                            .collect::<Vec<_>>()
+                    )
+                    .to_string()
+                )
+            ),
+        }
+    }
+
+    /// [`Store::stored_digital`] for every digital state of a batch: one read for all.
     pub async fn stored_digitals(
         &self,
         states: &[DigitalState],
     ) -> Result<Each<DigitalState>, StoreError> {
-        let mut each = Vec::with_capacity(states.len());
-        for state in states {
-            sort(&mut each, self.stored_digital(state).await)?;
+        if states.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(each)
+        let ids: Vec<i32> = states.iter().map(|s| s.pending.id).collect();
+        let rows: Vec<DigitalRow> = set_based!(self, fetch_all, DigitalRow,
+            pg: DIGITAL_BY_IDS_PG => [&ids],
+            lite: DIGITAL_BY_IDS_LITE => [ids_json(&ids)])?;
+        let rows: HashMap<i32, DigitalRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+        Ok(states
+            .iter()
+            .map(|given| check_stored(rows.get(&given.pending.id), given))
+            .collect())
     }
+
+    /// The rows of digital states `ids` with their windows and twins, by id.
+    pub(crate) async fn digital_rows(
+        &self,
+        ids: &[i32],
+        config: &OdteConfig,
+    ) -> Result<HashMap<i32, DigitalRow>, StoreError> {
+        let rows: Vec<DigitalRow> = set_based!(self, fetch_all, DigitalRow,
+            pg: DIGITAL_WITH_WINDOW_PG => [ids, config.window_ms(), config.timeliness_ms()],
+            lite: DIGITAL_WITH_WINDOW_LITE => [ids_json(ids), config.window_ms(), config.timeliness_ms()])?;
+        Ok(rows.into_iter().map(|r| (r.id, r)).collect())
+    }
+
+    /// The update times of each of `ids` that availability needs: the last one before its
+    /// window and those in it.
+    pub(crate) async fn updates_of_states(
+        &self,
+        ids: &[i32],
+        rows: &HashMap<i32, DigitalRow>,
+        config: &OdteConfig,
+    ) -> Result<HashMap<i32, UpdateTimes>, StoreError> {
+        let listed: Vec<(i32, i64)> = set_based!(self, fetch_all, (i32, i64),
+            pg: UPDATES_OF_STATES_PG => [ids, config.window_ms()],
+            lite: UPDATES_OF_STATES_LITE => [ids_json(ids), config.window_ms()])?;
+        let mut updates: HashMap<i32, UpdateTimes> = HashMap::new();
+        for (id, t) in listed {
+            let Some(state_t) = rows.get(&id).and_then(|r| r.timestamp) else {
+                continue;
+            };
+            let (start, _) = config.window_of(state_t);
+            let times = updates.entry(id).or_default();
+            if t < start {
+                times.before_window = times.before_window.max(Some(t));
+            } else {
+                times.in_window.push(t);
+            }
+        }
+        Ok(updates)
+    }
+}
+
+/// What a batch of evaluations will write and answer.
+struct Plan {
+    results: Each<(DigitalState, Written, Option<TwinChange>)>,
+    /// The evaluations to store (each state once).
+    evaluations: Vec<DigitalState>,
+    /// Each changed twin's latest row, by device.
+    twins: HashMap<String, PlannedTwin>,
+}
+
+/// A twin's row as the batch's last change of it leaves it.
+struct PlannedTwin {
+    device_id: String,
+    position: TwinPosition,
+    digitalstate_id: i32,
+    physicalstate_id: i32,
+    at: i64,
+    figures: Figures,
+}
+
+impl PlannedTwin {
+    fn row(&self) -> TwinRow<'_> {
+        TwinRow {
+            device_id: &self.device_id,
+            position: self.position,
+            digitalstate_id: Some(self.digitalstate_id),
+            last_update: Some(self.at),
+            physicalstate_id: Some(self.physicalstate_id),
+            evaluated_at: self.at,
+            figures: self.figures,
+        }
+    }
+}
+
+impl Plan {
+    /// Moves `device`'s twin by `evaluation`, as the single handler's write would: only on a
+    /// lifecycle change, and not when its row holds a later evaluation (a redelivered old state
+    /// is stale). Answers the change to announce.
+    fn move_twin(
+        &mut self,
+        device: &str,
+        state: &DigitalState,
+        evaluation: &TwinEvaluation,
+        twin: &mut (Option<TwinPosition>, Option<i64>),
+    ) -> Option<TwinChange> {
+        let change = evaluation.change?;
+        let t = state.pending.timestamp;
+        if twin.1.is_some_and(|held| t < held) {
+            return None;
+        }
+        let figures = Figures::of(&evaluation.entanglement);
+        *twin = (Some(evaluation.position), Some(t));
+        self.twins.insert(
+            device.to_owned(),
+            PlannedTwin {
+                device_id: device.to_owned(),
+                position: evaluation.position,
+                digitalstate_id: state.pending.id,
+                physicalstate_id: state.pending.physicalstate_id,
+                at: t,
+                figures,
+            },
+        );
+        Some(twin_change(device, change, t, figures))
+    }
+
+    /// The answers, without the changes of twins whose row did not take this write (the twin
+    /// evaluator wrote a later evaluation in between).
+    fn answers(
+        self,
+        applied: HashSet<String>,
+    ) -> Each<(DigitalState, Written, Option<TwinChange>)> {
+        self.results
+            .into_iter()
+            .map(|r| {
+                r.map(|(state, written, change)| {
+                    let change = change.filter(|c| applied.contains(&c.device_id));
+                    (state, written, change)
+                })
+            })
+            .collect()
+    }
+}
+
+/// A redelivered event carries the same readings; a different event under the same key would
+/// be answered with the stored one and never stored itself: refuse it, naming it.
+fn same_event(state: &PhysicalState, event: &PhysicalEvent) -> Result<(), StoreError> {
+    for (field, stored, sent) in [
+        ("temperature", state.temperature, event.temperature),
+        ("energy", state.energy, event.energy),
+    ] {
+        if stored.to_bits() != sent.to_bits() {
+            return Err(StoreError::Conflict(InputError::new(
+                "timestamp",
+                format!(
+                    "device {} already sent a different event at device timestamp {} \
+                     ({field} {stored} stored, {sent} sent): device timestamps must be unique",
+                    event.device_id, event.device_timestamp
+                ),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The answer to a physical state whose copy was not inserted now: its existing copy, if the
+/// input is exactly the stored physical state.
+fn existing_shadow(
+    physical: &PhysicalState,
+    stored: Option<&PhysicalRow>,
+    copy: Option<&PendingDigitalState>,
+) -> Result<(PendingDigitalState, Written), StoreError> {
+    let Some(stored) = stored else {
+        return Err(StoreError::Rejected(InputError::new(
+            "id",
+            format!("no physical state with id {}", physical.id),
+        )));
+    };
+    let what = format!("physical state {}", physical.id);
+    let device = physical.device_id.as_str();
+    if stored.device_id != device {
+        return Err(mismatch("device_id", what, &stored.device_id, device));
+    }
+    let stored = stored.clone().into_state()?;
+    contradiction(
+        &what,
+        &[
+            (
+                "device_timestamp",
+                stored.device_timestamp.to_string(),
+                physical.device_timestamp.to_string(),
+            ),
+            (
+                "timestamp",
+                stored.timestamp.to_string(),
+                physical.timestamp.to_string(),
+            ),
+        ],
+        &[
+            ("temperature", stored.temperature, physical.temperature),
+            ("energy", stored.energy, physical.energy),
+        ],
+    )?;
+    let copy = copy.ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "digital copy of physical state {} conflicted on insert but cannot be read",
+            physical.id
+        ))
+    })?;
+    Ok((copy.clone(), Written::Existing))
+}
+
+/// The stored pending part of a row, refused unless it is exactly the input (device, physical
+/// state, timestamp and readings).
+fn check_row(
+    row: &DigitalRow,
+    pending: &PendingDigitalState,
+) -> Result<PendingDigitalState, StoreError> {
+    let what = format!("digital state {}", pending.id);
+    if row.device_id.as_deref() != Some(pending.device_id.as_str()) {
+        return Err(mismatch(
+            "device_id",
+            what,
+            row.device_id.as_deref().unwrap_or("no device"),
+            pending.device_id.as_str(),
+        ));
+    }
+    if row.physicalstate_id != Some(pending.physicalstate_id) {
+        return Err(mismatch(
+            "physicalstate_id",
+            what,
+            &display_opt(row.physicalstate_id),
+            &pending.physicalstate_id.to_string(),
+        ));
+    }
+    if row.timestamp != Some(pending.timestamp) {
+        return Err(mismatch(
+            "timestamp",
+            what,
+            &display_opt(row.timestamp),
+            &pending.timestamp.to_string(),
+        ));
+    }
+    let stored_pending = row.pending(pending.id)?;
+    contradiction(
+        &what,
+        &[],
+        &[
+            (
+                "temperature",
+                stored_pending.temperature,
+                pending.temperature,
+            ),
+            ("energy", stored_pending.energy, pending.energy),
+        ],
+    )?;
+    Ok(stored_pending)
+}
+
+/// The stored digital state `given` claims to be, or the first field in which it differs.
+fn check_stored(
+    row: Option<&DigitalRow>,
+    digital: &DigitalState,
+) -> Result<DigitalState, StoreError> {
+    let id = digital.pending.id;
+    let row = row.ok_or_else(|| {
+        StoreError::Rejected(InputError::new(
+            "id",
+            format!("no digital state with id {id}"),
+        ))
+    })?;
+    let what = format!("digital state {id}");
+    let given = &digital.pending;
+    contradiction(
+        &what,
+        &[
+            (
+                "device_id",
+                row.device_id.clone().unwrap_or_else(|| "none".into()),
+                given.device_id.to_string(),
+            ),
+            (
+                "physicalstate_id",
+                display_opt(row.physicalstate_id),
+                given.physicalstate_id.to_string(),
+            ),
+            (
+                "timestamp",
+                display_opt(row.timestamp),
+                given.timestamp.to_string(),
+            ),
+        ],
+        &[],
+    )?;
+    let stored_pending = row.pending(id)?;
+    let stored = row.evaluation(stored_pending)?.ok_or_else(|| {
+        StoreError::Rejected(InputError::new(
+            "odte",
+            format!("{what} has not been evaluated by the twin handler"),
+        ))
+    })?;
+    contradiction(
+        &what,
+        &[],
+        &[
+            ("temperature", stored.pending.temperature, given.temperature),
+            ("energy", stored.pending.energy, given.energy),
+            ("availability", stored.availability, digital.availability),
+            ("reliability", stored.reliability, digital.reliability),
+            ("timeliness", stored.timeliness, digital.timeliness),
+            ("odte", stored.odte, digital.odte),
+        ],
+    )?;
+    contradiction(
+        &what,
+        &[(
+            "lifecycle",
+            stored.lifecycle.as_str().to_owned(),
+            digital.lifecycle.as_str().to_owned(),
+        )],
+        &[],
+    )?;
+    Ok(stored)
 }

@@ -45,7 +45,7 @@ mod twins;
 use std::str::FromStr;
 use std::time::Duration;
 
-use entwine_core::evaluation::{self, TwinEvaluation, Window, WindowFigures};
+use entwine_core::evaluation::WindowFigures;
 use entwine_core::odte::{OdteConfig, SeedLifecycle};
 use entwine_core::state::{
     DeviceId, DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState,
@@ -60,7 +60,6 @@ pub use batch::{is_element_error, Each};
 pub use deadletters::StoredDeadLetter;
 pub use error::StoreError;
 pub use lifecycle::{TwinChange, TwinWindow};
-use queries::{DigitalRow, PendingRow, PhysicalRow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;
 pub use twins::{HistoryCursor, HistoryEntry, Tally, TwinStatus};
@@ -258,142 +257,35 @@ impl Store {
     }
 
     /// Stores a physical event received at `now_ms`, unless the same device already sent an event
-    /// with the same device timestamp: then answers the state stored for it.
+    /// with the same device timestamp: then answers the state stored for it (and refuses, as
+    /// [`StoreError::Conflict`] naming `timestamp`, a different event under that key). A batch
+    /// of one ([`Store::record_physical_events`]).
     pub async fn record_physical_event(
         &self,
         event: &PhysicalEvent,
         now_ms: i64,
     ) -> Result<(PhysicalState, Written), StoreError> {
-        let device = event.device_id.as_str();
-        let inserted: Option<PhysicalRow> = fetch!(
-            self,
-            queries::INSERT_PHYSICAL,
-            fetch_optional,
-            PhysicalRow,
-            device,
-            event.device_timestamp,
-            now_ms,
-            event.temperature,
-            event.energy
-        )?;
-        if let Some(row) = inserted {
-            return Ok((row.into_state()?, Written::Created));
-        }
-        let existing: Option<PhysicalRow> = fetch!(
-            self,
-            queries::PHYSICAL_BY_EVENT,
-            fetch_optional,
-            PhysicalRow,
-            device,
-            event.device_timestamp
-        )?;
-        let row = existing.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "physical state of {device} at {} conflicted on insert but cannot be read",
-                event.device_timestamp
-            ))
-        })?;
-        let state = row.into_state()?;
-        // A redelivery carries the same readings; a different event under the same key would
-        // be answered with the stored one and never stored itself: refuse it, naming it.
-        for (field, stored, sent) in [
-            ("temperature", state.temperature, event.temperature),
-            ("energy", state.energy, event.energy),
-        ] {
-            if stored.to_bits() != sent.to_bits() {
-                return Err(StoreError::Conflict(InputError::new(
-                    "timestamp",
-                    format!(
-                        "device {device} already sent a different event at device timestamp {} \
-                         ({field} {stored} stored, {sent} sent): device timestamps must be unique",
-                        event.device_timestamp
-                    ),
-                )));
-            }
-        }
-        Ok((state, Written::Existing))
+        only(
+            self.record_physical_events(std::slice::from_ref(event), now_ms)
+                .await?,
+        )
     }
 
     /// Creates the twin's pending copy of a stored physical state at `now_ms`, unless one
     /// exists: then answers it. The readings are taken from the stored physical state.
     ///
     /// Rejects (as [`StoreError::Rejected`], naming the field) a physical state id that does not
-    /// exist or that belongs to another device than the input says.
+    /// exist or that belongs to another device than the input says, or any other field that
+    /// differs from the stored state. A batch of one ([`Store::record_shadows`]).
     pub async fn record_shadow(
         &self,
         physical: &PhysicalState,
         now_ms: i64,
     ) -> Result<(PendingDigitalState, Written), StoreError> {
-        let device = physical.device_id.as_str();
-        let inserted: Option<PendingRow> = fetch!(
-            self,
-            queries::INSERT_SHADOW,
-            fetch_optional,
-            PendingRow,
-            physical.id,
-            device,
-            now_ms,
-            physical.device_timestamp,
-            physical.timestamp,
-            physical.temperature,
-            physical.energy
-        )?;
-        if let Some(row) = inserted {
-            return Ok((row.into_pending()?, Written::Created));
-        }
-        // Not inserted: a redelivery, or a physical state that is not the stored one. Either
-        // way the input must be exactly what is stored, or nothing is answered but an error.
-        let stored: Option<PhysicalRow> = fetch!(
-            self,
-            queries::PHYSICAL_BY_ID,
-            fetch_optional,
-            PhysicalRow,
-            physical.id
-        )?;
-        let Some(stored) = stored else {
-            return Err(StoreError::Rejected(InputError::new(
-                "id",
-                format!("no physical state with id {}", physical.id),
-            )));
-        };
-        let what = format!("physical state {}", physical.id);
-        if stored.device_id != device {
-            return Err(mismatch("device_id", what, &stored.device_id, device));
-        }
-        let stored = stored.into_state()?;
-        contradiction(
-            &what,
-            &[
-                (
-                    "device_timestamp",
-                    stored.device_timestamp.to_string(),
-                    physical.device_timestamp.to_string(),
-                ),
-                (
-                    "timestamp",
-                    stored.timestamp.to_string(),
-                    physical.timestamp.to_string(),
-                ),
-            ],
-            &[
-                ("temperature", stored.temperature, physical.temperature),
-                ("energy", stored.energy, physical.energy),
-            ],
-        )?;
-        let existing: Option<PendingRow> = fetch!(
-            self,
-            queries::SHADOW_BY_PHYSICAL,
-            fetch_optional,
-            PendingRow,
-            physical.id
-        )?;
-        let row = existing.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "digital copy of physical state {} conflicted on insert but cannot be read",
-                physical.id
-            ))
-        })?;
-        Ok((row.into_pending()?, Written::Existing))
+        only(
+            self.record_shadows(std::slice::from_ref(physical), now_ms)
+                .await?,
+        )
     }
 
     /// The twin handler's store work: evaluates a pending digital state over its device's
@@ -404,6 +296,7 @@ impl Store {
     /// writes is completed. The twin's position comes with the window, in the same query, and
     /// the twin row is written only when its lifecycle changes. Answers the change when it was
     /// written (a stale one, older than the twin's latest evaluation, is dropped unannounced).
+    /// A batch of one ([`Store::evaluate_digital_states`]).
     ///
     /// Rejects an unknown id, or one whose stored device, physical state, timestamp or readings
     /// differ from the input.
@@ -412,9 +305,10 @@ impl Store {
         pending: &PendingDigitalState,
         config: &OdteConfig,
     ) -> Result<(DigitalState, Written, Option<TwinChange>), StoreError> {
-        let (state, written, evaluation) = self.evaluate_state(pending, config).await?;
-        let change = self.record_twin_change(&state, &evaluation).await?;
-        Ok((state, written, change))
+        only(
+            self.evaluate_digital_states(std::slice::from_ref(pending), config)
+                .await?,
+        )
     }
 
     /// [`Store::evaluate_digital_state`] without the twin: the seed's twin-handler work only
@@ -424,242 +318,55 @@ impl Store {
         pending: &PendingDigitalState,
         config: &OdteConfig,
     ) -> Result<(DigitalState, Written), StoreError> {
-        let (state, written, _) = self.evaluate_state(pending, config).await?;
-        Ok((state, written))
+        only(
+            self.evaluate_digital_states_only(std::slice::from_ref(pending), config)
+                .await?,
+        )
     }
 
     /// The figures the twin handler reads for digital state `id` (none if there is no such
-    /// row): its device's window at the state's timestamp, and the update times when `config`
-    /// measures availability. [`Store::evaluate_digital_state`] evaluates exactly these; they
-    /// equal [`WindowFigures::reference`] over the device's states.
+    /// row): its device's window at the state's timestamp, among its states up to `id`, and
+    /// the update times when `config` measures availability. [`Store::evaluate_digital_state`]
+    /// evaluates exactly these; they equal [`WindowFigures::reference`] over the device's states.
     pub async fn state_window(
         &self,
         id: i32,
         config: &OdteConfig,
     ) -> Result<Option<WindowFigures>, StoreError> {
-        let Some(row) = self.digital_row(id, config).await? else {
+        let rows = self.digital_rows(&[id], config).await?;
+        let Some(row) = rows.get(&id) else {
             return Ok(None);
         };
-        let pending = row.pending(id)?;
-        let figures = self
-            .window_figures(
-                &row,
-                id,
-                pending.device_id.as_str(),
-                pending.timestamp,
-                config,
-            )
-            .await?;
-        Ok(Some(figures))
-    }
-
-    /// The window's figures of a digital state row read by [`Store::digital_row`].
-    async fn window_figures(
-        &self,
-        row: &DigitalRow,
-        id: i32,
-        device: &str,
-        t_ms: i64,
-        config: &OdteConfig,
-    ) -> Result<WindowFigures, StoreError> {
-        Ok(WindowFigures {
+        row.pending(id)?;
+        let updates = if config.availability_max_gap_ms().is_some() {
+            let mut updates = self.updates_of_states(&[id], &rows, config).await?;
+            Some(updates.remove(&id).unwrap_or_default())
+        } else {
+            None
+        };
+        Ok(Some(WindowFigures {
             stats: queries::window_stats(row.window_states, row.window_timely),
-            updates: self.updates_of(device, t_ms, id, config).await?,
-        })
+            updates,
+        }))
     }
 
-    /// Reads, checks and evaluates a pending digital state: answers the digital state as
-    /// stored, whether this call stored it, and the evaluation that moves its twin.
-    async fn evaluate_state(
-        &self,
-        pending: &PendingDigitalState,
-        config: &OdteConfig,
-    ) -> Result<(DigitalState, Written, TwinEvaluation), StoreError> {
-        let row = self.checked_row(pending, config).await?;
-        let stored_pending = row.pending(pending.id)?;
-        let position = row.twin_position(pending.device_id.as_str())?;
-        // The handler evaluates at the state's time, which is then the twin's latest update.
-        let t = pending.timestamp;
-        let evaluate = |window| evaluation::evaluate(config, t, Some(t), window, position);
-        if let Some(stored) = row.evaluation(stored_pending.clone())? {
-            let evaluation = evaluate(Window::Evaluated(&stored));
-            return Ok((stored, Written::Existing, evaluation));
-        }
-        let figures = self
-            .window_figures(&row, pending.id, pending.device_id.as_str(), t, config)
-            .await?;
-        let evaluation = evaluate(Window::Read(&figures));
-        let state = DigitalState::new(stored_pending, &evaluation.entanglement);
-        let updated = execute!(
-            self,
-            queries::STORE_EVALUATION,
-            pending.id,
-            state.availability,
-            state.reliability,
-            state.timeliness,
-            state.odte,
-            state.lifecycle.as_str()
-        )?;
-        if updated == 1 {
-            return Ok((state, Written::Created, evaluation));
-        }
-        // Another call evaluated the same state in between: answer what it stored.
-        let again = self.digital_row(pending.id, config).await?;
-        let again = again
-            .ok_or_else(|| StoreError::Corrupt(format!("digital state {} vanished", pending.id)))?;
-        let stored = again
-            .evaluation(again.pending(pending.id)?)?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "digital state {} was neither evaluated nor updatable",
-                    pending.id
-                ))
-            })?;
-        let evaluation = evaluate(Window::Evaluated(&stored));
-        Ok((stored, Written::Existing, evaluation))
-    }
-
-    /// The row of a pending digital state with its window, refused unless it is exactly the
-    /// stored state (device, physical state, timestamp and readings).
-    async fn checked_row(
-        &self,
-        pending: &PendingDigitalState,
-        config: &OdteConfig,
-    ) -> Result<DigitalRow, StoreError> {
-        let row = self.digital_row(pending.id, config).await?;
-        let row = row.ok_or_else(|| {
-            StoreError::Rejected(InputError::new(
-                "id",
-                format!("no digital state with id {}", pending.id),
-            ))
-        })?;
-        let what = format!("digital state {}", pending.id);
-        if row.device_id.as_deref() != Some(pending.device_id.as_str()) {
-            return Err(mismatch(
-                "device_id",
-                what,
-                row.device_id.as_deref().unwrap_or("no device"),
-                pending.device_id.as_str(),
-            ));
-        }
-        if row.physicalstate_id != Some(pending.physicalstate_id) {
-            return Err(mismatch(
-                "physicalstate_id",
-                what,
-                &display_opt(row.physicalstate_id),
-                &pending.physicalstate_id.to_string(),
-            ));
-        }
-        if row.timestamp != Some(pending.timestamp) {
-            return Err(mismatch(
-                "timestamp",
-                what,
-                &display_opt(row.timestamp),
-                &pending.timestamp.to_string(),
-            ));
-        }
-        let stored_pending = row.pending(pending.id)?;
-        contradiction(
-            &what,
-            &[],
-            &[
-                (
-                    "temperature",
-                    stored_pending.temperature,
-                    pending.temperature,
-                ),
-                ("energy", stored_pending.energy, pending.energy),
-            ],
-        )?;
-        Ok(row)
-    }
-}
-
-impl Store {
     /// Checks that `digital` is exactly a digital state this store holds, evaluated: answers
     /// the stored one, or refuses (naming the first field that differs) an unknown id, a state
     /// not evaluated yet, or one whose readings, figures or lifecycle are not the stored ones.
-    /// The digital-event handler announces only what passes.
+    /// The digital-event handler announces only what passes. A batch of one
+    /// ([`Store::stored_digitals`]).
     pub async fn stored_digital(&self, digital: &DigitalState) -> Result<DigitalState, StoreError> {
-        let id = digital.pending.id;
-        let row: Option<DigitalRow> =
-            fetch!(self, queries::DIGITAL_BY_ID, fetch_optional, DigitalRow, id)?;
-        let row = row.ok_or_else(|| {
-            StoreError::Rejected(InputError::new(
-                "id",
-                format!("no digital state with id {id}"),
-            ))
-        })?;
-        let what = format!("digital state {id}");
-        let given = &digital.pending;
-        contradiction(
-            &what,
-            &[
-                (
-                    "device_id",
-                    row.device_id.clone().unwrap_or_else(|| "none".into()),
-                    given.device_id.to_string(),
-                ),
-                (
-                    "physicalstate_id",
-                    display_opt(row.physicalstate_id),
-                    given.physicalstate_id.to_string(),
-                ),
-                (
-                    "timestamp",
-                    display_opt(row.timestamp),
-                    given.timestamp.to_string(),
-                ),
-            ],
-            &[],
-        )?;
-        let stored_pending = row.pending(id)?;
-        let stored = row.evaluation(stored_pending)?.ok_or_else(|| {
-            StoreError::Rejected(InputError::new(
-                "odte",
-                format!("{what} has not been evaluated by the twin handler"),
-            ))
-        })?;
-        contradiction(
-            &what,
-            &[],
-            &[
-                ("temperature", stored.pending.temperature, given.temperature),
-                ("energy", stored.pending.energy, given.energy),
-                ("availability", stored.availability, digital.availability),
-                ("reliability", stored.reliability, digital.reliability),
-                ("timeliness", stored.timeliness, digital.timeliness),
-                ("odte", stored.odte, digital.odte),
-            ],
-        )?;
-        contradiction(
-            &what,
-            &[(
-                "lifecycle",
-                stored.lifecycle.as_str().to_owned(),
-                digital.lifecycle.as_str().to_owned(),
-            )],
-            &[],
-        )?;
-        Ok(stored)
+        only(self.stored_digitals(std::slice::from_ref(digital)).await?)
     }
+}
 
-    /// Digital state `id` with the counts of its device's window under `config`.
-    async fn digital_row(
-        &self,
-        id: i32,
-        config: &OdteConfig,
-    ) -> Result<Option<DigitalRow>, StoreError> {
-        fetch!(
-            self,
-            queries::DIGITAL_WITH_WINDOW,
-            fetch_optional,
-            DigitalRow,
-            id,
-            config.window_ms(),
-            config.timeliness_ms()
-        )
-    }
+/// The one result of a batch of one.
+fn only<T>(each: Each<T>) -> Result<T, StoreError> {
+    each.into_iter().next().unwrap_or_else(|| {
+        Err(StoreError::Corrupt(
+            "a batch of one answered nothing".into(),
+        ))
+    })
 }
 
 /// Refuses an input that differs from the stored row in any of these fields (whole values

@@ -5,11 +5,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use entwine_core::evaluation::{
-    self, LifecycleChange, TwinEvaluation, UpdateTimes, Window, WindowFigures,
-};
+use entwine_core::evaluation::{self, LifecycleChange, UpdateTimes, Window, WindowFigures};
 use entwine_core::odte::{Entanglement, OdteConfig};
-use entwine_core::state::DigitalState;
 use entwine_core::twin::{TwinLifecycle, TwinPosition};
 use serde::{Deserialize, Serialize};
 
@@ -58,20 +55,20 @@ pub(crate) fn stored_twin_lifecycle(device: &str, raw: &str) -> Result<TwinLifec
 }
 
 /// One twin row to upsert.
-struct TwinRow<'a> {
-    device_id: &'a str,
-    position: TwinPosition,
+pub(crate) struct TwinRow<'a> {
+    pub(crate) device_id: &'a str,
+    pub(crate) position: TwinPosition,
     /// The latest digital state: id, twin timestamp, physical state (for its device timestamp).
-    digitalstate_id: Option<i32>,
-    last_update: Option<i64>,
-    physicalstate_id: Option<i32>,
-    evaluated_at: i64,
-    figures: Figures,
+    pub(crate) digitalstate_id: Option<i32>,
+    pub(crate) last_update: Option<i64>,
+    pub(crate) physicalstate_id: Option<i32>,
+    pub(crate) evaluated_at: i64,
+    pub(crate) figures: Figures,
 }
 
 /// A, R, T and ODTE as stored.
 #[derive(Debug, Clone, Copy)]
-struct Figures {
+pub(crate) struct Figures {
     availability: f32,
     reliability: f32,
     timeliness: f32,
@@ -80,7 +77,7 @@ struct Figures {
 
 impl Figures {
     /// An evaluation at the stored precision (`REAL`), as [`DigitalState::new`] rounds it.
-    fn of(e: &Entanglement) -> Self {
+    pub(crate) fn of(e: &Entanglement) -> Self {
         Self {
             availability: e.availability as f32,
             reliability: e.reliability as f32,
@@ -90,87 +87,182 @@ impl Figures {
     }
 }
 
-/// Rows per upsert statement: 12 parameters each stays far below both backends' limits.
-const UPSERT_CHUNK: usize = 500;
+/// Rows per upsert statement when the evaluator writes every twin: bounds a statement's size.
+const UPSERT_CHUNK: usize = 1000;
 
-/// Writes twins' evaluations, many per statement: the figures and lifecycle only where no later
-/// evaluation is stored, the latest digital state only where it is newer than the stored one
-/// (the handler and the evaluator may race; neither may roll the other back).
-fn upsert_sql(rows: usize, postgres: bool) -> String {
-    let mut sql = String::from(
-        "INSERT INTO twin (device_id, lifecycle, since, bound_at, digitalstate_id, last_update, \
-                           last_device_timestamp, evaluated_at, availability, reliability, \
-                           timeliness, odte) VALUES ",
-    );
-    let p = |n: usize| {
-        if postgres {
-            format!("${n}")
-        } else {
-            format!("?{n}")
-        }
+/// Writes twins' evaluations, set-based (one statement for all rows, its text fixed): the
+/// figures and lifecycle only where no later evaluation is stored, the latest digital state only
+/// where it is newer than the stored one (the handler and the evaluator may race; neither may
+/// roll the other back). What each row holds after the statement comes back: a row whose
+/// `evaluated_at` is not the one written kept a later evaluation, so this write's lifecycle
+/// change did not happen. Rows must name distinct devices.
+macro_rules! upsert_twins {
+    ($rows:literal) => {
+        concat!(
+            "INSERT INTO twin (device_id, lifecycle, since, bound_at, digitalstate_id, \
+                               last_update, last_device_timestamp, evaluated_at, availability, \
+                               reliability, timeliness, odte) \
+             SELECT b.device_id, b.lifecycle, b.since, b.bound_at, b.digitalstate_id, \
+                    b.last_update, \
+                    (SELECT device_timestamp FROM physicalstate WHERE id = b.physicalstate_id), \
+                    b.evaluated_at, b.availability, b.reliability, b.timeliness, b.odte \
+             FROM ",
+            $rows,
+            " WHERE true \
+             ON CONFLICT (device_id) DO UPDATE SET \
+               lifecycle = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.lifecycle ELSE twin.lifecycle END, \
+               since = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.since ELSE twin.since END, \
+               bound_at = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.bound_at ELSE twin.bound_at END, \
+               availability = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.availability ELSE twin.availability END, \
+               reliability = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.reliability ELSE twin.reliability END, \
+               timeliness = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.timeliness ELSE twin.timeliness END, \
+               odte = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.odte ELSE twin.odte END, \
+               digitalstate_id = CASE WHEN excluded.last_update IS NOT NULL AND \
+                   (twin.last_update IS NULL OR excluded.last_update >= twin.last_update) \
+                   THEN excluded.digitalstate_id ELSE twin.digitalstate_id END, \
+               last_device_timestamp = CASE WHEN excluded.last_update IS NOT NULL AND \
+                   (twin.last_update IS NULL OR excluded.last_update >= twin.last_update) \
+                   THEN excluded.last_device_timestamp ELSE twin.last_device_timestamp END, \
+               last_update = CASE WHEN excluded.last_update IS NOT NULL AND \
+                   (twin.last_update IS NULL OR excluded.last_update >= twin.last_update) \
+                   THEN excluded.last_update ELSE twin.last_update END, \
+               evaluated_at = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
+                   THEN excluded.evaluated_at ELSE twin.evaluated_at END \
+             RETURNING device_id, evaluated_at"
+        )
     };
-    for row in 0..rows {
-        let b = row * 12;
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!(
-            "({}, {}, {}, {}, {}, {}, (SELECT device_timestamp FROM physicalstate WHERE id = {}), \
-             {}, {}, {}, {}, {})",
-            p(b + 1),
-            p(b + 2),
-            p(b + 3),
-            p(b + 4),
-            p(b + 5),
-            p(b + 6),
-            p(b + 7),
-            p(b + 8),
-            p(b + 9),
-            p(b + 10),
-            p(b + 11),
-            p(b + 12)
-        ));
-    }
-    let later = "excluded.evaluated_at >= twin.evaluated_at";
-    let newer = "excluded.last_update IS NOT NULL \
-                 AND (twin.last_update IS NULL OR excluded.last_update >= twin.last_update)";
-    sql.push_str(" ON CONFLICT (device_id) DO UPDATE SET ");
-    let sets: Vec<String> = [
-        ("lifecycle", later),
-        ("since", later),
-        ("bound_at", later),
-        ("availability", later),
-        ("reliability", later),
-        ("timeliness", later),
-        ("odte", later),
-        ("digitalstate_id", newer),
-        ("last_device_timestamp", newer),
-        ("last_update", newer),
-        ("evaluated_at", later),
-    ]
-    .iter()
-    .map(|(column, when)| {
-        format!("{column} = CASE WHEN {when} THEN excluded.{column} ELSE twin.{column} END")
-    })
-    .collect();
-    sql.push_str(&sets.join(", "));
-    // What each row holds after the statement: a row whose `evaluated_at` is not the one
-    // written kept a later evaluation, so this write's lifecycle change did not happen.
-    sql.push_str(" RETURNING device_id, evaluated_at");
-    sql
 }
 
-/// The twin timestamps of device `$1` from its last update before `$2` (or `$2`) to `$3`, of
-/// its states up to digital state `$4` (those written after it are not its history, even when
-/// a batch stamped them with the same time).
-static UPDATES_OF_DEVICE: Sql = Sql::new(
-    "SELECT timestamp FROM digitalstate \
-     WHERE device_id = $1 AND timestamp <= $3 AND id <= $4 \
-       AND timestamp >= COALESCE( \
-             (SELECT MAX(timestamp) FROM digitalstate WHERE device_id = $1 AND timestamp < $2), \
-             $2) \
-     ORDER BY timestamp",
+const UPSERT_TWINS_PG: &str = upsert_twins!(
+    "UNNEST($1::varchar[], $2::varchar[], $3::int8[], $4::int8[], $5::int4[], $6::int8[], \
+            $7::int4[], $8::int8[], $9::float4[], $10::float4[], $11::float4[], $12::float4[]) \
+     AS b(device_id, lifecycle, since, bound_at, digitalstate_id, last_update, physicalstate_id, \
+          evaluated_at, availability, reliability, timeliness, odte)"
 );
+
+const UPSERT_TWINS_LITE: &str = upsert_twins!(
+    "(SELECT json_extract(value, '$[0]') AS device_id, json_extract(value, '$[1]') AS lifecycle, \
+             json_extract(value, '$[2]') AS since, json_extract(value, '$[3]') AS bound_at, \
+             json_extract(value, '$[4]') AS digitalstate_id, \
+             json_extract(value, '$[5]') AS last_update, \
+             json_extract(value, '$[6]') AS physicalstate_id, \
+             json_extract(value, '$[7]') AS evaluated_at, \
+             json_extract(value, '$[8]') AS availability, \
+             json_extract(value, '$[9]') AS reliability, \
+             json_extract(value, '$[10]') AS timeliness, json_extract(value, '$[11]') AS odte \
+      FROM json_each(?1)) AS b"
+);
+
+/// The devices whose row holds what was written (see [`upsert_twins`]).
+fn applied(rows: &[TwinRow<'_>], held: Vec<(String, i64)>) -> HashSet<String> {
+    let written: HashMap<&str, i64> = rows.iter().map(|r| (r.device_id, r.evaluated_at)).collect();
+    held.into_iter()
+        .filter(|(device, at)| written.get(device.as_str()) == Some(at))
+        .map(|(device, _)| device)
+        .collect()
+}
+
+/// Upserts twin rows on a PostgreSQL connection (a transaction's, or the pool's).
+pub(crate) async fn upsert_pg(
+    conn: &mut sqlx::PgConnection,
+    rows: &[TwinRow<'_>],
+) -> Result<HashSet<String>, StoreError> {
+    let mut done = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(UPSERT_CHUNK) {
+        let f = |get: fn(&TwinRow<'_>) -> f32| chunk.iter().map(get).collect::<Vec<f32>>();
+        let held: Vec<(String, i64)> = sqlx::query_as(UPSERT_TWINS_PG)
+            .bind(chunk.iter().map(|r| r.device_id).collect::<Vec<&str>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.position.lifecycle.as_str())
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.position.since_ms)
+                    .collect::<Vec<i64>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.position.bound_ms)
+                    .collect::<Vec<Option<i64>>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.digitalstate_id)
+                    .collect::<Vec<Option<i32>>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.last_update)
+                    .collect::<Vec<Option<i64>>>(),
+            )
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.physicalstate_id)
+                    .collect::<Vec<Option<i32>>>(),
+            )
+            .bind(chunk.iter().map(|r| r.evaluated_at).collect::<Vec<i64>>())
+            .bind(f(|r| r.figures.availability))
+            .bind(f(|r| r.figures.reliability))
+            .bind(f(|r| r.figures.timeliness))
+            .bind(f(|r| r.figures.odte))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        done.extend(applied(chunk, held));
+    }
+    Ok(done)
+}
+
+/// Upserts twin rows on a SQLite connection (a transaction's, or the pool's).
+pub(crate) async fn upsert_lite(
+    conn: &mut sqlx::SqliteConnection,
+    rows: &[TwinRow<'_>],
+) -> Result<HashSet<String>, StoreError> {
+    let mut done = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(UPSERT_CHUNK) {
+        let json: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.device_id,
+                    r.position.lifecycle.as_str(),
+                    r.position.since_ms,
+                    r.position.bound_ms,
+                    r.digitalstate_id,
+                    r.last_update,
+                    r.physicalstate_id,
+                    r.evaluated_at,
+                    f64::from(r.figures.availability),
+                    f64::from(r.figures.reliability),
+                    f64::from(r.figures.timeliness),
+                    f64::from(r.figures.odte),
+                ])
+            })
+            .collect();
+        let held: Vec<(String, i64)> = sqlx::query_as(UPSERT_TWINS_LITE)
+            .bind(serde_json::Value::from(json).to_string())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        done.extend(applied(chunk, held));
+    }
+    Ok(done)
+}
 
 /// Every twin with the counts of its window `[$1, $2]` (timely within `$3` ms), and its latest
 /// digital state (the twin handler writes the twin row only when the lifecycle changes).
@@ -221,130 +313,7 @@ struct WindowRow {
     window_timely: i64,
 }
 
-/// Binds the upsert's parameters for one backend's query.
-macro_rules! bind_rows {
-    ($query:expr, $rows:expr) => {{
-        let mut query = $query;
-        for r in $rows {
-            query = query
-                .bind(r.device_id)
-                .bind(r.position.lifecycle.as_str())
-                .bind(r.position.since_ms)
-                .bind(r.position.bound_ms)
-                .bind(r.digitalstate_id)
-                .bind(r.last_update)
-                .bind(r.physicalstate_id)
-                .bind(r.evaluated_at)
-                .bind(r.figures.availability)
-                .bind(r.figures.reliability)
-                .bind(r.figures.timeliness)
-                .bind(r.figures.odte);
-        }
-        query
-    }};
-}
-
 impl Store {
-    /// Upserts twin rows, [`UPSERT_CHUNK`] per statement. Answers the devices whose row took
-    /// this write's lifecycle and figures (the others hold a later evaluation).
-    async fn upsert(&self, rows: &[TwinRow<'_>]) -> Result<HashSet<String>, StoreError> {
-        let mut applied = HashSet::with_capacity(rows.len());
-        for chunk in rows.chunks(UPSERT_CHUNK) {
-            let held: Vec<(String, i64)> = match self {
-                Store::Postgres(pool) => {
-                    let sql = upsert_sql(chunk.len(), true);
-                    bind_rows!(sqlx::query_as(&sql), chunk)
-                        .fetch_all(pool)
-                        .await
-                }
-                Store::Sqlite(pool) => {
-                    let sql = upsert_sql(chunk.len(), false);
-                    bind_rows!(sqlx::query_as(&sql), chunk)
-                        .fetch_all(pool)
-                        .await
-                }
-            }
-            .map_err(StoreError::from_sqlx)?;
-            let written: HashMap<&str, i64> = chunk
-                .iter()
-                .map(|r| (r.device_id, r.evaluated_at))
-                .collect();
-            applied.extend(
-                held.into_iter()
-                    .filter(|(device, at)| written.get(device.as_str()) == Some(at))
-                    .map(|(device, _)| device),
-            );
-        }
-        Ok(applied)
-    }
-
-    /// The update times of `device` that availability needs at `t_ms`, when `config` measures
-    /// it: the last one before the window and those in it.
-    pub(crate) async fn updates_of(
-        &self,
-        device: &str,
-        t_ms: i64,
-        up_to_id: i32,
-        config: &OdteConfig,
-    ) -> Result<Option<UpdateTimes>, StoreError> {
-        if config.availability_max_gap_ms().is_none() {
-            return Ok(None);
-        }
-        let (start, _) = config.window_of(t_ms);
-        let rows: Vec<(i64,)> = fetch!(
-            self,
-            UPDATES_OF_DEVICE,
-            fetch_all,
-            (i64,),
-            device,
-            start,
-            t_ms,
-            up_to_id
-        )?;
-        let mut updates = UpdateTimes::default();
-        for (t,) in rows {
-            if t < start {
-                updates.before_window = updates.before_window.max(Some(t));
-            } else {
-                updates.in_window.push(t);
-            }
-        }
-        Ok(Some(updates))
-    }
-
-    /// Writes the twin handler's lifecycle change, if its evaluation made one, and answers it
-    /// when the write applied. The row is written only on a change: between changes it would
-    /// only repeat the figures of the digital state, and the hot path saves a write per event
-    /// (the evaluator refreshes the figures).
-    pub(crate) async fn record_twin_change(
-        &self,
-        state: &DigitalState,
-        evaluation: &TwinEvaluation,
-    ) -> Result<Option<TwinChange>, StoreError> {
-        let Some(change) = evaluation.change else {
-            return Ok(None);
-        };
-        let device = state.pending.device_id.as_str();
-        let t = state.pending.timestamp;
-        let figures = Figures::of(&evaluation.entanglement);
-        let applied = self
-            .upsert(&[TwinRow {
-                device_id: device,
-                position: evaluation.position,
-                digitalstate_id: Some(state.pending.id),
-                last_update: Some(t),
-                physicalstate_id: Some(state.pending.physicalstate_id),
-                evaluated_at: t,
-                figures,
-            }])
-            .await?;
-        // A stale evaluation (a redelivered old state) is refused by the upsert: its change
-        // never happened, so it is not announced.
-        Ok(applied
-            .contains(device)
-            .then(|| twin_change(device, change, t, figures)))
-    }
-
     /// The twin evaluator's store work: re-evaluates every twin at `now_ms`
     /// ([`entwine_core::evaluation::evaluate`] on the figures of [`Store::twin_windows`]), so
     /// that a twin whose device fell silent loses reliability as its window empties, becomes
@@ -384,7 +353,16 @@ impl Store {
         }
         // Every twin's refreshed figures and latest state, many rows per statement: a tick
         // costs a few statements, not one per twin.
-        let applied = self.upsert(&rows).await?;
+        let applied = match self {
+            Store::Postgres(pool) => {
+                let mut conn = pool.acquire().await.map_err(StoreError::from_sqlx)?;
+                upsert_pg(&mut conn, &rows).await?
+            }
+            Store::Sqlite(pool) => {
+                let mut conn = pool.acquire().await.map_err(StoreError::from_sqlx)?;
+                upsert_lite(&mut conn, &rows).await?
+            }
+        };
         changes.retain(|c| applied.contains(&c.device_id));
         Ok(changes)
     }
@@ -470,7 +448,12 @@ pub struct TwinWindow {
     latest_physical_id: Option<i32>,
 }
 
-fn twin_change(device: &str, change: LifecycleChange, at: i64, figures: Figures) -> TwinChange {
+pub(crate) fn twin_change(
+    device: &str,
+    change: LifecycleChange,
+    at: i64,
+    figures: Figures,
+) -> TwinChange {
     TwinChange {
         device_id: device.to_owned(),
         from: change.from,

@@ -45,101 +45,6 @@ macro_rules! fetch {
     };
 }
 
-/// Runs a statement on whichever backend the store is; yields the number of rows it changed.
-macro_rules! execute {
-    ($store:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
-        match $store {
-            $crate::Store::Postgres(pool) => sqlx::query($sql.postgres)$(.bind($arg))*
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected()),
-            $crate::Store::Sqlite(pool) => sqlx::query($sql.sqlite())$(.bind($arg))*
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected()),
-        }
-        .map_err($crate::StoreError::from_sqlx)
-    };
-}
-
-/// Inserts a physical state unless its (device, device timestamp) key exists; returns it when
-/// inserted, nothing otherwise.
-pub(crate) static INSERT_PHYSICAL: Sql = Sql::new(
-    "INSERT INTO physicalstate (device_id, device_timestamp, timestamp, temperature, energy) \
-     VALUES ($1, $2, $3, $4, $5) \
-     ON CONFLICT (device_id, device_timestamp) DO NOTHING \
-     RETURNING id, device_id, device_timestamp, timestamp, temperature, energy",
-);
-
-pub(crate) static PHYSICAL_BY_EVENT: Sql = Sql::new(
-    "SELECT id, device_id, device_timestamp, timestamp, temperature, energy \
-     FROM physicalstate WHERE device_id = $1 AND device_timestamp = $2",
-);
-
-pub(crate) static PHYSICAL_BY_ID: Sql = Sql::new(
-    "SELECT id, device_id, device_timestamp, timestamp, temperature, energy \
-     FROM physicalstate WHERE id = $1",
-);
-
-/// Inserts the digital copy of physical state `$1` if it is exactly the stored one (device
-/// `$2`, device timestamp `$4`, timestamp `$5`, readings `$6`, `$7`) and has no copy yet;
-/// returns it when inserted.
-pub(crate) static INSERT_SHADOW: Sql = Sql::new(
-    "INSERT INTO digitalstate (physicalstate_id, device_id, timestamp, temperature, energy) \
-     SELECT id, device_id, $3, temperature, energy FROM physicalstate \
-     WHERE id = $1 AND device_id = $2 AND device_timestamp = $4 AND timestamp = $5 \
-       AND temperature = $6 AND energy = $7 \
-     ON CONFLICT (physicalstate_id) DO NOTHING \
-     RETURNING id, physicalstate_id, device_id, timestamp, temperature, energy",
-);
-
-pub(crate) static SHADOW_BY_PHYSICAL: Sql = Sql::new(
-    "SELECT id, physicalstate_id, device_id, timestamp, temperature, energy \
-     FROM digitalstate WHERE physicalstate_id = $1",
-);
-
-/// Digital state `$1` with the counts of its device's window `[timestamp − $2, timestamp]`:
-/// the states in it that have a physical state, and those mirrored within `$3` ms of the
-/// device's measurement, among the device's states up to `$1` (a state written after it, such
-/// as a later one of the same batch stamped with the same time, is not in its window). One
-/// round trip, served by `digitalstate_device_timestamp_idx`.
-/// `GROUP BY d.id` is enough for the other columns of `d`: PostgreSQL knows they depend on the
-/// primary key, and SQLite allows them.
-pub(crate) static DIGITAL_WITH_WINDOW: Sql = Sql::new(
-    "SELECT d.physicalstate_id, d.device_id, d.timestamp, d.temperature, d.energy, \
-            d.availability, d.reliability, d.timeliness, d.odte, d.lifecycle, \
-            (SELECT t.lifecycle FROM twin t WHERE t.device_id = d.device_id) AS twin_lifecycle, \
-            (SELECT t.since FROM twin t WHERE t.device_id = d.device_id) AS twin_since, \
-            (SELECT t.bound_at FROM twin t WHERE t.device_id = d.device_id) AS twin_bound_at, \
-            COUNT(p.id) AS window_states, \
-            COALESCE(SUM(CASE WHEN w.timestamp - p.device_timestamp <= $3 THEN 1 ELSE 0 END), 0) \
-                AS window_timely \
-     FROM digitalstate d \
-     LEFT JOIN digitalstate w ON w.device_id = d.device_id \
-          AND w.timestamp >= d.timestamp - $2 AND w.timestamp <= d.timestamp AND w.id <= d.id \
-     LEFT JOIN physicalstate p ON p.id = w.physicalstate_id \
-     WHERE d.id = $1 \
-     GROUP BY d.id",
-);
-
-/// Digital state `$1` as stored, in [`DigitalRow`]'s shape without the window (the
-/// digital-event handler checks what it is given against it).
-pub(crate) static DIGITAL_BY_ID: Sql = Sql::new(
-    "SELECT physicalstate_id, device_id, timestamp, temperature, energy, \
-            availability, reliability, timeliness, odte, lifecycle, \
-            CAST(NULL AS VARCHAR(32)) AS twin_lifecycle, CAST(NULL AS BIGINT) AS twin_since, \
-            CAST(NULL AS BIGINT) AS twin_bound_at, \
-            CAST(0 AS BIGINT) AS window_states, CAST(0 AS BIGINT) AS window_timely \
-     FROM digitalstate WHERE id = $1",
-);
-
-/// Stores an evaluation unless one is stored already (a concurrent call won).
-pub(crate) static STORE_EVALUATION: Sql = Sql::new(
-    "UPDATE digitalstate \
-     SET availability = $2, reliability = $3, timeliness = $4, odte = $5, lifecycle = $6 \
-     WHERE id = $1 AND odte IS NULL",
-);
-
 /// A window's counts as both window queries return them (`COUNT`, `SUM`: never negative).
 pub(crate) fn window_stats(states: i64, timely: i64) -> WindowStats {
     WindowStats {
@@ -148,17 +53,29 @@ pub(crate) fn window_stats(states: i64, timely: i64) -> WindowStats {
     }
 }
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct PhysicalRow {
-    id: i32,
+    pub(crate) id: i32,
     pub(crate) device_id: String,
-    device_timestamp: i64,
+    pub(crate) device_timestamp: i64,
     timestamp: i64,
     temperature: f32,
     energy: f32,
 }
 
 impl PhysicalRow {
+    /// The row of a physical state known to be exactly the stored one.
+    pub(crate) fn of(state: &PhysicalState) -> Self {
+        Self {
+            id: state.id,
+            device_id: state.device_id.as_str().to_owned(),
+            device_timestamp: state.device_timestamp,
+            timestamp: state.timestamp,
+            temperature: state.temperature,
+            energy: state.energy,
+        }
+    }
+
     pub(crate) fn into_state(self) -> Result<PhysicalState, StoreError> {
         Ok(PhysicalState {
             device_id: stored_device("physicalstate", self.id, &self.device_id)?,
@@ -174,7 +91,7 @@ impl PhysicalRow {
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct PendingRow {
     id: i32,
-    physicalstate_id: i32,
+    pub(crate) physicalstate_id: i32,
     pub(crate) device_id: String,
     timestamp: i64,
     temperature: f32,
@@ -198,6 +115,7 @@ impl PendingRow {
 /// database may hold rows written without them.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct DigitalRow {
+    pub(crate) id: i32,
     pub(crate) physicalstate_id: Option<i32>,
     pub(crate) device_id: Option<String>,
     pub(crate) timestamp: Option<i64>,
@@ -211,6 +129,7 @@ pub(crate) struct DigitalRow {
     twin_lifecycle: Option<String>,
     twin_since: Option<i64>,
     twin_bound_at: Option<i64>,
+    twin_evaluated_at: Option<i64>,
     pub(crate) window_states: i64,
     pub(crate) window_timely: i64,
 }
@@ -249,6 +168,11 @@ impl DigitalRow {
             since_ms: since,
             bound_ms: self.twin_bound_at,
         }))
+    }
+
+    /// When the evaluation its twin row holds was made, if it has a twin row.
+    pub(crate) fn twin_evaluated_at(&self) -> Option<i64> {
+        self.twin_evaluated_at
     }
 
     /// The stored evaluation, if the row has one (its `odte` is set).
