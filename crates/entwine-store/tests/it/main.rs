@@ -1,5 +1,6 @@
 //! Store tests, each against real PostgreSQL (a schema of its own) and SQLite (a file of its own).
 
+mod batches;
 mod integrity;
 mod lifecycle;
 mod migrations;
