@@ -139,7 +139,9 @@ const SHADOWS_BY_PHYSICAL_LITE: &str = "\
 /// device's window `[timestamp − $2, timestamp]`: the states in it that have a physical state,
 /// and those mirrored within `$3` ms of the device's measurement — among the device's states
 /// up to it (a later one of the same batch, stamped with the same time, is not in its window).
-/// One round trip for the whole batch, served by `digitalstate_device_timestamp_idx`.
+/// One round trip for the whole batch; the window is read from `digitalstate_window` alone
+/// (migration 0007: the states' copies with their device timestamps, one covering index), not
+/// joined to `physicalstate` state by state.
 /// `GROUP BY d.id, t.device_id` is enough for the other columns: PostgreSQL knows they depend
 /// on the primary keys, and SQLite allows them.
 macro_rules! digital_with_window {
@@ -149,17 +151,16 @@ macro_rules! digital_with_window {
                     d.availability, d.reliability, d.timeliness, d.odte, d.lifecycle, \
                     t.lifecycle AS twin_lifecycle, t.since AS twin_since, \
                     t.bound_at AS twin_bound_at, t.evaluated_at AS twin_evaluated_at, \
-                    COUNT(p.id) AS window_states, \
-                    COALESCE(SUM(CASE WHEN w.timestamp - p.device_timestamp <= ",
+                    COUNT(w.digitalstate_id) AS window_states, \
+                    COALESCE(SUM(CASE WHEN w.timestamp - w.device_timestamp <= ",
             $timely,
             " THEN 1 ELSE 0 END), 0) AS window_timely \
              FROM digitalstate d \
              LEFT JOIN twin t ON t.device_id = d.device_id \
-             LEFT JOIN digitalstate w ON w.device_id = d.device_id \
+             LEFT JOIN digitalstate_window w ON w.device_id = d.device_id \
                   AND w.timestamp >= d.timestamp - ",
             $window,
-            " AND w.timestamp <= d.timestamp AND w.id <= d.id \
-             LEFT JOIN physicalstate p ON p.id = w.physicalstate_id \
+            " AND w.timestamp <= d.timestamp AND w.digitalstate_id <= d.id \
              WHERE d.id ",
             $ids,
             " GROUP BY d.id, t.device_id"

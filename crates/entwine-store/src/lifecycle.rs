@@ -274,13 +274,12 @@ static WINDOWS_AT: Sql = Sql::new(
              ORDER BY x.timestamp DESC, x.id DESC LIMIT 1) AS latest_id, \
             (SELECT x.physicalstate_id FROM digitalstate x WHERE x.device_id = t.device_id \
              ORDER BY x.timestamp DESC, x.id DESC LIMIT 1) AS latest_physical_id, \
-            COUNT(p.id) AS window_states, \
-            COALESCE(SUM(CASE WHEN w.timestamp - p.device_timestamp <= $3 THEN 1 ELSE 0 END), 0) \
+            COUNT(w.digitalstate_id) AS window_states, \
+            COALESCE(SUM(CASE WHEN w.timestamp - w.device_timestamp <= $3 THEN 1 ELSE 0 END), 0) \
                 AS window_timely \
      FROM twin t \
-     LEFT JOIN digitalstate w ON w.device_id = t.device_id \
+     LEFT JOIN digitalstate_window w ON w.device_id = t.device_id \
           AND w.timestamp >= $1 AND w.timestamp <= $2 \
-     LEFT JOIN physicalstate p ON p.id = w.physicalstate_id \
      GROUP BY t.device_id, t.lifecycle, t.since, t.bound_at \
      ORDER BY t.device_id",
 );

@@ -164,7 +164,7 @@ async fn migrate_concurrently(t: &TestStore) {
     }
     assert_eq!(
         scalar(&t.store, "SELECT COUNT(*) FROM _sqlx_migrations").await,
-        6
+        7
     );
     assert_eq!(
         scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,

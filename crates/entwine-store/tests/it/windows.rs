@@ -70,6 +70,55 @@ async fn record(store: &Store, device: &str, s: RecordedState) -> Option<Pending
         .await;
         return None;
     };
+    if s.timestamp % 2 == 1 {
+        // Every state at an odd instant is written as the seed's own functions write it, with
+        // plain INSERTs: an upgraded database's rows, or the seed's functions run against ours,
+        // count in the window exactly like entwine's.
+        execute(
+            store,
+            &format!(
+                "INSERT INTO physicalstate (device_id, device_timestamp, timestamp, temperature, \
+                                            energy) VALUES ('{device}', {device_timestamp}, {t}, 20, 1)",
+                t = s.timestamp
+            ),
+        )
+        .await;
+        execute(
+            store,
+            &format!(
+                "INSERT INTO digitalstate (physicalstate_id, device_id, timestamp, temperature, \
+                                           energy) \
+                 SELECT id, device_id, {t}, temperature, energy FROM physicalstate \
+                 WHERE device_id = '{device}' AND device_timestamp = {device_timestamp}",
+                t = s.timestamp
+            ),
+        )
+        .await;
+        let id = entwine_testing::scalar(
+            store,
+            &format!(
+                "SELECT CAST(MAX(id) AS BIGINT) FROM digitalstate WHERE device_id = '{device}'"
+            ),
+        )
+        .await;
+        return Some(PendingDigitalState {
+            id: i32::try_from(id).unwrap(),
+            physicalstate_id: i32::try_from(
+                entwine_testing::scalar(
+                    store,
+                    &format!(
+                        "SELECT CAST(physicalstate_id AS BIGINT) FROM digitalstate WHERE id = {id}"
+                    ),
+                )
+                .await,
+            )
+            .unwrap(),
+            device_id: DeviceId::parse("device_id", device).unwrap(),
+            timestamp: s.timestamp,
+            temperature: 20.0,
+            energy: 1.0,
+        });
+    }
     let event = PhysicalEvent {
         device_id: DeviceId::parse("device_id", device).unwrap(),
         device_timestamp,
