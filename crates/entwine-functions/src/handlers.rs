@@ -1,5 +1,12 @@
-//! The four functions as plain async handlers: JSON object in, state out. No HTTP here, so the
+//! The functions as plain async handlers: JSON object in, state out. No HTTP here, so the
 //! local router, the Fission binaries and the tests all run the same code.
+//!
+//! The four of the chain also take a batch (a slice of JSON values, each what the single call
+//! takes): every element parsed by the single call's parser with one reading of the clock,
+//! those that parse sent to the store's batch call at once (`entwine_store::batch`), and the
+//! results merged back in order, each followed by exactly what the single call does after the
+//! store (logs, lifecycle announcements, gauges, the digital feed and publisher), in the
+//! batch's order. The single calls are batches of one.
 
 use std::sync::Arc;
 
@@ -199,59 +206,163 @@ impl TwinFunctions {
         &self.clock
     }
 
-    /// physical-event-handler: stores the device's event as a physical state, stamped now.
-    #[tracing::instrument(name = "physical-event-handler", skip_all, fields(device_id))]
+    /// physical-event-handler: stores the device's event as a physical state, stamped now. A
+    /// batch of one ([`TwinFunctions::physical_events`]).
     pub async fn physical_event(
         &self,
         input: &Map<String, Value>,
     ) -> Result<PhysicalState, FunctionError> {
         let now = self.clock.now_ms();
-        let event = PhysicalEvent::from_json(input, now)?;
-        tracing::Span::current().record("device_id", event.device_id.as_str());
-        let (state, written) = self.store.record_physical_event(&event, now).await?;
-        log_written(written, "physical state", state.id);
-        Ok(state)
+        only(
+            self.record_events(vec![PhysicalEvent::from_json(input, now)], now)
+                .await?,
+        )
     }
 
-    /// shadow-handler: makes the twin's pending copy of a physical state, stamped now.
-    #[tracing::instrument(name = "shadow-handler", skip_all, fields(device_id))]
+    /// physical-event-handler on a batch: each input as [`TwinFunctions::physical_event`] would
+    /// take it, all stamped with one reading of the clock and stored in one call
+    /// ([`Store::record_physical_events`]); one result per input, in order.
+    pub async fn physical_events(
+        &self,
+        inputs: &[Element<'_>],
+    ) -> Result<Each<PhysicalState>, FunctionError> {
+        let now = self.clock.now_ms();
+        self.record_events(
+            parse_each(inputs, |map| PhysicalEvent::from_json(map, now)),
+            now,
+        )
+        .await
+    }
+
+    #[tracing::instrument(name = "physical-event-handler", skip_all, fields(device_id, batch = parsed.len()))]
+    async fn record_events(
+        &self,
+        parsed: Vec<Result<PhysicalEvent, InputError>>,
+        now: i64,
+    ) -> Result<Each<PhysicalState>, FunctionError> {
+        let (events, slots) = split(parsed);
+        if let [event] = events.as_slice() {
+            tracing::Span::current().record("device_id", event.device_id.as_str());
+        }
+        let stored = self.store.record_physical_events(&events, now).await?;
+        Ok(merge(slots, stored, |(state, written)| {
+            log_written(
+                written,
+                "physical state",
+                state.id,
+                state.device_id.as_str(),
+            );
+            state
+        }))
+    }
+
+    /// shadow-handler: makes the twin's pending copy of a physical state, stamped now. A batch
+    /// of one ([`TwinFunctions::shadows`]).
     pub async fn shadow(
         &self,
         input: &Map<String, Value>,
     ) -> Result<PendingDigitalState, FunctionError> {
         let now = self.clock.now_ms();
-        let physical = PhysicalState::from_json(input, now)?;
-        tracing::Span::current().record("device_id", physical.device_id.as_str());
-        let (pending, written) = self.store.record_shadow(&physical, now).await?;
-        log_written(written, "digital state", pending.id);
-        Ok(pending)
+        only(
+            self.record_shadows(vec![PhysicalState::from_json(input, now)], now)
+                .await?,
+        )
+    }
+
+    /// shadow-handler on a batch, with one reading of the clock, stored in one call
+    /// ([`Store::record_shadows`]); one result per input, in order.
+    pub async fn shadows(
+        &self,
+        inputs: &[Element<'_>],
+    ) -> Result<Each<PendingDigitalState>, FunctionError> {
+        let now = self.clock.now_ms();
+        self.record_shadows(
+            parse_each(inputs, |map| PhysicalState::from_json(map, now)),
+            now,
+        )
+        .await
+    }
+
+    #[tracing::instrument(name = "shadow-handler", skip_all, fields(device_id, batch = parsed.len()))]
+    async fn record_shadows(
+        &self,
+        parsed: Vec<Result<PhysicalState, InputError>>,
+        now: i64,
+    ) -> Result<Each<PendingDigitalState>, FunctionError> {
+        let (states, slots) = split(parsed);
+        if let [state] = states.as_slice() {
+            tracing::Span::current().record("device_id", state.device_id.as_str());
+        }
+        let stored = self.store.record_shadows(&states, now).await?;
+        Ok(merge(slots, stored, |(pending, written)| {
+            log_written(
+                written,
+                "digital state",
+                pending.id,
+                pending.device_id.as_str(),
+            );
+            pending
+        }))
     }
 
     /// twin-handler: computes the ODTE of a pending digital state over its device's window
     /// (answering the seed's digital state), and advances the twin's lifecycle, publishing the
-    /// change when there is one and a digital broker is configured.
-    #[tracing::instrument(name = "twin-handler", skip_all, fields(device_id))]
+    /// change when there is one and a digital broker is configured. A batch of one
+    /// ([`TwinFunctions::twins`]).
     pub async fn twin(&self, input: &Map<String, Value>) -> Result<DigitalState, FunctionError> {
-        let pending = PendingDigitalState::from_json(input, self.clock.now_ms())?;
-        tracing::Span::current().record("device_id", pending.device_id.as_str());
-        let (digital, written, change) = self
-            .store
-            .evaluate_digital_state(&pending, &self.odte)
-            .await?;
-        log_written(written, "evaluation of digital state", digital.pending.id);
-        if let Some(change) = change {
-            self.announce(&change);
+        let now = self.clock.now_ms();
+        only(
+            self.evaluate(vec![PendingDigitalState::from_json(input, now)])
+                .await?,
+        )
+    }
+
+    /// twin-handler on a batch, with one reading of the clock, evaluated in one call
+    /// ([`Store::evaluate_digital_states`]: each state's window holds only the states up to
+    /// it); then, in the batch's order, each lifecycle change announced and each twin's gauges
+    /// set, as the single call does. One result per input, in order.
+    pub async fn twins(&self, inputs: &[Element<'_>]) -> Result<Each<DigitalState>, FunctionError> {
+        let now = self.clock.now_ms();
+        self.evaluate(parse_each(inputs, |map| {
+            PendingDigitalState::from_json(map, now)
+        }))
+        .await
+    }
+
+    #[tracing::instrument(name = "twin-handler", skip_all, fields(device_id, batch = parsed.len()))]
+    async fn evaluate(
+        &self,
+        parsed: Vec<Result<PendingDigitalState, InputError>>,
+    ) -> Result<Each<DigitalState>, FunctionError> {
+        let (pending, slots) = split(parsed);
+        if let [state] = pending.as_slice() {
+            tracing::Span::current().record("device_id", state.device_id.as_str());
         }
-        let device = digital.pending.device_id.to_string();
-        metrics::gauge!("entwine_twin_odte", "device_id" => device.clone()).set(digital.odte);
-        metrics::gauge!("entwine_twin_entangled", "device_id" => device).set(
-            if digital.lifecycle == entwine_core::odte::SeedLifecycle::Entangled {
-                1.0
-            } else {
-                0.0
-            },
-        );
-        Ok(digital)
+        let evaluated = self
+            .store
+            .evaluate_digital_states(&pending, &self.odte)
+            .await?;
+        Ok(merge(slots, evaluated, |(digital, written, change)| {
+            log_written(
+                written,
+                "evaluation of digital state",
+                digital.pending.id,
+                digital.pending.device_id.as_str(),
+            );
+            if let Some(change) = change {
+                self.announce(&change);
+            }
+            let device = digital.pending.device_id.to_string();
+            metrics::gauge!("entwine_twin_odte", "device_id" => device.clone()).set(digital.odte);
+            metrics::gauge!("entwine_twin_entangled", "device_id" => device).set(
+                if digital.lifecycle == entwine_core::odte::SeedLifecycle::Entangled {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+            digital
+        }))
     }
 
     /// Publishes and announces a lifecycle change.
@@ -274,32 +385,61 @@ impl TwinFunctions {
     /// digital-event-handler: accepts a digital state only when it is exactly one the store
     /// holds, evaluated (a forged or altered state is refused, naming the field, and never
     /// announced); logs it and echoes it (as the seed does), announces it on the in-process
-    /// feed when there is one, and publishes it when a digital broker is configured.
-    #[tracing::instrument(name = "digital-event-handler", skip_all, fields(device_id))]
+    /// feed when there is one, and publishes it when a digital broker is configured. A batch of
+    /// one ([`TwinFunctions::digital_events`]).
     pub async fn digital_event(
         &self,
         input: &Map<String, Value>,
     ) -> Result<DigitalState, FunctionError> {
-        let given = DigitalState::from_json(input, self.clock.now_ms())?;
-        tracing::Span::current().record("device_id", given.pending.device_id.as_str());
-        let digital = self.store.stored_digital(&given).await?;
-        tracing::info!(
-            id = digital.pending.id,
-            odte = digital.odte,
-            availability = digital.availability,
-            reliability = digital.reliability,
-            timeliness = digital.timeliness,
-            lifecycle = digital.lifecycle.as_str(),
-            "digital state"
-        );
-        if let Some(feed) = &self.feed {
-            // No receiver is not an error: nobody is watching.
-            let _ = feed.send(digital.clone());
+        let now = self.clock.now_ms();
+        only(
+            self.announce_digitals(vec![DigitalState::from_json(input, now)])
+                .await?,
+        )
+    }
+
+    /// digital-event-handler on a batch, with one reading of the clock, checked in one call
+    /// ([`Store::stored_digitals`]); then, in the batch's order, each accepted state logged,
+    /// announced and published, as the single call does. One result per input, in order.
+    pub async fn digital_events(
+        &self,
+        inputs: &[Element<'_>],
+    ) -> Result<Each<DigitalState>, FunctionError> {
+        let now = self.clock.now_ms();
+        self.announce_digitals(parse_each(inputs, |map| DigitalState::from_json(map, now)))
+            .await
+    }
+
+    #[tracing::instrument(name = "digital-event-handler", skip_all, fields(device_id, batch = parsed.len()))]
+    async fn announce_digitals(
+        &self,
+        parsed: Vec<Result<DigitalState, InputError>>,
+    ) -> Result<Each<DigitalState>, FunctionError> {
+        let (given, slots) = split(parsed);
+        if let [state] = given.as_slice() {
+            tracing::Span::current().record("device_id", state.pending.device_id.as_str());
         }
-        if let Some(publisher) = &self.publisher {
-            publisher.state(&digital);
-        }
-        Ok(digital)
+        let stored = self.store.stored_digitals(&given).await?;
+        Ok(merge(slots, stored, |digital| {
+            tracing::info!(
+                device_id = %digital.pending.device_id,
+                id = digital.pending.id,
+                odte = digital.odte,
+                availability = digital.availability,
+                reliability = digital.reliability,
+                timeliness = digital.timeliness,
+                lifecycle = digital.lifecycle.as_str(),
+                "digital state"
+            );
+            if let Some(feed) = &self.feed {
+                // No receiver is not an error: nobody is watching.
+                let _ = feed.send(digital.clone());
+            }
+            if let Some(publisher) = &self.publisher {
+                publisher.state(&digital);
+            }
+            digital
+        }))
     }
 
     /// dead-letter-handler: stores a message the connector refused (small by construction:
@@ -358,9 +498,83 @@ pub struct Evaluation {
     pub changes: Vec<TwinChange>,
 }
 
-fn log_written(written: Written, what: &str, id: i32) {
+fn log_written(written: Written, what: &str, id: i32, device_id: &str) {
     match written {
-        Written::Created => tracing::debug!(id, "{what} stored"),
-        Written::Existing => tracing::info!(id, "{what} existed already: redelivery answered"),
+        Written::Created => tracing::debug!(id, device_id, "{what} stored"),
+        Written::Existing => {
+            tracing::info!(id, device_id, "{what} existed already: redelivery answered")
+        }
     }
+}
+
+/// An element of a batch: its input (checked by the function: a JSON object, then its fields),
+/// or its refusal before any function saw it (over HTTP, an element larger than the route
+/// takes an object to be: [`crate::http::MAX_BODY_BYTES`]).
+pub type Element<'a> = Result<&'a Value, InputError>;
+
+/// One result per input of a batch, in the inputs' order: what the single call answers, or
+/// that input's own refusal (bad input, or the store's [`entwine_store::is_element_error`]).
+pub type Each<T> = Vec<Result<T, FunctionError>>;
+
+/// Each element of a batch parsed by `parse` (the single handler's parser), or why not.
+fn parse_each<T>(
+    inputs: &[Element<'_>],
+    parse: impl Fn(&Map<String, Value>) -> Result<T, InputError>,
+) -> Vec<Result<T, InputError>> {
+    inputs
+        .iter()
+        .map(|input| match input {
+            Ok(value) => crate::invoke::object(value).and_then(&parse),
+            Err(e) => Err(e.clone()),
+        })
+        .collect()
+}
+
+/// The parsed inputs to send to the store, and for each element of the batch, in order, its
+/// own refusal or `None` (its result is the store's next one).
+fn split<T>(parsed: Vec<Result<T, InputError>>) -> (Vec<T>, Vec<Option<InputError>>) {
+    let mut valid = Vec::with_capacity(parsed.len());
+    let slots = parsed
+        .into_iter()
+        .map(|p| match p {
+            Ok(input) => {
+                valid.push(input);
+                None
+            }
+            Err(e) => Some(e),
+        })
+        .collect();
+    (valid, slots)
+}
+
+/// The batch's results in order: each refused input's error, and the store's results (each
+/// passed through `then`, in order) in the places of the inputs sent to it.
+fn merge<S, T>(
+    slots: Vec<Option<InputError>>,
+    stored: entwine_store::Each<S>,
+    mut then: impl FnMut(S) -> T,
+) -> Each<T> {
+    let mut stored = stored.into_iter();
+    slots
+        .into_iter()
+        .map(|slot| match slot {
+            Some(e) => Err(FunctionError::Input(e)),
+            None => match stored.next() {
+                Some(Ok(s)) => Ok(then(s)),
+                Some(Err(e)) => Err(FunctionError::Store(e)),
+                None => Err(FunctionError::Store(StoreError::Corrupt(
+                    "the store answered fewer results than the batch has inputs".into(),
+                ))),
+            },
+        })
+        .collect()
+}
+
+/// The one result of a batch of one.
+fn only<T>(each: Each<T>) -> Result<T, FunctionError> {
+    each.into_iter().next().unwrap_or_else(|| {
+        Err(FunctionError::Store(StoreError::Corrupt(
+            "a batch of one answered nothing".into(),
+        )))
+    })
 }

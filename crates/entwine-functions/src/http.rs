@@ -1,9 +1,19 @@
 //! HTTP adapters: the functions behind axum routers, with the seed's error shape
 //! (`{"error": "…"}`) and truthful statuses (400 bad input, 503 store unavailable).
+//!
+//! A route takes a JSON object, at most [`MAX_BODY_BYTES`], and answers what the function
+//! answers. The four routes of the chain also take a **batch**: a JSON array of such objects,
+//! at most [`MAX_BATCH_ELEMENTS`] of them and [`MAX_BATCH_BODY_BYTES`] in all (the batch's
+//! own limit; an empty array is refused), answered `200` with an array of as many elements,
+//! in order: element *i* is what the single call answers for element *i*, or, when that
+//! element alone is refused, `{"error": "…", "field": "…", "status": 400}` (409 for a
+//! conflict, 500 for a corrupt row; [`crate::invoke::element_failure`]); the others go on. A
+//! failure of the store itself (503, 500) fails the whole batch, answered as the single call
+//! would be. The twin evaluator and the dead-letter handler take objects only.
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,13 +21,22 @@ use axum::routing::post;
 use axum::{Json, Router};
 use entwine_core::input::parse_object;
 use entwine_core::InputError;
+use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 
-use crate::handlers::{Function, FunctionError, TwinFunctions};
+use crate::handlers::{Element, Function, FunctionError, TwinFunctions};
 
 /// Largest request body accepted: 64 KiB. The seed device's largest configurable payload is far
 /// below it; anything bigger is a mistake or an attack.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Most elements of one batch (a JSON array body of the chain's routes): 256. More is refused
+/// whole (400, field `body`); the connector never sends more.
+pub const MAX_BATCH_ELEMENTS: usize = 256;
+
+/// Largest batch body accepted (a JSON array, the batch's own limit): 1 MiB. An object body
+/// is still limited to [`MAX_BODY_BYTES`]; the connector never sends a larger batch.
+pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
 
 /// A function failure as an HTTP response.
 #[derive(Debug)]
@@ -55,14 +74,9 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Reads a request body as a JSON object: `Content-Type: application/json` (or `…+json`), at
-/// most [`MAX_BODY_BYTES`], valid JSON, an object.
-pub async fn json_object(request: Request) -> Result<Map<String, Value>, InputError> {
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
-    let is_json = content_type.as_deref().is_some_and(|ct| {
+/// Whether `content_type` is JSON: `application/json` or `application/…+json`.
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| {
         let mime = ct
             .split(';')
             .next()
@@ -70,8 +84,109 @@ pub async fn json_object(request: Request) -> Result<Map<String, Value>, InputEr
             .trim()
             .to_ascii_lowercase();
         mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-    });
-    if !is_json {
+    })
+}
+
+fn too_large(limit: usize) -> InputError {
+    InputError::new("body", format!("larger than {limit} bytes"))
+}
+
+/// Whitespace as JSON has it.
+fn is_json_space(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// What a body's first byte that is not whitespace says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Opens an array: a batch, held to [`MAX_BATCH_BODY_BYTES`].
+    Batch,
+    /// Anything else (an object, or a mistake), held to [`MAX_BODY_BYTES`].
+    Single,
+}
+
+/// A body's bytes and its [`Kind`], decided as soon as its first byte that is not whitespace
+/// arrives, before the rest is read (a declared `Content-Length` over the kind's limit is
+/// refused without reading on; until then, whitespace is held to [`MAX_BODY_BYTES`]). With
+/// `peek`, reading stops there: only the kind is answered.
+async fn read_body(request: Request, peek: bool) -> Result<(Bytes, Kind), InputError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = request.into_body();
+    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut bytes = Vec::with_capacity(capacity.min(MAX_BODY_BYTES));
+    let mut kind: Option<Kind> = None;
+    loop {
+        if kind.is_none() {
+            if let Some(&first) = bytes.iter().find(|&&b| !is_json_space(b)) {
+                let decided = if first == b'[' {
+                    Kind::Batch
+                } else {
+                    Kind::Single
+                };
+                if peek {
+                    return Ok((Bytes::new(), decided));
+                }
+                if declared.is_some_and(|n| n > limit(decided) as u64) {
+                    return Err(too_large(limit(decided)));
+                }
+                kind = Some(decided);
+            }
+        }
+        let allowed = limit(kind.unwrap_or(Kind::Single));
+        if bytes.len() > allowed {
+            return Err(too_large(allowed));
+        }
+        match body.frame().await {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => {
+                // A client that went away mid-body, or the server's body deadline.
+                return Err(InputError::new("body", format!("cannot be read: {e}")));
+            }
+        }
+    }
+    Ok((Bytes::from(bytes), kind.unwrap_or(Kind::Single)))
+}
+
+fn limit(kind: Kind) -> usize {
+    match kind {
+        Kind::Batch => MAX_BATCH_BODY_BYTES,
+        Kind::Single => MAX_BODY_BYTES,
+    }
+}
+
+/// A request body as [`json_body`] reads it.
+#[derive(Debug)]
+pub enum JsonBody {
+    /// A JSON object: one call's input.
+    Object(Map<String, Value>),
+    /// A JSON array: a batch, each element its value, or its refusal when its text is larger
+    /// than [`MAX_BODY_BYTES`] (as the same object alone would be refused) or holds a number
+    /// out of range (`1e999`, naming the field, as alone). A token JSON has no place for
+    /// (`NaN`, `Infinity`) makes the whole body invalid: it is refused whole, naming the
+    /// element and the field (`[1].data.iot.sensor.energy`).
+    Batch(Vec<Result<Value, InputError>>),
+}
+
+/// Reads a request body as a JSON object or a batch (an array): `Content-Type:
+/// application/json` (or `…+json`), at most [`MAX_BODY_BYTES`] for an object and
+/// [`MAX_BATCH_BODY_BYTES`] for an array, valid JSON, an object or an array. An element of an
+/// array is checked as an object body is for its size and numbers; the rest is the
+/// function's to check.
+pub async fn json_body(request: Request) -> Result<JsonBody, InputError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
+    if !is_json(content_type.as_deref()) {
         return Err(InputError::new(
             "content-type",
             format!(
@@ -80,48 +195,88 @@ pub async fn json_object(request: Request) -> Result<Map<String, Value>, InputEr
             ),
         ));
     }
-    let too_large = || InputError::new("body", format!("larger than {MAX_BODY_BYTES} bytes"));
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(too_large());
+    let (bytes, kind) = read_body(request, false).await?;
+    if kind == Kind::Single {
+        return parse_object(&bytes).map(JsonBody::Object);
     }
-    let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
-        .await
-        .map_err(|e| {
-            // The limit, or a client that went away mid-body.
-            let limited = std::error::Error::source(&e)
-                .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
-            if limited {
-                too_large()
-            } else {
-                InputError::new("body", format!("cannot be read: {e}"))
-            }
-        })?;
-    parse_object(&bytes)
+    // Each element's own text, to hold it to what it would be held to alone.
+    let elements: Vec<&serde_json::value::RawValue> = match serde_json::from_slice(&bytes) {
+        Ok(elements) => elements,
+        // Not JSON: the single call's reading names the field of a non-finite number.
+        Err(e) => {
+            return Err(parse_object(&bytes)
+                .err()
+                .unwrap_or_else(|| InputError::new("body", format!("not valid JSON: {e}"))))
+        }
+    };
+    Ok(JsonBody::Batch(
+        elements
+            .into_iter()
+            .map(|raw| {
+                let text = raw.get();
+                if text.len() > MAX_BODY_BYTES {
+                    return Err(too_large(MAX_BODY_BYTES));
+                }
+                serde_json::from_str::<Value>(text).map_err(|e| {
+                    // A number out of range (`1e999`), which only a full reading refuses.
+                    parse_object(text.as_bytes())
+                        .err()
+                        .unwrap_or_else(|| InputError::new("body", format!("not valid JSON: {e}")))
+                })
+            })
+            .collect(),
+    ))
 }
 
-/// A function's route: reads the body as a JSON object (the twin evaluator reads none) and
-/// runs the function on it, through the same entry point in-process callers use
-/// ([`TwinFunctions::invoke`]), counted and timed as one call.
+/// The refusal of a body that is not an object, where only an object is taken.
+fn not_an_object(kind: &str) -> InputError {
+    InputError::new("body", format!("expected a JSON object, got {kind}"))
+}
+
+/// A function's route: reads the body as a JSON object or, for the chain's four, a batch (the
+/// twin evaluator reads none, but refuses an array), and runs the function on it through the
+/// same entry points in-process callers use ([`TwinFunctions::invoke`],
+/// [`TwinFunctions::invoke_elements`]), counted and timed as one call or one batch.
 async fn call(
     function: Function,
     functions: Arc<TwinFunctions>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let answer = crate::invoke::observed(function, async {
-        let input = if function == Function::TwinEvaluator {
-            Map::new()
-        } else {
-            json_object(request).await?
-        };
-        functions.invoke(function, &input).await
-    })
-    .await?;
-    Ok(Json(answer).into_response())
+    let body = if function == Function::TwinEvaluator {
+        // Its input is ignored (a timer sends what it sends), except an array: it takes no batch.
+        match read_body(request, true).await {
+            Ok((_, Kind::Batch)) => Err(not_an_object("an array")),
+            _ => Ok(JsonBody::Object(Map::new())),
+        }
+    } else {
+        json_body(request).await
+    };
+    match body {
+        Ok(JsonBody::Batch(inputs)) if function.takes_batches() => {
+            let elements: Vec<Element<'_>> = inputs
+                .iter()
+                .map(|input| input.as_ref().map_err(Clone::clone))
+                .collect();
+            let each = crate::invoke::observed_batch(
+                function,
+                elements.len(),
+                functions.invoke_elements(function, &elements),
+            )
+            .await?;
+            Ok(Json(crate::invoke::batch_answer(each)).into_response())
+        }
+        body => {
+            let answer = crate::invoke::observed(function, async {
+                let input = match body? {
+                    JsonBody::Object(map) => map,
+                    JsonBody::Batch(_) => return Err(not_an_object("an array").into()),
+                };
+                functions.invoke(function, &input).await
+            })
+            .await?;
+            Ok(Json(answer).into_response())
+        }
+    }
 }
 
 /// The handler of `function`, with the methods it answers.

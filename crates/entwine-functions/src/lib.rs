@@ -9,10 +9,14 @@
 //!
 //! # Layout
 //! - [`handlers`]: the functions as plain async handlers over the store, with an injected clock.
-//! - [`invoke`]: the one entry point every caller goes through ([`handlers::TwinFunctions::invoke`]),
-//!   the status of each error, and the per-call metrics.
+//! - [`invoke`]: the one entry point every caller goes through ([`handlers::TwinFunctions::invoke`],
+//!   and [`handlers::TwinFunctions::invoke_batch`] for a batch), the status of each error (and
+//!   of each element of a batch), and the per-call metrics.
 //! - [`http`]: axum routers over them: one per function (answering on `/`, as Fission's router
-//!   calls it, and on its route) and one with all four (the local router).
+//!   calls it, and on its route) and one with all four (the local router). The chain's four
+//!   routes take a JSON object or a batch of them (a JSON array, at most
+//!   [`http::MAX_BATCH_ELEMENTS`] and [`http::MAX_BATCH_BODY_BYTES`]), answered element by
+//!   element in order.
 //! - [`fission`]: settings from Fission's ConfigMap and Secret mounts, and the `main` of the four
 //!   binaries in `src/bin/`.
 //! - [`telemetry`]: tracing setup.

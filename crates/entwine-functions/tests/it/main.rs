@@ -1,6 +1,7 @@
 //! Tests of the functions: over HTTP in-process on both stores, their Fission settings, and each
 //! binary started the way the Fission Rust environment starts it.
 
+mod batches;
 mod contract;
 mod http;
 mod serving;
