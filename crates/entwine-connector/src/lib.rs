@@ -3,12 +3,26 @@
 //!
 //! - **Order per device, concurrency across devices**: a message goes to one of `lanes` workers
 //!   chosen by its device id, so one device's events are processed in the order they arrived
+//!   (a batch holds a lane's messages in arrival order, and the functions take it in order)
 //!   while up to `lanes` devices are processed at once.
 //! - **No loss**: the subscription is QoS 1 on a persistent session, and a message is
 //!   acknowledged to the broker only once its chain has completed (or it was dead-lettered).
 //!   Messages published while the connector is down wait in the broker; a message in progress
 //!   when it stops is delivered again, and the idempotent functions answer it without a second
 //!   row.
+//! - **Batches without waiting** (issue #13, group commit): a lane awaits one message, then
+//!   takes whatever else is queued for it already, up to `max_batch` messages (64) and
+//!   `max_batch_bytes` (under the functions' 1 MiB), and sends them through each route as one
+//!   JSON array, answered by an array of as many elements, in order (one commit per route in
+//!   the store). No timer: at low load a message goes alone, as the single JSON object of an
+//!   unbatched call; under load batches grow by themselves. Route k takes the messages that
+//!   route k − 1 answered; an element answered with an error object is dead-lettered alone and
+//!   the others go on. A whole call that fails is retried whole, by the rules below; a batch
+//!   refused whole (a 4xx, such as from functions that take only objects, or a 500 that
+//!   persists) is sent again one message at a time, so nothing is dead-lettered for having
+//!   been batched. `max_batch = 1` never sends an array (for the seed's functions). Each
+//!   message is acknowledged once its own chain ended. Counted in `batches`,
+//!   `batched_events`, `largest_batch` and `entwine_connector_batch_size`.
 //! - **Retries**: a 5xx, a timeout or a connection error is retried with exponential backoff.
 //! - **Dead letters**: a 4xx (the message is bad, retrying cannot help), a topic without a device
 //!   id or a payload that is not a JSON object goes to the dead-letter topic with the reason,
@@ -64,6 +78,19 @@ pub const ROUTES: [&str; 4] = [
 /// The dead-letter handler's route.
 pub const DEAD_LETTER_ROUTE: &str = "/deadletters";
 
+/// Most elements of one batch the functions take (`entwine_functions::http::MAX_BATCH_ELEMENTS`):
+/// the upper bound of [`ConnectorConfig::max_batch`].
+pub const MAX_BATCH: usize = 256;
+
+/// Most bytes of one batch's body the functions take
+/// (`entwine_functions::http::MAX_BATCH_BODY_BYTES`): the upper bound of
+/// [`ConnectorConfig::max_batch_bytes`].
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The default [`ConnectorConfig::max_batch_bytes`]: the functions' limit less 64 KiB, a margin
+/// for a server that counts its body limit differently.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = MAX_BATCH_BYTES - 64 * 1024;
+
 /// Everything the connector needs.
 #[derive(Debug, Clone)]
 pub struct ConnectorConfig {
@@ -101,6 +128,15 @@ pub struct ConnectorConfig {
     pub max_in_flight: usize,
     /// Payload bytes taken from the broker and not finished yet, at most (same effect).
     pub max_in_flight_bytes: usize,
+    /// Most messages sent to the functions in one call, as a JSON array (default 64, at most
+    /// [`MAX_BATCH`]): a lane takes what is already queued for it, up to this many, and never
+    /// waits for more. 1 never batches: every call carries one JSON object, for functions that
+    /// take only objects (such as the seed's). 0 is refused ([`ConnectorConfig::check`]).
+    pub max_batch: usize,
+    /// Most bytes of one call's JSON array, as serialized (default [`DEFAULT_MAX_BATCH_BYTES`],
+    /// at most [`MAX_BATCH_BYTES`]): a longer batch is split. A message alone is always sent
+    /// as an object, whatever its size (`max_payload_bytes` bounds it).
+    pub max_batch_bytes: usize,
     /// Timeout of one HTTP call.
     pub request_timeout: Duration,
     /// First retry delay: waits are drawn from the upper half of a bound doubling from this to
@@ -157,6 +193,8 @@ impl ConnectorConfig {
             max_incoming_packet_bytes: 16 * 1024 * 1024,
             max_in_flight: 1024,
             max_in_flight_bytes: 32 * 1024 * 1024,
+            max_batch: 64,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             request_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
@@ -168,6 +206,32 @@ impl ConnectorConfig {
 }
 
 impl ConnectorConfig {
+    /// Checks the settings a caller may have changed after [`ConnectorConfig::new`]: the batch
+    /// limits (`max_batch` from 1 to [`MAX_BATCH`], `max_batch_bytes` from 1 to
+    /// [`MAX_BATCH_BYTES`]). [`run_with`] refuses to start with settings that fail it.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_batch >= 1,
+            "max_batch must be at least 1 (1: one message per call, for functions that take only \
+             objects, such as the seed's)"
+        );
+        anyhow::ensure!(
+            self.max_batch <= MAX_BATCH,
+            "max_batch is {}, over the functions' limit of {MAX_BATCH} elements per call",
+            self.max_batch
+        );
+        anyhow::ensure!(
+            self.max_batch_bytes >= 1,
+            "max_batch_bytes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_batch_bytes <= MAX_BATCH_BYTES,
+            "max_batch_bytes is {}, over the functions' limit of {MAX_BATCH_BYTES} bytes per call",
+            self.max_batch_bytes
+        );
+        Ok(())
+    }
+
     /// Whether the connector is one member of a shared subscription (`$share/<group>/…`).
     pub fn is_shared(&self) -> bool {
         self.topics.iter().any(|t| t.starts_with("$share/"))
@@ -224,6 +288,17 @@ pub struct ConnectorStats {
     pub paused: AtomicU64,
     /// HTTP calls retried.
     pub retries: AtomicU64,
+    /// Calls of the first function (`/physicalevents`) for distinct batches, a batch of one (a
+    /// single object) included; retries of a call and the one-by-one calls of a batch refused
+    /// whole are not counted again.
+    pub batches: AtomicU64,
+    /// Messages in those calls: `batched_events / batches` is the mean batch size.
+    pub batched_events: AtomicU64,
+    /// The largest batch sent so far (at most [`ConnectorConfig::max_batch`]).
+    pub largest_batch: AtomicU64,
+    /// Batches refused whole (functions that take only objects answer 4xx to an array) and
+    /// sent again one message at a time.
+    pub batch_fallbacks: AtomicU64,
     /// Broker connection errors.
     pub mqtt_errors: AtomicU64,
     /// Subscriptions the broker acknowledged (one per connection).
@@ -259,6 +334,10 @@ impl ConnectorStats {
             "dead_lettered": self.dead_lettered.load(Ordering::Relaxed),
             "paused": self.paused.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
+            "batches": self.batches.load(Ordering::Relaxed),
+            "batched_events": self.batched_events.load(Ordering::Relaxed),
+            "largest_batch": self.largest_batch.load(Ordering::Relaxed),
+            "batch_fallbacks": self.batch_fallbacks.load(Ordering::Relaxed),
             "mqtt_errors": self.mqtt_errors.load(Ordering::Relaxed),
         })
     }
@@ -384,6 +463,7 @@ pub async fn run_with(
     stats: Arc<ConnectorStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    config.check()?;
     let mut mqtt = MqttOptions::new(&config.client_id, &config.broker_host, config.broker_port);
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_clean_session(false);
@@ -460,6 +540,7 @@ pub async fn run_with(
         functions = %functions.describe(),
         client_id = %config.client_id,
         lanes,
+        max_batch = config.max_batch,
         "connector started"
     );
 
@@ -742,6 +823,37 @@ mod tests {
         );
         assert!(device_id_of("device").is_err());
         assert!(device_id_of("device//telemetry").is_err());
+    }
+
+    #[test]
+    fn batch_limits_default_to_64_and_under_the_functions_limits_and_zero_is_refused() {
+        let mut config = ConnectorConfig::new("b:1883", vec!["device/+/x".into()], "r").unwrap();
+        assert_eq!(config.max_batch, 64);
+        assert_eq!(config.max_batch_bytes, 960 * 1024);
+        config.check().unwrap();
+        config.max_batch = 0;
+        assert_eq!(
+            config.check().unwrap_err().to_string(),
+            "max_batch must be at least 1 (1: one message per call, for functions that take only \
+             objects, such as the seed's)"
+        );
+        config.max_batch = 257;
+        assert_eq!(
+            config.check().unwrap_err().to_string(),
+            "max_batch is 257, over the functions' limit of 256 elements per call"
+        );
+        config.max_batch = 256;
+        config.check().unwrap();
+        config.max_batch_bytes = 0;
+        assert!(config.check().is_err());
+        config.max_batch_bytes = MAX_BATCH_BYTES + 1;
+        assert_eq!(
+            config.check().unwrap_err().to_string(),
+            "max_batch_bytes is 1048577, over the functions' limit of 1048576 bytes per call"
+        );
+        config.max_batch = 1;
+        config.max_batch_bytes = MAX_BATCH_BYTES;
+        config.check().unwrap();
     }
 
     #[test]

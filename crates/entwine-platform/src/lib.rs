@@ -147,6 +147,10 @@ pub struct ConnectorSettings {
     pub ack_order: Option<AckOrder>,
     /// Devices processed at once (`None`: the connector's default).
     pub lanes: Option<usize>,
+    /// Most messages sent to the functions in one call, as a JSON array (`None`: the
+    /// connector's default, [`ConnectorConfig::max_batch`]); 1 never batches, for functions
+    /// that take only objects (such as the seed's). 0 is refused by [`Platform::start`].
+    pub max_batch: Option<usize>,
     /// How it calls the functions.
     pub access: FunctionsAccess,
     /// How long `start` waits for its subscription before starting the devices anyway.
@@ -160,6 +164,7 @@ impl Default for ConnectorSettings {
             client_id: "entwine-up".to_owned(),
             ack_order: None,
             lanes: None,
+            max_batch: None,
             access: FunctionsAccess::InProcess,
             subscribe_timeout: Duration::from_secs(10),
         }
@@ -523,6 +528,12 @@ impl Platform {
                 if let Some(lanes) = settings.lanes {
                     connector_config.lanes = lanes;
                 }
+                if let Some(max_batch) = settings.max_batch {
+                    connector_config.max_batch = max_batch;
+                }
+                connector_config
+                    .check()
+                    .map_err(|e| PlatformError::Config(format!("{e:#}")))?;
                 // The embedded broker stops with this process: nothing may be left in it.
                 connector_config.finish_backlog = broker.embedded;
                 connector_config.ack_order = settings.ack_order.unwrap_or(if broker.embedded {

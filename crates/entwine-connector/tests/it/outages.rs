@@ -41,12 +41,12 @@ fn now_ms() -> i64 {
 
 /// The functions over HTTP on any store (the support's `serve_functions_on` takes a
 /// `TestStore`, on the shared PostgreSQL).
-struct StoreFunctions {
-    url: String,
+pub(crate) struct StoreFunctions {
+    pub(crate) url: String,
     stop: CancellationToken,
 }
 
-async fn serve_functions_on_store(store: Store) -> StoreFunctions {
+pub(crate) async fn serve_functions_on_store(store: Store) -> StoreFunctions {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let functions = Arc::new(TwinFunctions::new(
