@@ -195,6 +195,10 @@ pub struct UpArgs {
     /// cluster, instead of in process (slower: for comparing, or checking the HTTP routes).
     #[arg(long)]
     pub http_functions: bool,
+    /// Most events the connector sends the functions in one call (a batch: one JSON array per
+    /// route, one commit), 1 to 256; 1 sends each event alone [default: the connector's, 64].
+    #[arg(long, env = "ENTWINE_MAX_BATCH", value_name = "N", value_parser = max_batch)]
+    pub max_batch: Option<usize>,
     /// Publish no digital events (by default each digital state and each lifecycle change go
     /// to the platform's broker).
     #[arg(long)]
@@ -315,6 +319,42 @@ pub fn evaluator_period(raw: &str) -> Result<f64, String> {
     seconds_within(raw, 0.01, 3600.0)
 }
 
+/// `--max-batch`: a whole number of events from 1 (one event per call, as functions that take
+/// only objects, such as the seed's, need) to the functions' limit per call
+/// ([`entwine_connector::MAX_BATCH`], 256).
+pub fn max_batch(raw: &str) -> Result<usize, String> {
+    let value: usize = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a whole number of events"))?;
+    if value == 0 {
+        return Err(
+            "a batch holds at least 1 event (1: one event per call, for functions that take \
+             only objects, such as the seed's)"
+                .to_owned(),
+        );
+    }
+    let most = entwine_connector::MAX_BATCH;
+    if value > most {
+        return Err(format!(
+            "a batch holds at most {most} events, the functions' limit per call"
+        ));
+    }
+    Ok(value)
+}
+
+/// The connector's own `max_batch` (what a `None` in
+/// [`entwine_platform::ConnectorSettings::max_batch`] means), for printing.
+pub fn default_max_batch() -> Option<usize> {
+    entwine_connector::ConnectorConfig::new(
+        "127.0.0.1:1883",
+        vec!["device/+/telemetry/device_state".to_owned()],
+        "127.0.0.1:8080",
+    )
+    .ok()
+    .map(|config| config.max_batch)
+}
+
 /// Runs a parsed command line until it is done (or, for `up`, until SIGINT/SIGTERM).
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     remember_config_file(&cli.command);
@@ -366,4 +406,141 @@ async fn migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
     println!("{} store migrated", store.backend());
     store.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    /// `entwine ARGS` parsed, or clap's error message.
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("entwine").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The `--max-batch` of a parsed command line.
+    fn max_batch(args: &[&str]) -> Option<usize> {
+        match parse(args).unwrap().command {
+            Command::Up(up) => up.max_batch,
+            Command::Bench(bench) => bench.max_batch,
+            Command::Connector(connector) => connector.max_batch,
+            other => panic!("no --max-batch on {other:?}"),
+        }
+    }
+
+    #[test]
+    fn max_batch_is_taken_by_up_bench_and_connector() {
+        for command in ["up", "bench", "connector"] {
+            assert_eq!(
+                max_batch(&[command, "--max-batch", "1"]),
+                Some(1),
+                "{command}"
+            );
+            assert_eq!(
+                max_batch(&[command, "--max-batch", "256"]),
+                Some(256),
+                "{command}"
+            );
+            assert_eq!(
+                max_batch(&[command, "--max-batch", " 8 "]),
+                Some(8),
+                "{command}"
+            );
+        }
+        // Without the flag (and, for `up` and `connector`, without ENTWINE_MAX_BATCH, which
+        // the test environment does not set) the connector's default applies.
+        assert_eq!(std::env::var_os("ENTWINE_MAX_BATCH"), None);
+        for command in ["up", "bench", "connector"] {
+            assert_eq!(max_batch(&[command]), None, "{command}");
+        }
+    }
+
+    #[test]
+    fn max_batch_zero_over_256_or_not_a_number_is_refused_naming_the_flag() {
+        for command in ["up", "bench", "connector"] {
+            let error = parse(&[command, "--max-batch", "0"]).unwrap_err();
+            assert_eq!(
+                error.lines().next().unwrap(),
+                "error: invalid value '0' for '--max-batch <N>': a batch holds at least 1 event \
+                 (1: one event per call, for functions that take only objects, such as the seed's)",
+                "{command}"
+            );
+            let error = parse(&[command, "--max-batch", "257"]).unwrap_err();
+            assert_eq!(
+                error.lines().next().unwrap(),
+                "error: invalid value '257' for '--max-batch <N>': a batch holds at most 256 \
+                 events, the functions' limit per call",
+                "{command}"
+            );
+            for bad in ["-1", "2.5", "many"] {
+                let error = parse(&[command, &format!("--max-batch={bad}")]).unwrap_err();
+                assert!(
+                    error.starts_with(&format!(
+                        "error: invalid value '{bad}' for '--max-batch <N>': \"{bad}\" is not a whole number of events"
+                    )),
+                    "{command} --max-batch {bad:?}: {error}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn max_batch_of_up_and_connector_comes_from_entwine_max_batch_too() {
+        let cli = Cli::command();
+        for (command, env) in [
+            ("up", Some("ENTWINE_MAX_BATCH")),
+            ("connector", Some("ENTWINE_MAX_BATCH")),
+            ("bench", None),
+        ] {
+            let argument = cli
+                .find_subcommand(command)
+                .unwrap()
+                .get_arguments()
+                .find(|a| a.get_id() == "max_batch")
+                .unwrap();
+            assert_eq!(
+                argument.get_env().and_then(|e| e.to_str()),
+                env,
+                "{command}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_connector_subcommand_passes_max_batch_to_its_configuration() {
+        let config = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Connector(connector) => connector.config().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(config(&["connector", "--max-batch", "1"]).max_batch, 1);
+        assert_eq!(config(&["connector", "--max-batch", "16"]).max_batch, 16);
+        assert_eq!(
+            config(&["connector"]).max_batch,
+            64,
+            "the connector's default"
+        );
+        assert_eq!(super::default_max_batch(), Some(64));
+    }
+
+    #[test]
+    fn up_passes_max_batch_to_the_platforms_connector_and_prints_it() {
+        for (flags, expected) in [
+            (&["up", "--max-batch", "1"][..], Some(1)),
+            (&["up", "--max-batch", "32"][..], Some(32)),
+            (&["up"][..], None),
+        ] {
+            let Command::Up(args) = parse(flags).unwrap().command else {
+                unreachable!("the flags start with `up`")
+            };
+            let config = crate::local::platform_config(&args).unwrap();
+            assert_eq!(config.connector.unwrap().max_batch, expected, "{flags:?}");
+        }
+        assert_eq!(crate::local::batch_phrase(Some(1)), "one event per call");
+        assert_eq!(
+            crate::local::batch_phrase(Some(64)),
+            "up to 64 events per call"
+        );
+    }
 }

@@ -49,6 +49,7 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
         client_id: args.connector_client_id.clone(),
         ack_order: args.ack_order.explicit(),
         lanes: None,
+        max_batch: args.max_batch,
         access: if args.http_functions {
             FunctionsAccess::Http
         } else {
@@ -118,12 +119,13 @@ pub async fn up(
     }
     if platform.has_connector() {
         println!(
-            "  connector:  functions called {}",
+            "  connector:  functions called {}, {}",
             if args.http_functions {
                 "over HTTP"
             } else {
                 "in process"
-            }
+            },
+            batch_phrase(args.max_batch.or_else(crate::cli::default_max_batch))
         );
     }
     println!(
@@ -169,6 +171,16 @@ pub async fn up(
     }
     println!("entwine stopped");
     Ok(())
+}
+
+/// How `entwine up` prints the connector's `--max-batch`: `one event per call`, or
+/// `up to 64 events per call`.
+pub fn batch_phrase(max_batch: Option<usize>) -> String {
+    match max_batch {
+        Some(1) => "one event per call".to_owned(),
+        Some(n) => format!("up to {n} events per call"),
+        None => "batches of the connector's default size".to_owned(),
+    }
 }
 
 /// Prints a line whenever a twin changes lifecycle.

@@ -224,6 +224,11 @@ pub struct ConnectorArgs {
     /// reading and TCP holds the broker back: memory stays bounded under any backlog).
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// Most events sent to the functions in one call (one JSON array per route, one commit in
+    /// the store), 1 to 256; 1 sends each event alone, as functions that take only objects (the
+    /// seed's) need [default: 64].
+    #[arg(long, env = "ENTWINE_MAX_BATCH", value_name = "N", value_parser = crate::cli::max_batch)]
+    pub max_batch: Option<usize>,
     /// Largest MQTT packet taken from the broker, in bytes. Keep the broker's own message size
     /// limit below it (ours: 256 KiB): a larger packet drops the connection, and the broker
     /// sends it again after every reconnection.
@@ -259,6 +264,9 @@ impl ConnectorArgs {
         }
         anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be at least 1");
         config.max_in_flight = self.max_in_flight;
+        if let Some(max_batch) = self.max_batch {
+            config.max_batch = max_batch;
+        }
         let body_limit = entwine_functions::http::MAX_BODY_BYTES;
         anyhow::ensure!(
             self.max_incoming_bytes > body_limit,
@@ -273,13 +281,14 @@ impl ConnectorArgs {
 pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     println!(
-        "connector taking {} from {}:{} to {} (client id {}, dead letters to {})",
+        "connector taking {} from {}:{} to {} (client id {}, dead letters to {}, {})",
         config.topics.join(" "),
         config.broker_host,
         config.broker_port,
         config.router_url,
         config.client_id,
-        config.dead_letter_topic
+        config.dead_letter_topic,
+        crate::local::batch_phrase(Some(config.max_batch))
     );
     let stats = Arc::new(ConnectorStats::default());
     let shutdown = CancellationToken::new();
@@ -325,10 +334,11 @@ pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
     }
     entwine_connector::run(config, stats.clone(), shutdown).await?;
     println!(
-        "connector stopped: {} received, {} completed, {} dead-lettered",
+        "connector stopped: {} received, {} completed, {} dead-lettered; {}",
         stats.received.load(Ordering::Relaxed),
         stats.completed.load(Ordering::Relaxed),
-        stats.dead_lettered.load(Ordering::Relaxed)
+        stats.dead_lettered.load(Ordering::Relaxed),
+        crate::bench::report::Batches::of(&stats).summary()
     );
     Ok(())
 }

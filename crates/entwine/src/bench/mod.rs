@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::OdteArgs;
 use load::{LoadStats, Pace, Progress};
 use recorder::HdrRecorder;
-use report::{CpuSample, Machine};
+use report::{Batches, CpuSample, Machine};
 pub use report::{Report, RunReport, WindowPoint};
 
 /// Flags of `entwine bench`.
@@ -54,12 +54,15 @@ Scenarios:
 Every run reports events/s mirrored, latency percentiles from the device's timestamp to the
 digital state stored with its ODTE (and per function, and for the connector's chain), events
 lost and duplicated (must be 0), CPU time of entwine (and of PostgreSQL and Mosquitto), peak
-resident memory. --json PATH writes every figure.
+resident memory, and the batches the connector sent the functions (--max-batch N events per
+call at most; how many calls, events per call on average, the largest). --json PATH writes
+every figure.
 
 Examples:
   entwine bench                                              # 50 devices × 0.2 msg/s, embedded
   entwine bench --scenario services --devices 1000 --rate 1  # 1,000 events/s on PostgreSQL
   entwine bench --scenario services --mode saturation --duration 60
+  entwine bench --mode saturation --max-batch 1              # one event per call: no batching
   entwine bench --curve devices --curve window --json bench.json")]
 pub struct BenchArgs {
     /// Where the chain runs.
@@ -110,6 +113,11 @@ pub struct BenchArgs {
     /// The connector's concurrent lanes.
     #[arg(long, default_value_t = 64)]
     pub lanes: usize,
+    /// Most events the connector sends the functions in one call (one JSON array per route,
+    /// one commit), 1 to 256; 1 sends each event alone [default: the connector's, 64]. The
+    /// report shows the batches it saw: how many, events per batch on average, the largest.
+    #[arg(long, value_name = "N", value_parser = crate::cli::max_batch)]
+    pub max_batch: Option<usize>,
     /// The connector's acknowledgement order (`auto`: `arrival` on the embedded broker,
     /// `completion` on Mosquitto; `completion` only with Mosquitto).
     #[arg(long, value_enum, default_value = "auto")]
@@ -198,6 +206,10 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "--ack-order completion needs Mosquitto (--scenario services): the embedded broker refuses it"
     );
     let odte = args.odte.config()?;
+    let max_batch = args
+        .max_batch
+        .or_else(crate::cli::default_max_batch)
+        .context("cannot tell the connector's default --max-batch")?;
     let recorder = HdrRecorder::global()?;
 
     let mut report = Report {
@@ -206,14 +218,14 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         window_curve: Vec::new(),
     };
     if args.curve.is_empty() {
-        let settings = RunSettings::from_args(args, args.devices);
+        let settings = RunSettings::from_args(args, args.devices, max_batch);
         report
             .runs
             .push(run_chain(&settings, args, odte, recorder).await?);
     }
     if args.curve.contains(&Curve::Devices) {
         for &devices in &args.curve_devices {
-            let settings = RunSettings::from_args(args, devices);
+            let settings = RunSettings::from_args(args, devices, max_batch);
             report
                 .runs
                 .push(run_chain(&settings, args, odte, recorder).await?);
@@ -248,10 +260,12 @@ struct RunSettings {
     devices: usize,
     pace: Pace,
     rate: Option<f64>,
+    /// The connector's `max_batch`.
+    max_batch: usize,
 }
 
 impl RunSettings {
-    fn from_args(args: &BenchArgs, devices: usize) -> Self {
+    fn from_args(args: &BenchArgs, devices: usize, max_batch: usize) -> Self {
         match args.mode {
             Mode::Fixed => Self {
                 devices,
@@ -259,6 +273,7 @@ impl RunSettings {
                     per_second: devices as f64 * args.rate,
                 },
                 rate: Some(args.rate),
+                max_batch,
             },
             Mode::Saturation => Self {
                 devices,
@@ -266,6 +281,7 @@ impl RunSettings {
                     in_flight: args.in_flight,
                 },
                 rate: None,
+                max_batch,
             },
         }
     }
@@ -384,6 +400,7 @@ async fn run_chain(
         client_id: format!("{prefix}-connector"),
         ack_order: args.ack_order.explicit(),
         lanes: Some(args.lanes),
+        max_batch: Some(settings.max_batch),
         access: if args.http_functions {
             FunctionsAccess::Http
         } else {
@@ -468,6 +485,7 @@ async fn run_chain(
 
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     recorder.reset();
+    let batches_start = Batches::of(platform.connector_stats());
     let cpu_start = CpuSample::now();
     let mirrored_start = progress.mirrored.load(Ordering::Relaxed);
     let measure_start = tokio::time::Instant::now();
@@ -475,6 +493,7 @@ async fn run_chain(
     let measured_s = measure_start.elapsed().as_secs_f64();
     let mirrored_measured = progress.mirrored.load(Ordering::Relaxed) - mirrored_start;
     let cpu = cpu_start.until(&CpuSample::now(), mirrored_measured);
+    let batches_end = Batches::of(platform.connector_stats());
     let latency = recorder.percentiles("entwine_entanglement_latency_seconds", None);
     let chain = recorder.percentiles("entwine_chain_duration_seconds", None);
     let functions = Function::ALL
@@ -516,6 +535,8 @@ async fn run_chain(
     ticker.abort();
     bar.finish_and_clear();
 
+    // The largest batch of the whole run, drain included (a maximum cannot be windowed).
+    let largest_batch = Batches::of(platform.connector_stats()).largest;
     platform.shutdown().await?;
     forget_session(&broker, &format!("{prefix}-connector")).await;
     observer.abort();
@@ -550,6 +571,8 @@ async fn run_chain(
         },
         measured_s,
         warmup_s: args.warmup,
+        max_batch: settings.max_batch,
+        batches: Batches::since(&batches_start, &batches_end, largest_batch),
         throughput_per_s: mirrored_measured as f64 / measured_s,
         published,
         acknowledged,

@@ -69,6 +69,11 @@ pub struct RunReport {
     pub measured_s: f64,
     /// Seconds of warm-up, not measured.
     pub warmup_s: f64,
+    /// The connector's `--max-batch`: most events in one call of a function (1: never batched).
+    pub max_batch: usize,
+    /// The batches the connector sent the first function while measured (the largest: over
+    /// the whole run).
+    pub batches: Batches,
     /// Events per second mirrored (digital state stored with its ODTE) while measured.
     pub throughput_per_s: f64,
     /// Messages the devices published over the whole run.
@@ -100,6 +105,70 @@ pub struct RunReport {
     pub cpu: Cpu,
     /// Peak resident memory of the bench process over the run (platform, devices and bench), MiB.
     pub peak_rss_mib: f64,
+}
+
+/// The batches the connector sent the first function (the physical-event handler): calls, a
+/// batch of one included, and the events in them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Batches {
+    /// Calls of the first function.
+    pub count: u64,
+    /// Events in them.
+    pub events: u64,
+    /// Events per call on average (0 without calls).
+    pub mean_events: f64,
+    /// Events in the largest call.
+    pub largest: u64,
+}
+
+impl Batches {
+    /// The batches a connector has sent so far.
+    pub fn of(stats: &entwine_connector::ConnectorStats) -> Self {
+        use std::sync::atomic::Ordering;
+        Self::new(
+            stats.batches.load(Ordering::Relaxed),
+            stats.batched_events.load(Ordering::Relaxed),
+            stats.largest_batch.load(Ordering::Relaxed),
+        )
+    }
+
+    /// `count` calls holding `events` in all, the largest `largest` events.
+    pub fn new(count: u64, events: u64, largest: u64) -> Self {
+        Self {
+            count,
+            events,
+            mean_events: if count == 0 {
+                0.0
+            } else {
+                events as f64 / count as f64
+            },
+            largest,
+        }
+    }
+
+    /// The calls after `earlier` (a snapshot of the same connector); the largest is
+    /// `largest`'s, since a maximum cannot be taken apart.
+    pub fn since(earlier: &Self, later: &Self, largest: u64) -> Self {
+        Self::new(
+            later.count.saturating_sub(earlier.count),
+            later.events.saturating_sub(earlier.events),
+            largest,
+        )
+    }
+
+    /// `120 batches, mean 12.50 events, largest 64`, or `no batches`.
+    pub fn summary(&self) -> String {
+        if self.count == 0 {
+            return "no batches".to_owned();
+        }
+        format!(
+            "{} batch{}, mean {:.2} events, largest {}",
+            self.count,
+            if self.count == 1 { "" } else { "es" },
+            self.mean_events,
+            self.largest
+        )
+    }
 }
 
 /// CPU spent while measured, in CPU seconds and per mirrored event.
@@ -253,8 +322,8 @@ impl Report {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "{} / {}: {load}; {:.0} s measured after {:.0} s warm-up",
-                run.scenario, run.mode, run.measured_s, run.warmup_s
+                "{} / {}: {load}; --max-batch {}; {:.0} s measured after {:.0} s warm-up",
+                run.scenario, run.mode, run.max_batch, run.measured_s, run.warmup_s
             );
             let _ = writeln!(
                 out,
@@ -265,6 +334,11 @@ impl Report {
                 out,
                 "  events        {} published, {} acknowledged by the broker, {} mirrored; lost {}, duplicated {}, redelivered {}",
                 run.published, run.acknowledged, run.mirrored, run.lost, run.duplicated, run.redelivered
+            );
+            let _ = writeln!(
+                out,
+                "  batches       {} (counted while measured, the largest over the whole run)",
+                run.batches.summary()
             );
             let _ = writeln!(
                 out,
@@ -338,6 +412,126 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A saturation run as `entwine bench --mode saturation --devices 1000 --in-flight 500
+    /// --max-batch 64 --duration 10 --warmup 3` reports it, with the given batches.
+    fn saturation_run(batches: Batches) -> RunReport {
+        let p = Percentiles {
+            count: 1500,
+            p50_ms: 1.5,
+            p90_ms: 2.25,
+            p99_ms: 4.0,
+            max_ms: 12.5,
+        };
+        RunReport {
+            scenario: "embedded".into(),
+            mode: "saturation".into(),
+            devices: 1000,
+            rate_per_device: None,
+            offered_per_s: None,
+            in_flight: Some(500),
+            measured_s: 10.0,
+            warmup_s: 3.0,
+            max_batch: 64,
+            batches,
+            throughput_per_s: 150.0,
+            published: 1950,
+            acknowledged: 1950,
+            mirrored: 1950,
+            stored: entwine_store::Tally {
+                physical: 1950,
+                events: 1950,
+                digital: 1950,
+                evaluated: 1950,
+            },
+            lost: 0,
+            duplicated: 0,
+            redelivered: 0,
+            latency: Some(p),
+            functions: BTreeMap::from([("twin-handler".to_owned(), p)]),
+            chain: None,
+            twins: 1000,
+            entangled: 990,
+            cpu: Cpu {
+                entwine_s: 1.5,
+                entwine_us_per_event: 1000.0,
+                ..Cpu::default()
+            },
+            peak_rss_mib: 42.0,
+        }
+    }
+
+    fn report_of(run: RunReport) -> Report {
+        Report {
+            machine: Machine {
+                cpus: 2,
+                cpu_model: "Test CPU".into(),
+                kernel: "6.18".into(),
+                entwine: "0.1.0".into(),
+            },
+            runs: vec![run],
+            window_curve: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_report_shows_max_batch_in_its_header_and_the_batches_seen() {
+        let batches = Batches::new(120, 1500, 64);
+        assert_eq!(batches.mean_events, 12.5);
+        let table = report_of(saturation_run(batches)).table();
+        assert_eq!(
+            table,
+            "machine: 2 × Test CPU, Linux 6.18, entwine 0.1.0\n\
+             \n\
+             embedded / saturation: 1000 devices, saturation (500 events in flight at most); \
+             --max-batch 64; 10 s measured after 3 s warm-up\n\
+             \x20 throughput    150.0 events/s mirrored\n\
+             \x20 events        1950 published, 1950 acknowledged by the broker, 1950 mirrored; \
+             lost 0, duplicated 0, redelivered 0\n\
+             \x20 batches       120 batches, mean 12.50 events, largest 64 (counted while \
+             measured, the largest over the whole run)\n\
+             \x20 twins         990 of 1000 entangled at the end\n\
+             \x20 latency (ms)                      p50      p90      p99       max\n\
+             \x20   device → twin stored          1.50     2.25     4.00     12.50\n\
+             \x20   connector chain                  –        –        –         –\n\
+             \x20   twin-handler                  1.50     2.25     4.00     12.50\n\
+             \x20 CPU           entwine 1.50 s (1000 µs/event)\n\
+             \x20 memory        42.0 MiB peak resident (this process)\n"
+        );
+    }
+
+    #[test]
+    fn batches_are_counted_between_two_snapshots_and_written_to_the_json() {
+        let earlier = Batches::new(10, 40, 8);
+        let later = Batches::new(130, 1540, 60);
+        let measured = Batches::since(&earlier, &later, 64);
+        assert_eq!(measured, Batches::new(120, 1500, 64));
+        assert_eq!(
+            Batches::new(1, 1, 1).summary(),
+            "1 batch, mean 1.00 events, largest 1"
+        );
+        assert_eq!(Batches::new(0, 0, 0).summary(), "no batches");
+        assert_eq!(Batches::new(0, 0, 0).mean_events, 0.0);
+
+        let json = serde_json::to_value(saturation_run(measured)).unwrap();
+        assert_eq!(json["max_batch"], 64);
+        assert_eq!(
+            json["batches"],
+            serde_json::json!({"count": 120, "events": 1500, "mean_events": 12.5, "largest": 64})
+        );
+    }
+
+    #[test]
+    fn batches_are_read_from_the_connectors_counters() {
+        use std::sync::atomic::Ordering;
+        let stats = entwine_connector::ConnectorStats::default();
+        stats.batches.store(3, Ordering::Relaxed);
+        stats.batched_events.store(7, Ordering::Relaxed);
+        stats.largest_batch.store(4, Ordering::Relaxed);
+        let batches = Batches::of(&stats);
+        assert_eq!(batches, Batches::new(3, 7, 4));
+        assert_eq!(batches.summary(), "3 batches, mean 2.33 events, largest 4");
+    }
 
     #[test]
     fn cpu_seconds_reads_utime_and_stime_after_a_command_with_spaces() {

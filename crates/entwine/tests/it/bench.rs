@@ -97,7 +97,22 @@ async fn embedded_fixed_rate_mirrors_every_event_and_reports_the_figures() {
         "200 events/s offered, {throughput} mirrored"
     );
     assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
+    // The connector's default batch size, and batches of it at most.
+    assert_eq!(run["max_batch"], 64, "{run}");
+    let batches = &run["batches"];
+    let (count, events, largest) = (
+        batches["count"].as_u64().unwrap(),
+        batches["events"].as_u64().unwrap(),
+        batches["largest"].as_u64().unwrap(),
+    );
+    assert!(count > 0 && count <= events, "{batches}");
+    assert!((1..=64).contains(&largest), "{batches}");
+    assert_eq!(
+        batches["mean_events"].as_f64().unwrap(),
+        events as f64 / count as f64
+    );
     for expected in [
+        "--max-batch 64;",
         "embedded / fixed",
         "device → twin stored",
         "twin-handler",
@@ -139,6 +154,44 @@ async fn services_saturation_mirrors_every_event_on_postgresql_and_mosquitto() {
         "PostgreSQL worked: {run}"
     );
     assert!(printed.contains("PostgreSQL"), "{printed}");
+}
+
+#[tokio::test]
+async fn max_batch_one_sends_every_event_alone_and_the_report_says_so() {
+    let (report, printed) = bench(&[
+        "--mode",
+        "saturation",
+        "--devices",
+        "20",
+        "--in-flight",
+        "50",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--max-batch",
+        "1",
+    ])
+    .await;
+    let run = &report["runs"][0];
+    assert_complete_run(run);
+    assert_eq!(run["max_batch"], 1, "{run}");
+    let batches = &run["batches"];
+    assert!(batches["count"].as_u64().unwrap() > 0, "{batches}");
+    assert_eq!(batches["events"], batches["count"], "{batches}");
+    assert_eq!(batches["mean_events"], 1.0, "{batches}");
+    assert_eq!(batches["largest"], 1, "{batches}");
+    assert!(
+        printed.contains("; --max-batch 1; "),
+        "no --max-batch in the header: {printed}"
+    );
+    assert!(
+        printed.contains(&format!(
+            "  batches       {} batches, mean 1.00 events, largest 1 (counted while measured",
+            batches["count"]
+        )),
+        "{printed}"
+    );
 }
 
 #[tokio::test]
@@ -192,6 +245,7 @@ async fn bad_flags_are_refused_by_name() {
     for (args, expected) in [
         (vec!["--rate", "0"], "--rate"),
         (vec!["--devices", "0"], "--devices"),
+        (vec!["--max-batch", "0"], "--max-batch"),
         (vec!["--curve-windows", "1"], "--curve-windows"),
         (vec!["--ack-order", "completion"], "--ack-order completion"),
         (

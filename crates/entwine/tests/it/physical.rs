@@ -220,3 +220,69 @@ async fn the_connectors_health_endpoint_cuts_slow_clients_off_and_answers_errors
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn the_connectors_max_batch_comes_from_the_flag_or_entwine_max_batch_and_zero_is_refused() {
+    let (host, port) = mqtt_address();
+    let broker = format!("{host}:{port}");
+    let topic = format!("{}/+/telemetry/device_state", unique("batch"));
+    let closed = format!("127.0.0.1:{}", entwine_testing::free_port());
+    let connector = |extra: &[&str], env: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_entwine"));
+        command
+            .args(["connector", "--broker-url", &broker, "--topic", &topic])
+            .args([
+                "--router-url",
+                &closed,
+                "--client-id",
+                &unique("batch-connector"),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .env_remove("ENTWINE_MAX_BATCH")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(value) = env {
+            command.env("ENTWINE_MAX_BATCH", value);
+        }
+        command
+    };
+
+    // Refused when the flags are parsed, naming the flag, whether from the flag or the variable.
+    for (extra, env) in [(&["--max-batch", "0"][..], None), (&[][..], Some("0"))] {
+        let out = connector(extra, env).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?} {env:?}: {stderr}");
+        assert!(
+            stderr.starts_with(
+                "error: invalid value '0' for '--max-batch <N>': a batch holds at least 1 event"
+            ),
+            "{extra:?} {env:?}: {stderr}"
+        );
+    }
+
+    // Taken, and printed: the flag over the variable, the variable over the default.
+    for (extra, env, phrase) in [
+        (&[][..], None, "up to 64 events per call)"),
+        (&[][..], Some("1"), "one event per call)"),
+        (
+            &["--max-batch", "8"][..],
+            Some("1"),
+            "up to 8 events per call)",
+        ),
+    ] {
+        let mut child = connector(extra, env).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the connector prints its settings")
+            .unwrap()
+            .unwrap();
+        assert!(line.starts_with("connector taking "), "{line}");
+        assert!(line.ends_with(phrase), "{extra:?} {env:?}: {line}");
+        // It printed before installing its signal handler: stopped, not interrupted (how it
+        // stops is the test above's).
+        child.kill().await.unwrap();
+    }
+}
