@@ -26,9 +26,12 @@ CREATE INDEX IF NOT EXISTS digitalstate_window_state_idx
 CREATE OR REPLACE FUNCTION digitalstate_window_copy() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO digitalstate_window (digitalstate_id, device_id, timestamp, device_timestamp)
-    SELECT n.id, n.device_id, n.timestamp, p.device_timestamp
-    FROM inserted n JOIN physicalstate p ON p.id = n.physicalstate_id
-    WHERE n.device_id IS NOT NULL AND n.timestamp IS NOT NULL;
+    SELECT n.id, n.device_id, n.timestamp,
+           (SELECT p.device_timestamp FROM physicalstate p WHERE p.id = n.physicalstate_id)
+    FROM inserted n
+    -- The foreign key guarantees the physical state; the subquery is one primary-key probe
+    -- per row, never a scan of physicalstate, whatever the planner thinks of its size.
+    WHERE n.device_id IS NOT NULL AND n.timestamp IS NOT NULL AND n.physicalstate_id IS NOT NULL;
     RETURN NULL;
 END
 $$;

@@ -133,7 +133,18 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
-            .connect_lazy_with(connect.application_name("entwine"));
+            .connect_lazy_with(
+                connect
+                    .application_name("entwine")
+                    // Plan each execution for its own arguments and the tables' current size. A
+                    // prepared statement's generic plan is made once per connection; made while
+                    // the tables were small (a new database), it keeps scanning them whole as
+                    // they grow, until an ANALYZE happens to invalidate it: measured at 650 µs
+                    // of PostgreSQL CPU per event (sequential scans filtered by `= ANY`) against
+                    // … with custom plans (BENCHMARKS.md, issue #13). Planning our short
+                    // statements costs little, once per batch.
+                    .options([("plan_cache_mode", "force_custom_plan")]),
+            );
         Self::Postgres(pool)
     }
 

@@ -266,6 +266,7 @@ pub(crate) async fn upsert_lite(
 
 /// Every twin with the counts of its window `[$1, $2]` (timely within `$3` ms), and its latest
 /// digital state (the twin handler writes the twin row only when the lifecycle changes).
+/// SQLite's form (its planner probes the index per twin); PostgreSQL's is [`WINDOWS_AT_PG`].
 static WINDOWS_AT: Sql = Sql::new(
     "SELECT t.device_id, t.lifecycle, t.since, t.bound_at, \
             (SELECT MAX(x.timestamp) FROM digitalstate x WHERE x.device_id = t.device_id) \
@@ -283,6 +284,27 @@ static WINDOWS_AT: Sql = Sql::new(
      GROUP BY t.device_id, t.lifecycle, t.since, t.bound_at \
      ORDER BY t.device_id",
 );
+
+/// [`WINDOWS_AT`] in PostgreSQL's form: each twin's window counted in a `LATERAL` subquery, one
+/// index range scan per twin, whatever the planner's statistics say (as a join it could hash
+/// the whole window table).
+static WINDOWS_AT_PG: &str = "\
+    SELECT t.device_id, t.lifecycle, t.since, t.bound_at, \
+           (SELECT MAX(x.timestamp) FROM digitalstate x WHERE x.device_id = t.device_id) \
+               AS last_update, \
+           (SELECT x.id FROM digitalstate x WHERE x.device_id = t.device_id \
+            ORDER BY x.timestamp DESC, x.id DESC LIMIT 1) AS latest_id, \
+           (SELECT x.physicalstate_id FROM digitalstate x WHERE x.device_id = t.device_id \
+            ORDER BY x.timestamp DESC, x.id DESC LIMIT 1) AS latest_physical_id, \
+           w.states AS window_states, w.timely AS window_timely \
+    FROM twin t \
+    CROSS JOIN LATERAL ( \
+        SELECT COUNT(*) AS states, \
+               COALESCE(SUM(CASE WHEN c.timestamp - c.device_timestamp <= $3 THEN 1 ELSE 0 END), 0) \
+                   AS timely \
+        FROM digitalstate_window c \
+        WHERE c.device_id = t.device_id AND c.timestamp >= $1 AND c.timestamp <= $2) w \
+    ORDER BY t.device_id";
 
 /// Every device's twin timestamps in `[$1, $2]` (`before_window` = 0), and each twin's latest
 /// one before `$1` (`before_window` = 1; no timestamp for a twin without one): what
@@ -376,15 +398,26 @@ impl Store {
         config: &OdteConfig,
     ) -> Result<Vec<TwinWindow>, StoreError> {
         let (start, end) = config.window_of(now_ms);
-        let rows: Vec<WindowRow> = fetch!(
-            self,
-            WINDOWS_AT,
-            fetch_all,
-            WindowRow,
-            start,
-            end,
-            config.timeliness_ms()
-        )?;
+        let timely = config.timeliness_ms();
+        let rows: Vec<WindowRow> = match self {
+            Store::Postgres(pool) => {
+                sqlx::query_as(WINDOWS_AT_PG)
+                    .bind(start)
+                    .bind(end)
+                    .bind(timely)
+                    .fetch_all(pool)
+                    .await
+            }
+            Store::Sqlite(pool) => {
+                sqlx::query_as(WINDOWS_AT.sqlite())
+                    .bind(start)
+                    .bind(end)
+                    .bind(timely)
+                    .fetch_all(pool)
+                    .await
+            }
+        }
+        .map_err(StoreError::from_sqlx)?;
         let measured = config.availability_max_gap_ms().is_some();
         let mut updates: HashMap<String, UpdateTimes> = HashMap::new();
         if measured {
