@@ -106,7 +106,12 @@ pub struct ConnectorConfig {
     pub client_id: String,
     /// Subscription QoS (1 unless told otherwise: 0 gives up the no-loss guarantee).
     pub qos: QoS,
-    /// Devices processed at once.
+    /// Batches in progress at once (8 by default): a device is hashed to one lane, which runs its
+    /// batches one after the other, so a device's events stay in order while lanes run side by
+    /// side. With batching, a few lanes carry the load (each takes whatever queued behind its
+    /// previous batch); more lanes mean smaller batches, and beyond the store's connections they
+    /// only wait for one (BENCHMARKS.md, issue #13). A lane retrying a failed call holds up the
+    /// devices hashed to it, one `lanes`-th of them.
     pub lanes: usize,
     /// Where rejected messages are announced (MQTT, QoS 1, best effort).
     pub dead_letter_topic: String,
@@ -186,7 +191,7 @@ impl ConnectorConfig {
             router_url,
             client_id: default_client_id(),
             qos: QoS::AtLeastOnce,
-            lanes: 64,
+            lanes: 8,
             dead_letter_topic: "entwine/deadletter".into(),
             store_dead_letters: true,
             max_payload_bytes: 64 * 1024,

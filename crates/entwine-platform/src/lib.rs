@@ -145,7 +145,8 @@ pub struct ConnectorSettings {
     /// Acknowledgement order; `None` picks the broker's: arrival on the embedded rumqttd (it
     /// insists), completion elsewhere.
     pub ack_order: Option<AckOrder>,
-    /// Devices processed at once (`None`: the connector's default).
+    /// Batches in progress at once (`None`: 2 on SQLite, whose one writer makes more lanes only
+    /// smaller batches, and 4 on PostgreSQL; measured in BENCHMARKS.md, issue #13).
     pub lanes: Option<usize>,
     /// Most messages sent to the functions in one call, as a JSON array (`None`: the
     /// connector's default, [`ConnectorConfig::max_batch`]); 1 never batches, for functions
@@ -525,9 +526,10 @@ impl Platform {
                 )
                 .map_err(|e| PlatformError::Config(format!("{e:#}")))?;
                 connector_config.client_id = settings.client_id.clone();
-                if let Some(lanes) = settings.lanes {
-                    connector_config.lanes = lanes;
-                }
+                connector_config.lanes = settings.lanes.unwrap_or(match store {
+                    Store::Sqlite(_) => 2,
+                    Store::Postgres(_) => 4,
+                });
                 if let Some(max_batch) = settings.max_batch {
                     connector_config.max_batch = max_batch;
                 }

@@ -207,8 +207,10 @@ pub struct ConnectorArgs {
     /// Where rejected messages go, with the reason.
     #[arg(long, default_value = "entwine/deadletter")]
     pub dead_letter_topic: String,
-    /// Devices processed at once.
-    #[arg(long, default_value_t = 64)]
+    /// Batches in progress at once: each device is hashed to a lane, which keeps its events in
+    /// order. A few lanes carry the load, each taking whatever queued behind its previous batch;
+    /// more lanes only make smaller batches.
+    #[arg(long, default_value_t = 8)]
     pub lanes: usize,
     /// Acknowledge messages as each completes (`auto`, `completion`: one slow message never
     /// holds the broker's in-flight window, so a backlog drains at full speed; Mosquitto, NATS
