@@ -140,8 +140,9 @@ impl Store {
                     // prepared statement's generic plan is made once per connection; made while
                     // the tables were small (a new database), it keeps scanning them whole as
                     // they grow, until an ANALYZE happens to invalidate it: measured at 650 µs
-                    // of PostgreSQL CPU per event (sequential scans filtered by `= ANY`) against
-                    // … with custom plans (BENCHMARKS.md, issue #13). Planning our short
+                    // of PostgreSQL CPU per event at saturation (sequential scans filtered by
+                    // `= ANY`) against 330 µs with custom plans (160 µs once the window is also
+                    // counted per state; BENCHMARKS.md, issue #13). Planning our short
                     // statements costs little, once per batch.
                     .options([("plan_cache_mode", "force_custom_plan")]),
             );
