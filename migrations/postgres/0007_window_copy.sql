@@ -36,7 +36,6 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS digitalstate_window_copy ON digitalstate;
 CREATE TRIGGER digitalstate_window_copy AFTER INSERT ON digitalstate
     REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION digitalstate_window_copy();

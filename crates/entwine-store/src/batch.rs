@@ -590,7 +590,8 @@ impl Store {
         Ok(plan)
     }
 
-    /// Writes a plan's evaluations and twins in one transaction. Answers the devices whose twin
+    /// Writes a plan's evaluations and twins, in one transaction when both are to be written or
+    /// several evaluations (one statement alone applies whole or not at all). Answers the devices whose twin
     /// row took this write, or `None` (nothing written) if a state was evaluated by another
     /// call since it was read.
     async fn write_evaluations(&self, plan: &Plan) -> Result<Option<HashSet<String>>, StoreError> {
@@ -601,16 +602,27 @@ impl Store {
         }
         macro_rules! write {
             ($pool:expr, $upsert:ident, $evaluations:expr) => {{
-                let mut tx = $pool.begin().await.map_err(StoreError::from_sqlx)?;
-                if !states.is_empty() {
+                // One statement alone needs no transaction of its own (the common case of a
+                // single event, whose twin did not change): it applies whole or not at all.
+                if twins.is_empty() && states.len() == 1 {
                     let updated: Vec<(i32,)> = $evaluations
-                        .fetch_all(&mut *tx)
+                        .fetch_all($pool)
                         .await
                         .map_err(StoreError::from_sqlx)?;
-                    if updated.len() != states.len() {
-                        tx.rollback().await.map_err(StoreError::from_sqlx)?;
-                        return Ok(None);
-                    }
+                    return Ok((updated.len() == 1).then(HashSet::new));
+                }
+                if states.is_empty() {
+                    let mut conn = $pool.acquire().await.map_err(StoreError::from_sqlx)?;
+                    return Ok(Some($upsert(&mut conn, &twins).await?));
+                }
+                let mut tx = $pool.begin().await.map_err(StoreError::from_sqlx)?;
+                let updated: Vec<(i32,)> = $evaluations
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_sqlx)?;
+                if updated.len() != states.len() {
+                    tx.rollback().await.map_err(StoreError::from_sqlx)?;
+                    return Ok(None);
                 }
                 let applied = $upsert(&mut tx, &twins).await?;
                 tx.commit().await.map_err(StoreError::from_sqlx)?;
