@@ -364,6 +364,39 @@ async fn seed_chain_through(binaries: [&Path; 6]) {
         (&stored["id"], &json!(2))
     );
 
+    // A batch is only a bigger body through the router: two events of another device, as one
+    // JSON array per binary, each answer array the next body. Within the batch the second
+    // state's window holds the first, not the other way round: R = 1/6, then 2/6.
+    let batch = json!([
+        seed_event("iiot-device-2", now - 10_000),
+        seed_event("iiot-device-2", now - 5_000)
+    ]);
+    let mut body = batch;
+    for (function, keys_of) in [
+        (&physical_fn, &PHYSICAL_STATE_KEYS[..]),
+        (&shadow_fn, &PENDING_KEYS[..]),
+        (&twin_fn, &DIGITAL_KEYS[..]),
+        (&digital_fn, &DIGITAL_KEYS[..]),
+    ] {
+        let (status, answer) = post(&client, &format!("{}/", function.url), &body).await;
+        assert_eq!(status, 200, "{answer}");
+        let elements = answer
+            .as_array()
+            .expect("a batch is answered with an array");
+        assert_eq!(elements.len(), 2, "{answer}");
+        for element in elements {
+            assert_eq!(keys(element), keys_of, "{answer}");
+        }
+        body = answer;
+    }
+    let reliability: Vec<f32> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| real(&d["reliability"]))
+        .collect();
+    assert_eq!(reliability, [(1.0 / 6.0) as f32, (2.0 / 6.0) as f32]);
+
     for running in [
         physical_fn,
         shadow_fn,
@@ -379,7 +412,7 @@ async fn seed_chain_through(binaries: [&Path; 6]) {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(rows, 6);
+    assert_eq!(rows, 6 + 2, "the six events one by one and the batch of two");
 }
 
 #[tokio::test]
