@@ -412,7 +412,11 @@ async fn seed_chain_through(binaries: [&Path; 6]) {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(rows, 6 + 2, "the six events one by one and the batch of two");
+    assert_eq!(
+        rows,
+        6 + 2,
+        "the six events one by one and the batch of two"
+    );
 }
 
 #[tokio::test]
