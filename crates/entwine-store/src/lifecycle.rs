@@ -4,6 +4,7 @@
 //! window, evaluate them with [`entwine_core::evaluation::evaluate`] and write the answer.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use entwine_core::evaluation::{self, LifecycleChange, UpdateTimes, Window, WindowFigures};
 use entwine_core::odte::{Entanglement, OdteConfig};
@@ -90,65 +91,60 @@ impl Figures {
 /// Rows per upsert statement when the evaluator writes every twin: bounds a statement's size.
 const UPSERT_CHUNK: usize = 1000;
 
-/// Writes twins' evaluations, set-based (one statement for all rows, its text fixed): the
-/// figures and lifecycle only where no later evaluation is stored, the latest digital state only
-/// where it is newer than the stored one (the handler and the evaluator may race; neither may
-/// roll the other back). What each row holds after the statement comes back: a row whose
-/// `evaluated_at` is not the one written kept a later evaluation, so this write's lifecycle
-/// change did not happen. Rows must name distinct devices.
-macro_rules! upsert_twins {
-    ($rows:literal) => {
-        concat!(
-            "INSERT INTO twin (device_id, lifecycle, since, bound_at, digitalstate_id, \
-                               last_update, last_device_timestamp, evaluated_at, availability, \
-                               reliability, timeliness, odte) \
-             SELECT b.device_id, b.lifecycle, b.since, b.bound_at, b.digitalstate_id, \
-                    b.last_update, \
-                    (SELECT device_timestamp FROM physicalstate WHERE id = b.physicalstate_id), \
-                    b.evaluated_at, b.availability, b.reliability, b.timeliness, b.odte \
-             FROM ",
-            $rows,
-            " WHERE true \
-             ON CONFLICT (device_id) DO UPDATE SET \
-               lifecycle = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.lifecycle ELSE twin.lifecycle END, \
-               since = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.since ELSE twin.since END, \
-               bound_at = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.bound_at ELSE twin.bound_at END, \
-               availability = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.availability ELSE twin.availability END, \
-               reliability = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.reliability ELSE twin.reliability END, \
-               timeliness = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.timeliness ELSE twin.timeliness END, \
-               odte = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.odte ELSE twin.odte END, \
-               digitalstate_id = CASE WHEN excluded.last_update IS NOT NULL AND \
-                   (twin.last_update IS NULL OR excluded.last_update >= twin.last_update) \
-                   THEN excluded.digitalstate_id ELSE twin.digitalstate_id END, \
-               last_device_timestamp = CASE WHEN excluded.last_update IS NOT NULL AND \
-                   (twin.last_update IS NULL OR excluded.last_update >= twin.last_update) \
-                   THEN excluded.last_device_timestamp ELSE twin.last_device_timestamp END, \
-               last_update = CASE WHEN excluded.last_update IS NOT NULL AND \
-                   (twin.last_update IS NULL OR excluded.last_update >= twin.last_update) \
-                   THEN excluded.last_update ELSE twin.last_update END, \
-               evaluated_at = CASE WHEN excluded.evaluated_at >= twin.evaluated_at \
-                   THEN excluded.evaluated_at ELSE twin.evaluated_at END \
-             RETURNING device_id, evaluated_at"
-        )
-    };
+/// Writes twins' evaluations, set-based (one statement for all rows over `rows`, its text built
+/// once): the figures and lifecycle only where no later evaluation is stored, the latest digital
+/// state only where it is newer than the stored one (the handler and the evaluator may race;
+/// neither may roll the other back). What each row holds after the statement comes back: a row
+/// whose `evaluated_at` is not the one written kept a later evaluation, so this write's
+/// lifecycle change did not happen. Rows must name distinct devices.
+fn upsert_twins(rows: &str) -> String {
+    let later = "excluded.evaluated_at >= twin.evaluated_at";
+    let newer = "excluded.last_update IS NOT NULL \
+                 AND (twin.last_update IS NULL OR excluded.last_update >= twin.last_update)";
+    let sets: Vec<String> = [
+        ("lifecycle", later),
+        ("since", later),
+        ("bound_at", later),
+        ("availability", later),
+        ("reliability", later),
+        ("timeliness", later),
+        ("odte", later),
+        ("digitalstate_id", newer),
+        ("last_device_timestamp", newer),
+        ("last_update", newer),
+        ("evaluated_at", later),
+    ]
+    .iter()
+    .map(|(column, when)| {
+        format!("{column} = CASE WHEN {when} THEN excluded.{column} ELSE twin.{column} END")
+    })
+    .collect();
+    format!(
+        "INSERT INTO twin (device_id, lifecycle, since, bound_at, digitalstate_id, last_update, \
+                           last_device_timestamp, evaluated_at, availability, reliability, \
+                           timeliness, odte) \
+         SELECT b.device_id, b.lifecycle, b.since, b.bound_at, b.digitalstate_id, b.last_update, \
+                (SELECT device_timestamp FROM physicalstate WHERE id = b.physicalstate_id), \
+                b.evaluated_at, b.availability, b.reliability, b.timeliness, b.odte \
+         FROM {rows} WHERE true \
+         ON CONFLICT (device_id) DO UPDATE SET {} \
+         RETURNING device_id, evaluated_at",
+        sets.join(", ")
+    )
 }
 
-const UPSERT_TWINS_PG: &str = upsert_twins!(
-    "UNNEST($1::varchar[], $2::varchar[], $3::int8[], $4::int8[], $5::int4[], $6::int8[], \
+static UPSERT_TWINS_PG: LazyLock<String> = LazyLock::new(|| {
+    upsert_twins(
+        "UNNEST($1::varchar[], $2::varchar[], $3::int8[], $4::int8[], $5::int4[], $6::int8[], \
             $7::int4[], $8::int8[], $9::float4[], $10::float4[], $11::float4[], $12::float4[]) \
      AS b(device_id, lifecycle, since, bound_at, digitalstate_id, last_update, physicalstate_id, \
-          evaluated_at, availability, reliability, timeliness, odte)"
-);
+          evaluated_at, availability, reliability, timeliness, odte)",
+    )
+});
 
-const UPSERT_TWINS_LITE: &str = upsert_twins!(
-    "(SELECT json_extract(value, '$[0]') AS device_id, json_extract(value, '$[1]') AS lifecycle, \
+static UPSERT_TWINS_LITE: LazyLock<String> = LazyLock::new(|| {
+    upsert_twins(
+        "(SELECT json_extract(value, '$[0]') AS device_id, json_extract(value, '$[1]') AS lifecycle, \
              json_extract(value, '$[2]') AS since, json_extract(value, '$[3]') AS bound_at, \
              json_extract(value, '$[4]') AS digitalstate_id, \
              json_extract(value, '$[5]') AS last_update, \
@@ -157,8 +153,9 @@ const UPSERT_TWINS_LITE: &str = upsert_twins!(
              json_extract(value, '$[8]') AS availability, \
              json_extract(value, '$[9]') AS reliability, \
              json_extract(value, '$[10]') AS timeliness, json_extract(value, '$[11]') AS odte \
-      FROM json_each(?1)) AS b"
-);
+      FROM json_each(?1)) AS b",
+    )
+});
 
 /// The devices whose row holds what was written (see [`upsert_twins`]).
 fn applied(rows: &[TwinRow<'_>], held: Vec<(String, i64)>) -> HashSet<String> {
@@ -177,7 +174,7 @@ pub(crate) async fn upsert_pg(
     let mut done = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(UPSERT_CHUNK) {
         let f = |get: fn(&TwinRow<'_>) -> f32| chunk.iter().map(get).collect::<Vec<f32>>();
-        let held: Vec<(String, i64)> = sqlx::query_as(UPSERT_TWINS_PG)
+        let held: Vec<(String, i64)> = sqlx::query_as(UPSERT_TWINS_PG.as_str())
             .bind(chunk.iter().map(|r| r.device_id).collect::<Vec<&str>>())
             .bind(
                 chunk
@@ -254,7 +251,7 @@ pub(crate) async fn upsert_lite(
                 ])
             })
             .collect();
-        let held: Vec<(String, i64)> = sqlx::query_as(UPSERT_TWINS_LITE)
+        let held: Vec<(String, i64)> = sqlx::query_as(UPSERT_TWINS_LITE.as_str())
             .bind(serde_json::Value::from(json).to_string())
             .fetch_all(&mut *conn)
             .await

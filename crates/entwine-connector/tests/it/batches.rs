@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::response::IntoResponse;
-use entwine_connector::ConnectorConfig;
+use entwine_connector::{ConnectorConfig, ConnectorStats};
 use entwine_store::{Store, StoreOptions};
 use entwine_testing::{eventually, mqtt_address, unique, PgCluster};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -219,10 +219,28 @@ async fn publish_all(messages: &[(String, String)]) {
 }
 
 /// Creates the connector's persistent session and subscription (a connector started and
-/// stopped), then publishes `messages`: they wait in the broker for that session.
-async fn queue_for_session(config: &ConnectorConfig, messages: &[(String, String)]) {
+/// stopped), then publishes the burst's `messages`: they wait in the broker for that session.
+async fn queue_for_session(config: &ConnectorConfig, messages: &[(String, (String, i64), String)]) {
     start_connector(config.clone()).await.stop().await;
-    publish_all(messages).await;
+    let published: Vec<(String, String)> = messages
+        .iter()
+        .map(|(topic, _, payload)| (topic.clone(), payload.clone()))
+        .collect();
+    publish_all(&published).await;
+}
+
+/// Starts the connector on its queued session, waits until it completed `completed` messages
+/// and dead-lettered `dead_lettered`, stops it; answers its counters.
+async fn run_queued(
+    config: ConnectorConfig,
+    completed: u64,
+    dead_lettered: u64,
+) -> Arc<ConnectorStats> {
+    let connector = start_connector(config).await;
+    wait_until_finished(&connector, completed, dead_lettered).await;
+    let stats = connector.stats.clone();
+    connector.stop().await;
+    stats
 }
 
 /// The connector's settings for a burst under `root`: `lanes` lanes, batches of `max_batch`.
@@ -286,15 +304,8 @@ async fn a_burst_from_several_devices_goes_in_batches_stored_exactly_once_in_ord
     let root = unique("batches");
     let messages = burst(&root, 4, 25);
     let config = burst_config(&proxy.url, &root, 2, 8);
-    let published: Vec<(String, String)> = messages
-        .iter()
-        .map(|(topic, _, payload)| (topic.clone(), payload.clone()))
-        .collect();
-    queue_for_session(&config, &published).await;
-    let connector = start_connector(config).await;
-    wait_until_finished(&connector, 100, 0).await;
-    let stats = connector.stats.clone();
-    connector.stop().await;
+    queue_for_session(&config, &messages).await;
+    let stats = run_queued(config, 100, 0).await;
 
     let events: BTreeSet<(String, i64)> = messages.iter().map(|(_, e, _)| e.clone()).collect();
     assert_exactly_once_in_order(&functions.store.store, &events).await;
@@ -343,15 +354,8 @@ async fn a_refused_element_is_dead_lettered_alone_and_the_rest_of_its_batch_comp
     let bad_payload = bad_payload.clone();
     // One lane: the whole burst queues behind the first message.
     let config = burst_config(&proxy.url, &root, 1, 64);
-    let published: Vec<(String, String)> = messages
-        .iter()
-        .map(|(topic, _, payload)| (topic.clone(), payload.clone()))
-        .collect();
-    queue_for_session(&config, &published).await;
-    let connector = start_connector(config).await;
-    wait_until_finished(&connector, 29, 1).await;
-    let stats = connector.stats.clone();
-    connector.stop().await;
+    queue_for_session(&config, &messages).await;
+    let stats = run_queued(config, 29, 1).await;
 
     let good: BTreeSet<(String, i64)> = messages
         .iter()
@@ -411,15 +415,8 @@ async fn max_batch_one_never_sends_an_array() {
     let root = unique("unbatched");
     let messages = burst(&root, 2, 20);
     let config = burst_config(&proxy.url, &root, 1, 1);
-    let published: Vec<(String, String)> = messages
-        .iter()
-        .map(|(topic, _, payload)| (topic.clone(), payload.clone()))
-        .collect();
-    queue_for_session(&config, &published).await;
-    let connector = start_connector(config).await;
-    wait_until_finished(&connector, 40, 0).await;
-    let stats = connector.stats.clone();
-    connector.stop().await;
+    queue_for_session(&config, &messages).await;
+    let stats = run_queued(config, 40, 0).await;
 
     let events: BTreeSet<(String, i64)> = messages.iter().map(|(_, e, _)| e.clone()).collect();
     assert_exactly_once_in_order(&functions.store.store, &events).await;
@@ -450,15 +447,8 @@ async fn functions_that_take_only_objects_get_each_message_of_a_refused_batch_al
     let root = unique("objects");
     let messages = burst(&root, 2, 15);
     let config = burst_config(&proxy.url, &root, 1, 64);
-    let published: Vec<(String, String)> = messages
-        .iter()
-        .map(|(topic, _, payload)| (topic.clone(), payload.clone()))
-        .collect();
-    queue_for_session(&config, &published).await;
-    let connector = start_connector(config).await;
-    wait_until_finished(&connector, 30, 0).await;
-    let stats = connector.stats.clone();
-    connector.stop().await;
+    queue_for_session(&config, &messages).await;
+    let stats = run_queued(config, 30, 0).await;
 
     let events: BTreeSet<(String, i64)> = messages.iter().map(|(_, e, _)| e.clone()).collect();
     assert_exactly_once_in_order(&functions.store.store, &events).await;
@@ -506,11 +496,7 @@ async fn a_batch_answered_503_while_postgresql_is_down_is_retried_whole_and_noth
     let root = unique("batch503");
     let messages = burst(&root, 3, 20);
     let config = burst_config(&proxy.url, &root, 1, 64);
-    let published: Vec<(String, String)> = messages
-        .iter()
-        .map(|(topic, _, payload)| (topic.clone(), payload.clone()))
-        .collect();
-    queue_for_session(&config, &published).await;
+    queue_for_session(&config, &messages).await;
     let connector = start_connector(config).await;
 
     // The first batch reaches the functions while PostgreSQL is down: 503, retried whole.
