@@ -133,7 +133,7 @@ static CONFIG_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// The typed configuration: `file` (else `--config` of this run, else `ENTWINE_CONFIG`), the
 /// Fission mounts when present, the environment, then `flags`.
-fn load_config(file: Option<PathBuf>, flags: Flags) -> anyhow::Result<Loaded> {
+pub(crate) fn load_config(file: Option<PathBuf>, flags: Flags) -> anyhow::Result<Loaded> {
     let env = Environment::from_process();
     let sources = Sources {
         env: &env,
@@ -378,7 +378,10 @@ fn remember_config_file(command: &Command) {
         Command::Up(args) => args.database.config.as_ref(),
         Command::Migrate(args) => args.config.as_ref(),
         Command::Config(args) => args.database.config.as_ref(),
-        _ => None,
+        Command::Status(args) => args.config.as_ref(),
+        Command::Device(args) => args.settings.as_ref(),
+        Command::Connector(args) => args.config.as_ref(),
+        Command::Bench(_) | Command::Experiment(_) => None,
     };
     if let Some(file) = file {
         let _ = CONFIG_FILE.set(file.clone());

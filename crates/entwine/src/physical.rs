@@ -104,6 +104,11 @@ pub struct DeviceArgs {
     /// acknowledged them; beyond, a message is counted as unsent (GET /stats).
     #[arg(long, default_value_t = 16)]
     pub buffer_mib: usize,
+    /// entwine's typed configuration file, YAML or TOML (`--config` of the other subcommands;
+    /// here `--config` is the seed's device file) [default: `ENTWINE_CONFIG`]: the device API's
+    /// HTTP limits (`http.*`).
+    #[arg(long, value_name = "FILE")]
+    pub settings: Option<PathBuf>,
 }
 
 /// Runs `entwine device` until SIGINT/SIGTERM.
@@ -240,6 +245,10 @@ pub struct ConnectorArgs {
     /// connector's counters), for Kubernetes probes.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
+    /// A configuration file, YAML or TOML [default: `ENTWINE_CONFIG`]: the health endpoint's
+    /// HTTP limits (`http.*`).
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 impl ConnectorArgs {
@@ -282,6 +291,8 @@ impl ConnectorArgs {
 /// Runs `entwine connector` until SIGINT/SIGTERM.
 pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    let settings = crate::cli::load_config(None, entwine_config::Flags::default())?;
+    let limits = settings.http_limits()?;
     println!(
         "connector taking {} from {}:{} to {} (client id {}, dead letters to {}, {})",
         config.topics.join(" "),
@@ -320,15 +331,13 @@ pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
         let token = shutdown.clone();
         tokio::spawn(async move {
             let served =
-                match entwine_http::Limits::from_env() {
-                    Ok(limits) => {
-                        entwine_http::serve(listener, app, limits, async move {
-                            token.cancelled().await
-                        })
-                        .await
-                    }
-                    Err(e) => Err(std::io::Error::other(e)),
-                };
+                entwine_http::serve(
+                    listener,
+                    app,
+                    limits,
+                    async move { token.cancelled().await },
+                )
+                .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "health endpoint failed");
             }

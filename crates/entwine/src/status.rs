@@ -1,10 +1,11 @@
 //! `entwine status`: the twins as a table, from a running platform's API or from the store.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use entwine_store::{Store, StoreOptions, TwinStatus};
+use entwine_store::{Store, TwinStatus};
 
 /// Flags of `entwine status`.
 #[derive(Debug, Args)]
@@ -16,16 +17,21 @@ pub struct StatusArgs {
         conflicts_with = "database_url"
     )]
     pub url: String,
-    /// Read the store directly instead (`sqlite://…`, `postgres://…`).
+    /// Read the store directly instead (`sqlite://…`, `postgres://…`), with the pool of the
+    /// typed configuration (`database.max_connections`, `database.acquire_timeout`).
     #[arg(long)]
     pub database_url: Option<String>,
+    /// A configuration file, YAML or TOML [default: `ENTWINE_CONFIG`].
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Prints the table.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let twins = match &args.database_url {
         Some(url) => {
-            let store = Store::open(url, &StoreOptions::default())?;
+            let loaded = crate::cli::load_config(None, entwine_config::Flags::default())?;
+            let store = Store::open(url, &loaded.store_options()?)?;
             let twins = store
                 .twins()
                 .await

@@ -254,7 +254,14 @@ async fn postgresql_crashing_mid_stream_loses_and_duplicates_nothing() {
         "calls retried while PostgreSQL is down",
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The outage lasts for three more retries (each after a longer backoff).
+    wait_for_retries(
+        &connector,
+        before,
+        6,
+        "calls retried for a while with PostgreSQL down",
+    )
+    .await;
     cluster.restart_after_crash().await;
 
     let published = acknowledged(devices).await;
@@ -354,7 +361,13 @@ async fn a_database_password_rotation_mid_stream_makes_messages_wait_not_dead_le
         "calls retried while the password is wrong",
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for_retries(
+        &connector,
+        before,
+        6,
+        "calls retried for a while with the wrong password",
+    )
+    .await;
     assert_eq!(
         physical_count(&admin).await,
         stored_before,

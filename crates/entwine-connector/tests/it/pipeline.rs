@@ -38,7 +38,14 @@ async fn a_fleet_of_ten_devices_is_mirrored_exactly_once_in_order_and_entangles(
     .await;
 
     let fleet = start_fleet(&prefix, 10, 10.0).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // 25 events per device (2.5 s at 10/s) crossed the broker: then stop.
+    witness
+        .wait_for(
+            Duration::from_secs(30),
+            "250 of the fleet's messages",
+            |r| r.len() >= 10 * 25,
+        )
+        .await;
     let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     assert!(
         events.len() >= 10 * 25,
@@ -99,6 +106,19 @@ async fn stop_fleet_and_wait_until_stored(
     events
 }
 
+/// Waits until a connector completed at least `n` events.
+async fn completed_at_least(
+    stats: &std::sync::Arc<entwine_connector::ConnectorStats>,
+    n: u64,
+    what: &str,
+) {
+    eventually(Duration::from_secs(30), what, || {
+        let stats = stats.clone();
+        async move { stats.completed.load(Ordering::Relaxed) >= n }
+    })
+    .await;
+}
+
 type Interrupt = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Starts a fleet, runs a connector that is stopped by `interrupt` mid-stream, then a second one
@@ -119,8 +139,9 @@ async fn restart_scenario(
     let first = start_connector(config).await;
     let fleet = start_fleet(&prefix, 5, 20.0).await;
 
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Interrupted once it has done some work and holds a backlog.
     let first_stats = first.stats.clone();
+    completed_at_least(&first_stats, 20, "the first connector's first 20 events").await;
     interrupt(first).await;
     let done_by_first = first_stats.completed.load(Ordering::Relaxed);
     assert!(
@@ -128,11 +149,18 @@ async fn restart_scenario(
         "the first connector did some of the work"
     );
     // Published while no connector runs: the broker keeps them for the persistent session.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = witness.received().len();
+    witness
+        .wait_for(
+            Duration::from_secs(30),
+            "20 messages published while no connector runs",
+            |r| r.len() >= seen + 20,
+        )
+        .await;
     let mut config = connector_config(&functions.url, topics, &client_id);
     config.ack_order = ack_order;
     let second = start_connector(config).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    completed_at_least(&second.stats, 20, "the second connector's first 20 events").await;
     let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     assert!(
         second.stats.completed.load(Ordering::Relaxed) > 0,
@@ -187,7 +215,18 @@ async fn two_connectors_on_a_shared_subscription_split_the_stream_without_loss()
     ))
     .await;
     let fleet = start_fleet(&prefix, 10, 10.0).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (a_stats, b_stats) = (a.stats.clone(), b.stats.clone());
+    eventually(
+        Duration::from_secs(30),
+        "both connectors received 20 messages",
+        || {
+            let (a, b) = (a_stats.clone(), b_stats.clone());
+            async move {
+                a.received.load(Ordering::Relaxed) >= 20 && b.received.load(Ordering::Relaxed) >= 20
+            }
+        },
+    )
+    .await;
     let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     let (got_a, got_b) = (
         a.stats.received.load(Ordering::Relaxed),
@@ -230,9 +269,15 @@ async fn a_shared_connector_replaced_mid_stream_leaves_nothing_behind() {
     .await;
     let staying = start_connector(connector_config(&functions.url, shared, &unique("pod-b"))).await;
     let fleet = start_fleet(&prefix, 6, 20.0).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    completed_at_least(&leaving.stats, 10, "the leaving replica's first 10 events").await;
     leaving.stop().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let done = staying.stats.completed.load(Ordering::Relaxed);
+    completed_at_least(
+        &staying.stats,
+        done + 30,
+        "30 more events by the staying replica",
+    )
+    .await;
     let events = stop_fleet_and_wait_until_stored(fleet, &witness, &functions).await;
     staying.stop().await;
     assert_exactly_once(&functions.store.store, &events).await;
