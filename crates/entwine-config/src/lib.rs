@@ -77,7 +77,11 @@ pub const KEYS: &[(&str, &[&str])] = &[
         &["header_read_timeout", "body_timeout", "max_connections"],
     ),
     ("digital", &["broker_url", "state_topic", "lifecycle_topic"]),
+    ("auth", &["tokens", "token", "functions", "metrics"]),
 ];
+
+/// Keys whose values are secrets: kept exactly as written (no trimming) and printed as `***`.
+const SECRET_KEYS: &[&str] = &["password", "tokens", "token"];
 
 /// Variables read beside `ENTWINE_<SECTION>__<KEY>`, each below it: (variable, key).
 const OTHER_VARIABLES: &[(&str, &str)] = &[
@@ -192,6 +196,38 @@ pub struct Config {
     pub http: HttpSection,
     /// Digital events of the Fission functions.
     pub digital: DigitalSection,
+    /// Bearer tokens of every HTTP interface.
+    pub auth: AuthSection,
+}
+
+/// `auth`: the bearer tokens every HTTP server of the process accepts, and the one it presents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// The accepted tokens, separated by commas, spaces or line breaks (several during a
+    /// rotation); a Secret file `auth/tokens` with one per line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Secret>,
+    /// The token this process presents as a client (the connector to the functions,
+    /// `entwine status` to the twins API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Whether the function routes require a token (false: open on purpose, for the seed's
+    /// connector, which sends none).
+    pub functions: bool,
+    /// Whether `/metrics` requires a token (false: open on purpose, for a scraper without one).
+    pub metrics: bool,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            tokens: None,
+            token: None,
+            functions: true,
+            metrics: true,
+        }
+    }
 }
 
 /// `database`: the store and its pool.
@@ -438,6 +474,8 @@ const TEXT_KEYS: &[&str] = &[
     "broker_url",
     "state_topic",
     "lifecycle_topic",
+    "tokens",
+    "token",
 ];
 
 fn typed(key: &str, raw: String) -> Value {
@@ -446,6 +484,12 @@ fn typed(key: &str, raw: String) -> Value {
         return Value::from(raw);
     }
     let text = raw.trim();
+    if text.eq_ignore_ascii_case("true") {
+        return Value::from(true);
+    }
+    if text.eq_ignore_ascii_case("false") {
+        return Value::from(false);
+    }
     if let Ok(n) = text.parse::<u64>() {
         Value::from(n)
     } else if let Ok(n) = text.parse::<i64>() {
@@ -605,7 +649,7 @@ fn mount_layer(name: &'static str, dir: &Path) -> Result<Layer, SettingsError> {
         for key in *keys {
             let path = dir.join(section).join(key);
             if let Some(value) = read_optional(&path)? {
-                let value = if *key == "password" {
+                let value = if SECRET_KEYS.contains(key) {
                     value
                 } else {
                     value.trim().to_owned()
@@ -636,7 +680,7 @@ fn env_layer(env: &Environment) -> Layer {
         found.sort();
         for (variable, value) in found {
             let key = variable[prefix.len()..].to_ascii_lowercase();
-            let value = if key == "password" {
+            let value = if SECRET_KEYS.contains(&key.as_str()) {
                 value.to_owned()
             } else {
                 value.trim().to_owned()
@@ -968,6 +1012,41 @@ impl Loaded {
         Ok(options)
     }
 
+    /// The HTTP servers' authentication policy (`auth.*`): no tokens means open on loopback
+    /// only ([`entwine_http::check_exposure`] refuses any other address).
+    pub fn auth(&self) -> Result<entwine_http::Auth, SettingsError> {
+        let section = &self.config.auth;
+        let tokens = match &section.tokens {
+            Some(text) => entwine_http::Tokens::parse(&SecretString::from(text.0.clone()))
+                .map_err(|e| self.invalid("auth.tokens", e.to_string()))?,
+            None => entwine_http::Tokens::default(),
+        };
+        Ok(entwine_http::Auth {
+            tokens,
+            functions: section.functions,
+            metrics: section.metrics,
+        })
+    }
+
+    /// The token this process presents (`auth.token`), checked as the servers would.
+    pub fn client_token(&self) -> Result<Option<SecretString>, SettingsError> {
+        let Some(token) = &self.config.auth.token else {
+            return Ok(None);
+        };
+        let token = token.0.trim();
+        if token.chars().count() < entwine_http::auth::MIN_TOKEN_LEN {
+            return Err(self.invalid(
+                "auth.token",
+                format!(
+                    "{} characters long; a token needs at least {}",
+                    token.chars().count(),
+                    entwine_http::auth::MIN_TOKEN_LEN
+                ),
+            ));
+        }
+        Ok(Some(SecretString::from(token.to_owned())))
+    }
+
     /// The configuration as YAML or TOML, passwords (also inside URLs) shown as `***`, each
     /// value followed by a comment naming its source. `fallback_url` is shown as
     /// `database.url` when neither it nor `postgres.host` is set (as [`Loaded::database`]
@@ -1034,7 +1113,7 @@ pub enum RenderFormat {
 
 fn scalar(value: &Value, format: RenderFormat, key: &str) -> String {
     let text = match value {
-        Value::String(..) if key == "password" => "***".to_owned(),
+        Value::String(..) if SECRET_KEYS.contains(&key) => "***".to_owned(),
         Value::String(_, s) if key == "url" => redact_url(s),
         Value::String(_, s) => s.clone(),
         Value::Num(_, n) => {
@@ -1192,6 +1271,8 @@ mod tests {
         config.digital.broker_url = Some("b:1".into());
         config.digital.state_topic = Some("s".into());
         config.digital.lifecycle_topic = Some("l".into());
+        config.auth.tokens = Some(Secret("t".into()));
+        config.auth.token = Some(Secret("t".into()));
         let Value::Dict(_, sections) = Value::serialize(&config).unwrap() else {
             panic!("a dict")
         };

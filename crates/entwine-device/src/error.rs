@@ -24,7 +24,10 @@ pub enum DeviceError {
     /// The API's listener has no local address.
     #[error("the device API listener has no address")]
     Listener(#[source] std::io::Error),
-    /// The HTTP API stopped on an error (its limits from the environment, or its socket).
+    /// The API would listen beyond loopback without tokens.
+    #[error("device API: {0}")]
+    Exposed(#[source] entwine_http::ExposureError),
+    /// The HTTP API stopped on an error (its socket).
     #[error("the device HTTP API failed")]
     Api(#[source] std::io::Error),
     /// A task of the emulator panicked.

@@ -66,6 +66,17 @@ pub struct Emulator {
     api: JoinHandle<std::io::Result<()>>,
 }
 
+/// How the devices' HTTP API is served.
+#[derive(Debug)]
+pub struct DeviceApi {
+    /// Where (bound by the caller; port 0 in tests).
+    pub listener: tokio::net::TcpListener,
+    /// The server's limits (the typed configuration's `http` section).
+    pub limits: entwine_http::Limits,
+    /// The tokens `GET`/`PUT /conf`, `/faults` and `/stats` ask for (none: open, loopback only).
+    pub auth: Arc<entwine_http::Auth>,
+}
+
 impl Emulator {
     /// Starts the devices, without faults, and serves the API on `http` until `shutdown` is
     /// cancelled.
@@ -110,8 +121,35 @@ impl Emulator {
         http: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Self, DeviceError> {
+        let api = DeviceApi {
+            listener: http,
+            limits: entwine_http::Limits::default(),
+            auth: Arc::new(entwine_http::Auth::default()),
+        };
+        Self::start_serving(conf, options, faults, delivery, broker, api, shutdown)
+    }
+
+    /// As [`Emulator::start_with`], the API served with `api`'s limits and tokens. A listener
+    /// on an address other than loopback without tokens is refused
+    /// ([`entwine_http::check_exposure`]).
+    pub fn start_serving(
+        conf: DeviceConf,
+        options: FleetOptions,
+        faults: FaultPlan,
+        delivery: Delivery,
+        broker: Broker,
+        api: DeviceApi,
+        shutdown: CancellationToken,
+    ) -> Result<Self, DeviceError> {
+        let DeviceApi {
+            listener: http,
+            limits,
+            auth,
+        } = api;
         conf.validate().map_err(DeviceError::Conf)?;
         let http_address = http.local_addr().map_err(DeviceError::Listener)?;
+        entwine_http::check_exposure(http_address, &auth, &[entwine_http::Interface::Device])
+            .map_err(DeviceError::Exposed)?;
         let device_ids = options.device_ids(&conf);
         check_plan(&faults, &device_ids).map_err(DeviceError::Faults)?;
         let stats = Arc::new(FleetStats::default());
@@ -119,10 +157,13 @@ impl Emulator {
         let tx = Arc::new(tx);
         let (faults_tx, faults_rx) = watch::channel(faults);
         let faults = Arc::new(faults_tx);
-        let api = api::router(tx.clone(), faults.clone(), stats.clone(), &device_ids);
+        let api = entwine_http::protect(
+            api::router(tx.clone(), faults.clone(), stats.clone(), &device_ids),
+            auth,
+            entwine_http::Interface::Device,
+        );
         let api_shutdown = shutdown.clone();
         let api = tokio::spawn(async move {
-            let limits = entwine_http::Limits::from_env().map_err(std::io::Error::other)?;
             entwine_http::serve(
                 http,
                 api,

@@ -39,6 +39,7 @@ pub use entwine_config::{Environment, SettingsError};
 use crate::handlers::{Clock, Function, SystemClock, TwinFunctions};
 use crate::http::function_router;
 use crate::publisher::{DigitalPublisher, PublisherSettings};
+use entwine_http::Interface;
 
 /// The port Fission's Rust runtime gives a function when neither variable is set.
 pub const DEFAULT_PORT: u16 = 8889;
@@ -58,6 +59,17 @@ pub struct FunctionSettings {
     pub digital: Option<PublisherSettings>,
     /// The HTTP server's limits (the `http` section).
     pub http: entwine_http::Limits,
+    /// The tokens the function's route asks for (the `auth` section; the twin evaluator's
+    /// asks for none: Fission's TimeTrigger calls it without headers, and it takes no input).
+    pub auth: entwine_http::Auth,
+}
+
+/// The interfaces a function's server offers, as far as tokens are concerned.
+fn interfaces(function: Function) -> &'static [Interface] {
+    match function {
+        Function::TwinEvaluator => &[],
+        _ => &[Interface::Functions],
+    }
 }
 
 /// Loads and validates a function's settings.
@@ -72,6 +84,12 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
     };
     let store = loaded.store_options()?;
     let http = loaded.http_limits()?;
+    let auth = loaded.auth()?;
+    let exposure = entwine_http::check_exposure(listen, &auth, interfaces(function));
+    exposure.map_err(|e| SettingsError::Missing {
+        key: "auth.tokens".into(),
+        hint: e.to_string(),
+    })?;
     let section = &loaded.config.digital;
     let digital = match section.broker_url.as_deref().map(str::trim) {
         None | Some("") => None,
@@ -119,6 +137,7 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
         odte,
         digital,
         http,
+        auth,
     })
 }
 
@@ -187,7 +206,14 @@ pub async fn serve(
         TwinFunctions::new(store.clone(), settings.odte, clock)
             .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
     );
-    let router = function_router(function, functions);
+    let router = match function {
+        Function::TwinEvaluator => function_router(function, functions),
+        _ => entwine_http::protect(
+            function_router(function, functions),
+            Arc::new(settings.auth.clone()),
+            Interface::Functions,
+        ),
+    };
     let store = Some(store);
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(function = function.name(), %address, store = store.as_ref().map(Store::backend), "serving");

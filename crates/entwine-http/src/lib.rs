@@ -29,6 +29,12 @@
 //! Built on hyper's HTTP/1 connection builder (its `header_read_timeout` is what axum 0.8's
 //! `serve` does not expose) and hyper-util's graceful shutdown, the crates axum itself uses.
 
+pub mod auth;
+pub use auth::{
+    check_exposed, check_exposure, protect, protect_stream, Auth, ExposureError, Interface, Tokens,
+    TokensError,
+};
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;

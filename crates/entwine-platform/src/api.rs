@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
@@ -27,6 +28,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use entwine_functions::handlers::DigitalFeed;
 use entwine_functions::http::error_chain;
+use entwine_http::{protect, protect_stream, Auth, Interface};
 use entwine_store::{HistoryCursor, Store, StoreError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -50,25 +52,38 @@ struct Api {
 /// The API over `store`, streaming what the digital-event handler announces on `feed` until
 /// `closing` is cancelled (a live stream would otherwise hold a graceful shutdown forever), and
 /// rendering `metrics` when a recorder is installed.
+///
+/// Every route asks for a token of `auth` (none configured: open, on loopback only): the twins
+/// API and the stream as [`Interface::Api`] (the stream also takes `?access_token=`, for a
+/// browser's `EventSource`), `/metrics` as [`Interface::Metrics`].
 pub fn router(
     store: Store,
     feed: DigitalFeed,
     metrics: Option<PrometheusHandle>,
     closing: CancellationToken,
+    auth: Arc<Auth>,
 ) -> Router {
-    Router::new()
+    let state = Api {
+        store,
+        feed,
+        metrics,
+        closing,
+    };
+    let api = Router::new()
         .route("/api/twins", get(twins))
         .route("/api/twins/{id}", get(twin))
         .route("/api/twins/{id}/history", get(history))
         .route("/api/deadletters", get(dead_letters))
+        .with_state(state.clone());
+    let stream = Router::new()
         .route("/api/stream", get(stream))
+        .with_state(state.clone());
+    let metrics = Router::new()
         .route("/metrics", get(render_metrics))
-        .with_state(Api {
-            store,
-            feed,
-            metrics,
-            closing,
-        })
+        .with_state(state);
+    protect(api, auth.clone(), Interface::Api)
+        .merge(protect_stream(stream, auth.clone(), Interface::Api))
+        .merge(protect(metrics, auth, Interface::Metrics))
 }
 
 enum ApiError {

@@ -38,13 +38,16 @@ use std::time::Duration;
 use entwine_connector::{AckOrder, ConnectorConfig, ConnectorStats};
 use entwine_core::odte::OdteConfig;
 use entwine_device::conf::DeviceConf;
+use entwine_device::faults::FaultPlan;
 use entwine_device::fleet::{Broker, FleetOptions, FleetStats};
-use entwine_device::Emulator;
+use entwine_device::link::Delivery;
+use entwine_device::{DeviceApi, Emulator};
 use entwine_functions::handlers::{
     Clock, DigitalFeed, Function, LifecycleFeed, SystemClock, TwinFunctions,
 };
 use entwine_functions::http::{routes, with_fallbacks};
 use entwine_functions::publisher::{DigitalPublisher, PublisherSettings};
+use entwine_http::Interface;
 use entwine_store::{Store, StoreError, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -244,6 +247,9 @@ pub struct PlatformConfig {
     pub listen: SocketAddr,
     /// The HTTP server's limits.
     pub http_limits: entwine_http::Limits,
+    /// Who may call the HTTP server and the devices' API: bearer tokens (none: open, which only
+    /// a loopback address allows; any other refuses to start).
+    pub auth: entwine_http::Auth,
     /// The ODTE configuration.
     pub odte: OdteConfig,
     /// The twin evaluator's period.
@@ -277,6 +283,7 @@ impl PlatformConfig {
             broker: BrokerSource::Embedded(SocketAddr::from(([127, 0, 0, 1], 1883))),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             http_limits: entwine_http::Limits::default(),
+            auth: entwine_http::Auth::default(),
             odte: OdteConfig::seed_default(),
             evaluator: EvaluatorPeriod::Default,
             connector: Some(ConnectorSettings::default()),
@@ -403,6 +410,18 @@ impl Platform {
     /// nothing the devices publish is lost to a subscriber that does not exist yet) and the
     /// devices are publishing.
     pub async fn start(config: PlatformConfig) -> Result<Self, PlatformError> {
+        // The loopback rule, before anything starts.
+        let mut served = vec![Interface::Functions, Interface::Api];
+        if config.metrics {
+            served.push(Interface::Metrics);
+        }
+        entwine_http::check_exposure(config.listen, &config.auth, &served)
+            .map_err(|e| PlatformError::Config(e.to_string()))?;
+        if let Some(devices) = config.devices.as_ref().filter(|d| d.count > 0) {
+            entwine_http::check_exposure(devices.api_listen, &config.auth, &[Interface::Device])
+                .map_err(|e| PlatformError::Config(format!("device API: {e}")))?;
+        }
+        let auth = Arc::new(config.auth.clone());
         let (store, close_store) = match &config.store {
             StoreSource::Url { url, options } => {
                 let store = Store::open(url, options).map_err(|source| PlatformError::Store {
@@ -492,12 +511,20 @@ impl Platform {
             evaluator_period.map(|period| tokio::spawn(evaluate_every(functions.clone(), period)));
 
         let http_stop = CancellationToken::new();
-        let app = with_fallbacks(routes(functions.clone()).merge(api::router(
-            store.clone(),
-            feed.clone(),
-            metrics,
-            http_stop.clone(),
-        )));
+        let app = with_fallbacks(
+            entwine_http::protect(
+                routes(functions.clone()),
+                auth.clone(),
+                Interface::Functions,
+            )
+            .merge(api::router(
+                store.clone(),
+                feed.clone(),
+                metrics,
+                http_stop.clone(),
+                auth.clone(),
+            )),
+        );
         let http = {
             let stop = http_stop.clone();
             let limits = config.http_limits;
@@ -601,11 +628,17 @@ impl Platform {
                 };
                 let api = bind_or_free_port(settings.api_listen, "device API").await?;
                 Some(
-                    Emulator::start(
+                    Emulator::start_serving(
                         conf,
                         options,
+                        FaultPlan::default(),
+                        Delivery::default(),
                         broker.for_devices(),
-                        api,
+                        DeviceApi {
+                            listener: api,
+                            limits: config.http_limits,
+                            auth: auth.clone(),
+                        },
                         devices_stop.clone(),
                     )
                     .map_err(|e| PlatformError::component("devices", anyhow::anyhow!("{e}")))?,

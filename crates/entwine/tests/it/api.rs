@@ -13,6 +13,7 @@ async fn get(store: &TestStore, uri: &str) -> (StatusCode, Value) {
         feed,
         None,
         tokio_util::sync::CancellationToken::new(),
+        Default::default(),
     );
     let response = app
         .oneshot(Request::get(uri).body(Body::empty()).unwrap())
@@ -183,6 +184,7 @@ async fn status_follows_the_pages_of_a_running_platform() {
         feed,
         None,
         tokio_util::sync::CancellationToken::new(),
+        Default::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
