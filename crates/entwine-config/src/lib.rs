@@ -59,7 +59,15 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ("database", &["url", "max_connections", "acquire_timeout"]),
     (
         "postgres",
-        &["host", "port", "database", "user", "password", "sslmode"],
+        &[
+            "host",
+            "port",
+            "database",
+            "user",
+            "password",
+            "sslmode",
+            "sslrootcert",
+        ],
     ),
     (
         "odte",
@@ -78,6 +86,17 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ),
     ("digital", &["broker_url", "state_topic", "lifecycle_topic"]),
     ("auth", &["tokens", "token", "functions", "metrics"]),
+    (
+        "mqtt",
+        &[
+            "username",
+            "password",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "credentials_file",
+        ],
+    ),
 ];
 
 /// Keys whose values are secrets: kept exactly as written (no trimming) and printed as `***`.
@@ -198,6 +217,34 @@ pub struct Config {
     pub digital: DigitalSection,
     /// Bearer tokens of every HTTP interface.
     pub auth: AuthSection,
+    /// How the MQTT clients log in and encrypt.
+    pub mqtt: MqttSection,
+}
+
+/// `mqtt`: the credentials and TLS files of every MQTT client of the process (connector,
+/// devices, digital publisher, benchmarks).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSection {
+    /// The user name (the Secret file `mqtt/username`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Its password (the Secret file `mqtt/password`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// PEM CA certificates to verify the broker by; turns TLS on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// PEM client certificate chain, for mutual TLS (with `key_file`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM private key of `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// For device fleets: a file of `device-id:password` lines; each device then logs in as
+    /// its own id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
 }
 
 /// `auth`: the bearer tokens every HTTP server of the process accepts, and the one it presents.
@@ -275,6 +322,10 @@ pub struct PostgresSection {
     /// libpq's `sslmode`: disable, allow, prefer, require, verify-ca, verify-full.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sslmode: Option<String>,
+    /// PEM certificates to verify the server by (`verify-ca`, `verify-full`), as libpq's
+    /// `sslrootcert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<String>,
 }
 
 impl Default for PostgresSection {
@@ -286,6 +337,7 @@ impl Default for PostgresSection {
             user: None,
             password: None,
             sslmode: None,
+            sslrootcert: None,
         }
     }
 }
@@ -471,6 +523,12 @@ const TEXT_KEYS: &[&str] = &[
     "user",
     "password",
     "sslmode",
+    "sslrootcert",
+    "username",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "credentials_file",
     "broker_url",
     "state_topic",
     "lifecycle_topic",
@@ -956,8 +1014,16 @@ impl Loaded {
                     encode(host)
                 };
                 url.push_str(&format!("@{host}:{}/{}", pg.port, part(&pg.database)));
+                let mut query = Vec::new();
                 if let Some(mode) = &pg.sslmode {
-                    url.push_str(&format!("?sslmode={}", encode(mode.trim())));
+                    query.push(format!("sslmode={}", encode(mode.trim())));
+                }
+                if let Some(root) = &pg.sslrootcert {
+                    query.push(format!("sslrootcert={}", encode(root.trim())));
+                }
+                if !query.is_empty() {
+                    url.push('?');
+                    url.push_str(&query.join("&"));
                 }
                 Ok(SecretString::from(url))
             }
@@ -1009,6 +1075,16 @@ impl Loaded {
                 .map_err(|e| self.invalid("postgres.sslmode", e.to_string()))?;
             options = options.ssl_mode(mode);
         }
+        if let Some(root) = &pg.sslrootcert {
+            let root = root.trim();
+            if !Path::new(root).is_file() {
+                return Err(self.invalid(
+                    "postgres.sslrootcert",
+                    format!("{root}: no such file (a PEM file of the CA certificates)"),
+                ));
+            }
+            options = options.ssl_root_cert(root);
+        }
         Ok(options)
     }
 
@@ -1045,6 +1121,70 @@ impl Loaded {
             ));
         }
         Ok(Some(SecretString::from(token.to_owned())))
+    }
+
+    /// How the MQTT clients log in and encrypt (`mqtt.*`); the files are read when the
+    /// client prepares them ([`entwine_mqtt::MqttSecurity::prepare`]).
+    pub fn mqtt(&self) -> Result<entwine_mqtt::MqttSecurity, SettingsError> {
+        let section = &self.config.mqtt;
+        let path = |v: &Option<String>| {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let credentials = match (&section.username, &section.password) {
+            (Some(user), password) if !user.trim().is_empty() => Some(entwine_mqtt::Credentials {
+                username: user.trim().to_owned(),
+                password: SecretString::from(
+                    password.as_ref().map_or_else(String::new, |p| p.0.clone()),
+                ),
+            }),
+            (_, Some(_)) => {
+                return Err(SettingsError::Missing {
+                    key: "mqtt.username".into(),
+                    hint: format!(
+                        "mqtt.password is set (from {}) but no user name: set mqtt.username \
+                         (ENTWINE_MQTT__USERNAME or the Secret file mqtt/username)",
+                        self.origin("mqtt.password")
+                    ),
+                })
+            }
+            _ => None,
+        };
+        let tls = entwine_mqtt::TlsFiles::from_settings(
+            path(&section.ca_file),
+            path(&section.cert_file),
+            path(&section.key_file),
+        )
+        .map_err(|e| {
+            let key = if section.cert_file.is_some() {
+                "mqtt.cert_file"
+            } else {
+                "mqtt.key_file"
+            };
+            self.invalid(key, e.to_string())
+        })?;
+        Ok(entwine_mqtt::MqttSecurity { credentials, tls })
+    }
+
+    /// The devices' own credentials (`mqtt.credentials_file`), read now.
+    pub fn mqtt_device_credentials(
+        &self,
+    ) -> Result<Option<entwine_mqtt::DeviceCredentials>, SettingsError> {
+        let Some(file) = self
+            .config
+            .mqtt
+            .credentials_file
+            .as_deref()
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+        else {
+            return Ok(None);
+        };
+        entwine_mqtt::DeviceCredentials::read(Path::new(file))
+            .map(Some)
+            .map_err(|e| self.invalid("mqtt.credentials_file", e.to_string()))
     }
 
     /// The configuration as YAML or TOML, passwords (also inside URLs) shown as `***`, each
@@ -1273,6 +1413,15 @@ mod tests {
         config.digital.lifecycle_topic = Some("l".into());
         config.auth.tokens = Some(Secret("t".into()));
         config.auth.token = Some(Secret("t".into()));
+        config.postgres.sslrootcert = Some("r".into());
+        config.mqtt = MqttSection {
+            username: Some("u".into()),
+            password: Some(Secret("p".into())),
+            ca_file: Some("c".into()),
+            cert_file: Some("c".into()),
+            key_file: Some("k".into()),
+            credentials_file: Some("f".into()),
+        };
         let Value::Dict(_, sections) = Value::serialize(&config).unwrap() else {
             panic!("a dict")
         };

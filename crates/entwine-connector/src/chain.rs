@@ -494,7 +494,10 @@ pub(crate) enum Verdict {
 /// The verdict on an HTTP status that is not a success.
 pub(crate) fn verdict(status: u16) -> Verdict {
     match status {
-        404 | 408 | 429 | 502 | 503 | 504 => Verdict::RetryForever,
+        // 401/403: the connector's token (auth.token) is missing, wrong or revoked — no message
+        // is at fault and every one would be refused alike, so each waits for the token to be
+        // fixed instead of being dead-lettered.
+        401 | 403 | 404 | 408 | 429 | 502 | 503 | 504 => Verdict::RetryForever,
         400..=499 => Verdict::Reject,
         _ => Verdict::RetryThenReject,
     }
@@ -753,10 +756,11 @@ mod tests {
 
     #[test]
     fn bad_messages_are_rejected_and_missing_or_overloaded_services_retried() {
-        for status in [400, 401, 403, 405, 413, 415, 422] {
+        for status in [400, 405, 413, 415, 422] {
             assert_eq!(verdict(status), Verdict::Reject, "{status}");
         }
-        for status in [404, 408, 429, 502, 503, 504] {
+        // A refused token is the connector's configuration, not the message's fault.
+        for status in [401, 403, 404, 408, 429, 502, 503, 504] {
             assert_eq!(verdict(status), Verdict::RetryForever, "{status}");
         }
         for status in [500, 501, 505] {

@@ -54,6 +54,8 @@ pub trait Functions: Send + Sync + 'static {
 pub struct HttpFunctions {
     client: reqwest::Client,
     router_url: String,
+    /// `Bearer <auth.token>`, marked sensitive (never logged by reqwest or hyper).
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl HttpFunctions {
@@ -68,7 +70,20 @@ impl HttpFunctions {
         Ok(Self {
             client,
             router_url: router_url.to_owned(),
+            authorization: None,
         })
+    }
+
+    /// Presents `token` on every call (`Authorization: Bearer …`), as the functions require
+    /// when `auth.tokens` is set on their side.
+    pub fn with_token(mut self, token: &secrecy::SecretString) -> anyhow::Result<Self> {
+        use secrecy::ExposeSecret as _;
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
+                .map_err(|_| anyhow::anyhow!("auth.token holds a character a header cannot"))?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 }
 
@@ -76,10 +91,11 @@ impl Functions for HttpFunctions {
     fn call<'a>(&'a self, route: &'static str, body: &'a Value) -> CallFuture<'a> {
         Box::pin(async move {
             let url = format!("{}{route}", self.router_url);
-            let response = self
-                .client
-                .post(&url)
-                .json(body)
+            let mut request = self.client.post(&url).json(body);
+            if let Some(value) = &self.authorization {
+                request = request.header(reqwest::header::AUTHORIZATION, value.clone());
+            }
+            let response = request
                 .send()
                 .await
                 .map_err(|e| CallFailure::Unreachable(format!("{url}: {e}")))?;

@@ -98,10 +98,17 @@ pub struct ConnectorConfig {
     pub broker_host: String,
     /// Broker port.
     pub broker_port: u16,
+    /// The broker address asked for TLS (`mqtts://`).
+    pub broker_tls: bool,
+    /// How the connector logs in to the broker and encrypts (`mqtt.*`; TLS also when
+    /// `broker_tls`).
+    pub mqtt: entwine_mqtt::MqttSecurity,
     /// MQTT topic filters (wildcards and `$share/<group>/…` allowed).
     pub topics: Vec<String>,
     /// Base URL of the functions' router, e.g. `http://router.fission`.
     pub router_url: String,
+    /// The bearer token presented to the functions (`auth.token`), when they require one.
+    pub router_token: Option<secrecy::SecretString>,
     /// MQTT client id; the persistent session is keyed by it.
     pub client_id: String,
     /// Subscription QoS (1 unless told otherwise: 0 gives up the no-loss guarantee).
@@ -175,7 +182,7 @@ impl ConnectorConfig {
     /// A configuration from the seed's flags: `--broker-url host:port`, `--topic`,
     /// `--router-url host[:port]` (a scheme is optional on both), with defaults for the rest.
     pub fn new(broker_url: &str, topics: Vec<String>, router_url: &str) -> anyhow::Result<Self> {
-        let (broker_host, broker_port) = parse_broker_url(broker_url)?;
+        let broker = entwine_core::broker::BrokerUrl::parse(broker_url)?;
         anyhow::ensure!(!topics.is_empty(), "at least one --topic is needed");
         for topic in &topics {
             anyhow::ensure!(
@@ -185,10 +192,13 @@ impl ConnectorConfig {
         }
         let router_url = normalize_router_url(router_url)?;
         Ok(Self {
-            broker_host,
-            broker_port,
+            broker_host: broker.host,
+            broker_port: broker.port,
+            broker_tls: broker.tls,
+            mqtt: entwine_mqtt::MqttSecurity::none(),
             topics,
             router_url,
+            router_token: None,
             client_id: default_client_id(),
             qos: QoS::AtLeastOnce,
             lanes: 8,
@@ -259,10 +269,11 @@ fn default_client_id() -> String {
     format!("entwine-connector-{host}")
 }
 
-/// Parses `host:port`, `mqtt://host:port`, `tcp://host:port` or `[::1]:1883` (port defaults
-/// to 1883) with [`entwine_core::broker::BrokerUrl`]'s rules; `mqtts://` is refused (no TLS yet).
+/// Parses `host:port`, `mqtt://host:port`, `tcp://host:port`, `mqtts://host:port` or
+/// `[::1]:1883` (port defaults to 1883, 8883 for `mqtts://`) with
+/// [`entwine_core::broker::BrokerUrl`]'s rules.
 pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let url = entwine_core::broker::BrokerUrl::parse(url)?.plain()?;
+    let url = entwine_core::broker::BrokerUrl::parse(url)?;
     Ok((url.host, url.port))
 }
 
@@ -310,6 +321,9 @@ pub struct ConnectorStats {
     pub subscribed: AtomicU64,
     /// Whether the connector is connected and subscribed right now.
     pub connected: AtomicBool,
+    /// Why the broker refused the connector, until a connection succeeds: wrong or missing
+    /// credentials, a TLS failure, a subscription its ACL does not allow.
+    pub refused: std::sync::Mutex<Option<String>>,
 }
 
 impl ConnectorStats {
@@ -330,10 +344,26 @@ impl ConnectorStats {
         self.subscribed.load(Ordering::Relaxed) > 0
     }
 
+    /// Why the broker refuses the connector now, if it does.
+    pub fn refusal(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_refusal(&self, reason: Option<String>) {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
+    }
+
     /// A snapshot as JSON, for a health endpoint.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "connected": self.connected.load(Ordering::Relaxed),
+            "refused": self.refusal(),
             "received": self.received.load(Ordering::Relaxed),
             "completed": self.completed.load(Ordering::Relaxed),
             "dead_lettered": self.dead_lettered.load(Ordering::Relaxed),
@@ -455,8 +485,12 @@ pub async fn run(
     stats: Arc<ConnectorStats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let functions = HttpFunctions::new(&config.router_url, config.request_timeout, config.lanes)
-        .context("cannot build the HTTP client")?;
+    let mut functions =
+        HttpFunctions::new(&config.router_url, config.request_timeout, config.lanes)
+            .context("cannot build the HTTP client")?;
+    if let Some(token) = &config.router_token {
+        functions = functions.with_token(token)?;
+    }
     run_with(config, Arc::new(functions), stats, shutdown).await
 }
 
@@ -469,7 +503,10 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.check()?;
+    // The TLS files are read and checked here, once: a missing CA file is an error at start.
+    let security = config.mqtt.prepare(config.broker_tls)?;
     let mut mqtt = MqttOptions::new(&config.client_id, &config.broker_host, config.broker_port);
+    security.apply(&mut mqtt);
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_clean_session(false);
     mqtt.set_manual_acks(true);
@@ -491,6 +528,10 @@ pub async fn run_with(
         pump_stop.clone(),
         config.retry_initial,
         config.retry_max,
+        PumpReport {
+            user: security.username().map(str::to_owned),
+            stats: stats.clone(),
+        },
     ));
     let config = Arc::new(config);
 
@@ -585,7 +626,13 @@ pub async fn run_with(
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
-                    tracing::error!(topics = ?config.topics, "the broker refused a subscription");
+                    let reason = format!(
+                        "the broker refused the subscription to {:?} (not allowed by its ACL for \
+                         this user?)",
+                        config.topics
+                    );
+                    tracing::error!("{reason}");
+                    stats.set_refusal(Some(reason));
                 }
             }
             Ok(_) => {}
@@ -655,12 +702,19 @@ type Events = mpsc::Receiver<Result<Event, ConnectionError>>;
 /// Turns the MQTT event loop and forwards every event, reconnecting with exponential backoff
 /// (`initial` doubling up to `max`) while the broker is away. Ends once the DISCONNECT is
 /// written, or when `stop` is cancelled while the broker is away.
+/// Where the pump reports the broker refusing the connector.
+struct PumpReport {
+    user: Option<String>,
+    stats: Arc<ConnectorStats>,
+}
+
 async fn pump(
     mut eventloop: EventLoop,
     events: mpsc::Sender<Result<Event, ConnectionError>>,
     stop: CancellationToken,
     initial: Duration,
     max: Duration,
+    report: PumpReport,
 ) {
     // The shared policy (`entwine_core::retry`), restarted on every successful connection.
     let mut waits = entwine_core::retry::delays(initial, max);
@@ -670,6 +724,7 @@ async fn pump(
         let wait = match &event {
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                report.stats.set_refusal(None);
                 waits = entwine_core::retry::delays(initial, max);
                 backoff = waits.next().unwrap_or(initial);
                 None
@@ -690,10 +745,20 @@ async fn pump(
                 );
                 Some(backoff)
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
-                Some(backoff)
-            }
+            Err(e) => match entwine_mqtt::refusal(e, report.user.as_deref()) {
+                Some(reason) => {
+                    // Retried (the password may be fixed or rotated), but said as an error, and
+                    // shown by the health endpoint until a connection succeeds.
+                    metrics::counter!("entwine_connector_refused_total").increment(1);
+                    tracing::error!(error = %e, retry_in = ?backoff, "{reason}");
+                    report.stats.set_refusal(Some(reason));
+                    Some(backoff)
+                }
+                None => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "broker connection lost");
+                    Some(backoff)
+                }
+            },
         };
         if events.send(event).await.is_err() {
             return;

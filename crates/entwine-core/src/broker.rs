@@ -30,9 +30,8 @@ pub struct BrokerUrl {
     pub host: String,
     /// TCP port.
     pub port: u16,
-    /// Written as `mqtts://`: the connection is to be made over TLS. Reserved: no client of
-    /// entwine speaks TLS yet, and each refuses such an address with
-    /// [`BrokerUrlError::TlsUnsupported`] (see [`BrokerUrl::plain`]).
+    /// Written as `mqtts://`: the connection is made over TLS (`entwine_mqtt`; every client
+    /// of entwine speaks it).
     pub tls: bool,
 }
 
@@ -91,12 +90,6 @@ pub enum BrokerUrlError {
         url: String,
         /// What was not expected.
         part: String,
-    },
-    /// A `mqtts://` address given to a client that does not speak TLS yet.
-    #[error("broker URL {url:?}: mqtts:// (TLS) is not supported yet; use mqtt://")]
-    TlsUnsupported {
-        /// The address as written.
-        url: String,
     },
 }
 
@@ -204,18 +197,6 @@ impl BrokerUrl {
             port,
             tls,
         })
-    }
-
-    /// This address, or [`BrokerUrlError::TlsUnsupported`] when it asks for TLS: for the clients
-    /// that do not speak it yet, so that `mqtts://` is never silently sent in the clear.
-    pub fn plain(self) -> Result<Self, BrokerUrlError> {
-        if self.tls {
-            Err(BrokerUrlError::TlsUnsupported {
-                url: self.to_string(),
-            })
-        } else {
-            Ok(self)
-        }
     }
 
     /// `host:port`, an IPv6 host in brackets (`[::1]:1883`): what [`BrokerUrl::parse`] reads
@@ -415,17 +396,10 @@ mod tests {
     }
 
     #[test]
-    fn tls_is_reserved_and_refused_by_plain() {
+    fn tls_is_written_back_as_mqtts() {
         let tls = BrokerUrl::parse("mqtts://broker").unwrap();
-        assert_eq!(
-            tls.clone().plain(),
-            Err(BrokerUrlError::TlsUnsupported {
-                url: "mqtts://broker:8883".into()
-            })
-        );
+        assert!(tls.tls);
         assert_eq!(tls.to_string(), "mqtts://broker:8883");
-        let plain = BrokerUrl::parse("broker").unwrap();
-        assert_eq!(plain.clone().plain(), Ok(plain));
     }
 
     #[test]

@@ -377,6 +377,7 @@ resourceMap:
         let broker = |host: &str, port: u16| Broker {
             host: host.into(),
             port,
+            tls: false,
         };
         assert_eq!(with("broker", 1884).broker(), Ok(broker("broker", 1884)));
         assert_eq!(
@@ -388,10 +389,14 @@ resourceMap:
             Ok(broker("broker", 1885))
         );
         assert_eq!(with("[::1]", 1883).broker(), Ok(broker("::1", 1883)));
-        assert!(matches!(
+        assert_eq!(
             with("mqtts://broker", 8883).broker(),
-            Err(BrokerUrlError::TlsUnsupported { .. })
-        ));
+            Ok(Broker {
+                host: "broker".into(),
+                port: 8883,
+                tls: true,
+            })
+        );
         let err = DeviceConf::parse("targetMqttBrokerAddress: http://broker", "c.yaml")
             .unwrap_err()
             .to_string();

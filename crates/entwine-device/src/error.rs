@@ -21,6 +21,9 @@ pub enum DeviceError {
     /// The broker address cannot be used.
     #[error(transparent)]
     Broker(#[from] BrokerUrlError),
+    /// The MQTT security settings cannot be used (a TLS file, a device without credentials).
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] entwine_mqtt::MqttSecurityError),
     /// The API's listener has no local address.
     #[error("the device API listener has no address")]
     Listener(#[source] std::io::Error),

@@ -137,6 +137,9 @@ pub struct FleetStats {
     pub connections: AtomicU64,
     /// Failed connection attempts and dropped connections.
     pub connection_errors: AtomicU64,
+    /// Connection attempts the broker (or the TLS handshake) refused: wrong or missing
+    /// credentials, a certificate it does not trust. Also counted in `connection_errors`.
+    pub refused: AtomicU64,
     unsent_log: Mutex<UnsentLog>,
 }
 
@@ -206,6 +209,7 @@ impl FleetStats {
             "control_messages": self.control_messages.load(Ordering::Relaxed),
             "connections": self.connections.load(Ordering::Relaxed),
             "connection_errors": self.connection_errors.load(Ordering::Relaxed),
+            "refused": self.refused.load(Ordering::Relaxed),
         })
     }
 }
@@ -217,12 +221,13 @@ pub struct Broker {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// Over TLS (`mqtts://`; also when `mqtt.ca_file` is set).
+    pub tls: bool,
 }
 
 impl Broker {
     /// Reads a broker address with [`BrokerUrl`]'s rules (`host[:port]`, `mqtt://`, `tcp://`,
-    /// `[::1]:1883`; port 1883 when none is written). `mqtts://` is refused: the devices do
-    /// not speak TLS yet.
+    /// `mqtts://`, `[::1]:1883`; port 1883 when none is written, 8883 after `mqtts://`).
     pub fn parse(url: &str) -> Result<Self, BrokerUrlError> {
         BrokerUrl::parse(url)?.try_into()
     }
@@ -231,19 +236,23 @@ impl Broker {
 impl TryFrom<BrokerUrl> for Broker {
     type Error = BrokerUrlError;
 
-    /// The address, unless it asks for TLS.
+    /// The address.
     fn try_from(url: BrokerUrl) -> Result<Self, Self::Error> {
-        let url = url.plain()?;
         Ok(Self {
             host: url.host,
             port: url.port,
+            tls: url.tls,
         })
     }
 }
 
-/// `host:port`, an IPv6 host in brackets: what [`Broker::parse`] reads back.
+/// `host:port`, an IPv6 host in brackets, after `mqtts://` over TLS: what [`Broker::parse`]
+/// reads back.
 impl std::fmt::Display for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tls {
+            f.write_str("mqtts://")?;
+        }
         if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
         } else {
@@ -282,7 +291,21 @@ pub async fn run(
     for id in &ids {
         entwine_core::state::DeviceId::parse("device id", id).map_err(DeviceError::DeviceId)?;
     }
-    let per_connection = options.devices_per_connection.max(1);
+    // Read and checked before anything starts: a TLS file that is missing, a device without a
+    // password.
+    let security = delivery.mqtt.prepare(broker.tls)?;
+    let mut logins = Vec::with_capacity(ids.len());
+    if let Some(credentials) = &delivery.device_credentials {
+        for id in &ids {
+            logins.push(security.with_credentials(credentials.of(id)?));
+        }
+    }
+    // A device logged in as itself has a connection of its own.
+    let per_connection = if logins.is_empty() {
+        options.devices_per_connection.max(1)
+    } else {
+        1
+    };
     let count = ids.len();
     let connections_stop = CancellationToken::new();
     let mut connections = JoinSet::new();
@@ -292,7 +315,9 @@ pub async fn run(
     let (in_flight, mut all_delivered) = mpsc::channel::<()>(1);
     for (group, chunk) in ids.chunks(per_connection).enumerate() {
         let client_id = options.client_id(&base, &delivery, group);
-        let mqtt = crate::link::options(client_id, &broker.host, broker.port);
+        let login = logins.get(group).unwrap_or(&security);
+        let user = login.username().map(str::to_owned);
+        let mqtt = crate::link::options(client_id, &broker.host, broker.port, login);
         let (client, eventloop) = AsyncClient::new(mqtt, CHANNEL_CAPACITY);
         let outbox = Arc::new(Outbox::new(
             client,
@@ -305,6 +330,7 @@ pub async fn run(
             outbox.clone(),
             eventloop,
             controls,
+            user,
             connections_stop.clone(),
         ));
         for (offset, id) in chunk.iter().enumerate() {
@@ -682,16 +708,17 @@ mod tests {
             broker,
             Broker {
                 host: "::1".into(),
-                port: 1884
+                port: 1884,
+                tls: false,
             }
         );
         assert_eq!(broker.to_string(), "[::1]:1884");
         assert_eq!(Broker::parse(&broker.to_string()), Ok(broker));
         assert_eq!(Broker::parse("broker").unwrap().to_string(), "broker:1883");
-        assert!(matches!(
-            Broker::parse("mqtts://broker"),
-            Err(BrokerUrlError::TlsUnsupported { .. })
-        ));
+        let tls = Broker::parse("mqtts://broker").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.to_string(), "mqtts://broker:8883");
+        assert_eq!(Broker::parse(&tls.to_string()), Ok(tls));
         assert!(matches!(
             Broker::parse("broker:http"),
             Err(BrokerUrlError::Port { .. })

@@ -69,6 +69,12 @@ pub struct Delivery {
     /// holds until the broker acknowledges them; a message beyond is counted as
     /// [`Unsent::BufferFull`].
     pub buffer_bytes: usize,
+    /// How the connections log in and encrypt (`mqtt.*`).
+    pub mqtt: entwine_mqtt::MqttSecurity,
+    /// Each device's own credentials (`mqtt.credentials_file`): every device then has a
+    /// connection of its own, logged in as its id, so the broker's ACL can hold it to its own
+    /// topics. Replaces `mqtt`'s user name and password; its TLS settings stay.
+    pub device_credentials: Option<entwine_mqtt::DeviceCredentials>,
 }
 
 impl Default for Delivery {
@@ -76,6 +82,8 @@ impl Default for Delivery {
         Self {
             client_id: None,
             buffer_bytes: DEFAULT_BUFFER_BYTES,
+            mqtt: entwine_mqtt::MqttSecurity::none(),
+            device_credentials: None,
         }
     }
 }
@@ -371,8 +379,14 @@ fn adjust(gauge: &std::sync::atomic::AtomicU64, was: usize, now: usize) {
 }
 
 /// The MQTT options of a fleet connection: a persistent session under a stable client id.
-pub(crate) fn options(client_id: String, host: &str, port: u16) -> MqttOptions {
+pub(crate) fn options(
+    client_id: String,
+    host: &str,
+    port: u16,
+    security: &entwine_mqtt::Prepared,
+) -> MqttOptions {
     let mut mqtt = MqttOptions::new(client_id, host, port);
+    security.apply(&mut mqtt);
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_clean_session(false);
     mqtt.set_max_packet_size(128 * 1024, 128 * 1024);
@@ -394,6 +408,7 @@ pub(crate) async fn drive(
     outbox: Arc<Outbox>,
     mut eventloop: EventLoop,
     controls: Vec<String>,
+    user: Option<String>,
     stop: CancellationToken,
 ) {
     // `EventLoop::poll` is not cancel-safe while connected (a publish taken from the channel
@@ -493,7 +508,12 @@ pub(crate) async fn drive(
                     .fetch_add(1, Ordering::Relaxed);
                 // The policy has no last attempt; the fallback is never reached.
                 let wait = backoff.next().unwrap_or(RECONNECT_BACKOFF_MAX);
-                if was_connected {
+                if let Some(reason) = entwine_mqtt::refusal(&e, user.as_deref()) {
+                    // Retried (the broker's password file may be fixed), but said every time.
+                    failed_attempts += 1;
+                    outbox.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, retry_in = ?wait, "{reason}");
+                } else if was_connected {
                     tracing::warn!(error = %e, "broker connection lost; reconnecting");
                 } else {
                     failed_attempts += 1;

@@ -110,6 +110,7 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
             if let Some(topic) = &section.state_topic {
                 settings.state_topic = topic.clone();
             }
+            settings.mqtt = loaded.mqtt()?;
             if let Some(topic) = &section.lifecycle_topic {
                 settings.lifecycle_topic = topic.clone();
             }

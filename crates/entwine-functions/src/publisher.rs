@@ -49,10 +49,13 @@ pub enum PublisherError {
     /// The broker address cannot be used.
     #[error("broker_url: {0}")]
     BrokerUrl(#[from] BrokerUrlError),
+    /// The MQTT security settings cannot be used (a TLS file).
+    #[error("mqtt: {0}")]
+    Mqtt(String),
 }
 
 /// Where digital events go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PublisherSettings {
     /// The digital broker, `host:port` or `mqtt://host:port` ([`BrokerUrl`]'s rules).
     pub broker_url: String,
@@ -62,6 +65,8 @@ pub struct PublisherSettings {
     pub lifecycle_topic: String,
     /// The MQTT client id (unique per process).
     pub client_id: String,
+    /// How the publisher logs in and encrypts (`mqtt.*`).
+    pub mqtt: entwine_mqtt::MqttSecurity,
 }
 
 impl PublisherSettings {
@@ -72,12 +77,13 @@ impl PublisherSettings {
             state_topic: DEFAULT_STATE_TOPIC.to_owned(),
             lifecycle_topic: DEFAULT_LIFECYCLE_TOPIC.to_owned(),
             client_id: client_id.to_owned(),
+            mqtt: entwine_mqtt::MqttSecurity::none(),
         }
     }
 
     /// Checks the broker address and that each topic names the device and has no wildcard;
-    /// answers the broker's host and port.
-    pub fn validate(&self) -> Result<(String, u16), PublisherError> {
+    /// answers the broker's address.
+    pub fn validate(&self) -> Result<BrokerUrl, PublisherError> {
         for (key, topic) in [
             ("state_topic", &self.state_topic),
             ("lifecycle_topic", &self.lifecycle_topic),
@@ -95,8 +101,7 @@ impl PublisherSettings {
                 });
             }
         }
-        let url = BrokerUrl::parse(&self.broker_url)?.plain()?;
-        Ok((url.host, url.port))
+        Ok(BrokerUrl::parse(&self.broker_url)?)
     }
 }
 
@@ -112,9 +117,15 @@ impl DigitalPublisher {
     /// Connects (in the background) to the digital broker. The task turns the MQTT event loop
     /// until [`DigitalPublisher::close`].
     pub fn start(settings: &PublisherSettings) -> Result<(Self, JoinHandle<()>), PublisherError> {
-        let (host, port) = settings.validate()?;
-        let mut options = MqttOptions::new(&settings.client_id, host, port);
+        let url = settings.validate()?;
+        let security = settings
+            .mqtt
+            .prepare(url.tls)
+            .map_err(|e| PublisherError::Mqtt(e.to_string()))?;
+        let user = security.username().map(str::to_owned);
+        let mut options = MqttOptions::new(&settings.client_id, url.host, url.port);
         options.set_keep_alive(Duration::from_secs(30));
+        security.apply(&mut options);
         let (client, mut eventloop) = AsyncClient::new(options, 10_000);
         // Never cancelled mid-poll (rumqttc's poll is not cancel-safe): it ends on DISCONNECT.
         let pump = tokio::spawn(async move {
@@ -127,7 +138,14 @@ impl DigitalPublisher {
                     Err(e) => {
                         // The policy has no last attempt; the fallback is never reached.
                         let wait = backoff.next().unwrap_or(RECONNECT_BACKOFF_MAX);
-                        tracing::warn!(error = %e, retry_in = ?wait, "digital broker connection lost");
+                        match entwine_mqtt::refusal(&e, user.as_deref()) {
+                            Some(reason) => {
+                                tracing::error!(error = %e, retry_in = ?wait, "digital broker: {reason}");
+                            }
+                            None => {
+                                tracing::warn!(error = %e, retry_in = ?wait, "digital broker connection lost");
+                            }
+                        }
                         tokio::time::sleep(wait).await;
                     }
                 }
@@ -195,15 +213,14 @@ mod tests {
     #[test]
     fn topics_must_name_the_device_and_brokers_be_addresses() {
         let ok = PublisherSettings::new("mqtt://broker:1884", "x");
-        assert_eq!(ok.validate(), Ok(("broker".into(), 1884)));
-        assert_eq!(
-            PublisherSettings::new("broker", "x").validate(),
-            Ok(("broker".into(), 1883))
-        );
-        assert_eq!(
-            PublisherSettings::new("tcp://[::1]:1884", "x").validate(),
-            Ok(("::1".into(), 1884))
-        );
+        let at = |url: &str| {
+            let url = PublisherSettings::new(url, "x").validate().unwrap();
+            (url.host, url.port, url.tls)
+        };
+        assert_eq!(ok.validate().unwrap().port, 1884);
+        assert_eq!(at("broker"), ("broker".into(), 1883, false));
+        assert_eq!(at("tcp://[::1]:1884"), ("::1".into(), 1884, false));
+        assert_eq!(at("mqtts://broker"), ("broker".into(), 8883, true));
         let mut bad = PublisherSettings::new("broker:1883", "x");
         bad.state_topic = "digitaltwin/state".into();
         assert_eq!(
@@ -229,12 +246,6 @@ mod tests {
         assert!(matches!(
             PublisherSettings::new("http://broker:1883", "x").validate(),
             Err(PublisherError::BrokerUrl(BrokerUrlError::Scheme { .. }))
-        ));
-        assert!(matches!(
-            PublisherSettings::new("mqtts://broker", "x").validate(),
-            Err(PublisherError::BrokerUrl(
-                BrokerUrlError::TlsUnsupported { .. }
-            ))
         ));
     }
 }

@@ -117,6 +117,12 @@ impl Auth {
         }
     }
 
+    /// Whether a request to `interface` needs a token now: protected by policy and tokens
+    /// configured.
+    pub fn requires_token(&self, interface: Interface) -> bool {
+        self.protects(interface) && !self.tokens.is_empty()
+    }
+
     /// `None` when the request may pass; else the 401 answer. With no tokens configured
     /// everything passes (the loopback case; [`check_exposure`] refuses the others).
     pub fn authorize(&self, interface: Interface, headers: &HeaderMap) -> Option<Response> {

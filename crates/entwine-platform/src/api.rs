@@ -308,7 +308,8 @@ async fn stream(
     State(api): State<Api>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let params = Params::new(raw, &["device_id"])?;
+    // `access_token` was read by `protect_stream` (a browser's EventSource sends no header).
+    let params = Params::new(raw, &["device_id", "access_token"])?;
     let device = params.0.get("device_id").cloned();
     let states = BroadcastStream::new(api.feed.subscribe()).filter_map(move |state| {
         // A lagging client skips what it missed rather than stalling the pipeline.

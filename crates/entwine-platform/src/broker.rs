@@ -16,6 +16,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use secrecy::ExposeSecret as _;
 use serde_json::json;
 
 /// The largest message every broker entwine ships accepts: 256 KiB (262,144 bytes). Larger ones
@@ -24,7 +25,14 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Starts the broker on `wanted`, or on a free port of the same address when that one is taken.
 /// Returns once it accepts MQTT connections.
-pub async fn start(wanted: SocketAddr) -> anyhow::Result<SocketAddr> {
+///
+/// With `login`, the broker accepts only that user name and password (rumqttd's
+/// `connections.auth`; it has no per-topic ACL: whoever logs in may publish and subscribe to
+/// anything).
+pub async fn start(
+    wanted: SocketAddr,
+    login: Option<&entwine_mqtt::Credentials>,
+) -> anyhow::Result<SocketAddr> {
     let address = match TcpListener::bind(wanted) {
         Ok(probe) => probe.local_addr().context("probe socket has no address")?,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
@@ -35,6 +43,15 @@ pub async fn start(wanted: SocketAddr) -> anyhow::Result<SocketAddr> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot listen on {wanted} for MQTT")),
     };
+    let mut connections = json!({
+        "connection_timeout_ms": 60_000,
+        "max_payload_size": MAX_MESSAGE_BYTES,
+        "max_inflight_count": 100,
+        "dynamic_filters": true,
+    });
+    if let Some(login) = login {
+        connections["auth"] = json!({ login.username.clone(): login.password.expose_secret() });
+    }
     let config: rumqttd::Config = serde_json::from_value(json!({
         "id": 0,
         "router": {
@@ -49,12 +66,7 @@ pub async fn start(wanted: SocketAddr) -> anyhow::Result<SocketAddr> {
                 "name": "entwine-v4",
                 "listen": address.to_string(),
                 "next_connection_delay_ms": 1,
-                "connections": {
-                    "connection_timeout_ms": 60_000,
-                    "max_payload_size": MAX_MESSAGE_BYTES,
-                    "max_inflight_count": 100,
-                    "dynamic_filters": true,
-                }
+                "connections": connections,
             }
         }
     }))
@@ -68,17 +80,23 @@ pub async fn start(wanted: SocketAddr) -> anyhow::Result<SocketAddr> {
             }
         })
         .context("cannot start the broker thread")?;
-    wait_until_ready(address).await?;
+    wait_until_ready(address, login).await?;
     Ok(address)
 }
 
 /// Connects as an MQTT client until the broker answers CONNACK (a bare TCP probe would make it
 /// log a broken connection).
-async fn wait_until_ready(address: SocketAddr) -> anyhow::Result<()> {
+async fn wait_until_ready(
+    address: SocketAddr,
+    login: Option<&entwine_mqtt::Credentials>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let options =
+        let mut options =
             rumqttc::MqttOptions::new("entwine-up-probe", address.ip().to_string(), address.port());
+        if let Some(login) = login {
+            options.set_credentials(login.username.clone(), login.password.expose_secret());
+        }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1);
         let answered = tokio::time::timeout(Duration::from_secs(1), async {
             loop {

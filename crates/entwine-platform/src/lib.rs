@@ -250,6 +250,13 @@ pub struct PlatformConfig {
     /// Who may call the HTTP server and the devices' API: bearer tokens (none: open, which only
     /// a loopback address allows; any other refuses to start).
     pub auth: entwine_http::Auth,
+    /// The token the platform's connector presents to the function routes over HTTP
+    /// ([`FunctionsAccess::Http`]) when `auth` protects them (`auth.token`).
+    pub client_token: Option<secrecy::SecretString>,
+    /// How the platform's MQTT clients (connector, devices, digital events) log in and encrypt.
+    /// With the embedded broker its user name and password are the only login the broker
+    /// accepts (no TLS there: it refuses `mqtt.ca_file`).
+    pub mqtt: entwine_mqtt::MqttSecurity,
     /// The ODTE configuration.
     pub odte: OdteConfig,
     /// The twin evaluator's period.
@@ -284,6 +291,8 @@ impl PlatformConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             http_limits: entwine_http::Limits::default(),
             auth: entwine_http::Auth::default(),
+            client_token: None,
+            mqtt: entwine_mqtt::MqttSecurity::none(),
             odte: OdteConfig::seed_default(),
             evaluator: EvaluatorPeriod::Default,
             connector: Some(ConnectorSettings::default()),
@@ -329,6 +338,8 @@ pub struct BrokerHandle {
     pub port: u16,
     /// Whether it is the embedded one.
     pub embedded: bool,
+    /// Whether connections to it use TLS.
+    pub tls: bool,
 }
 
 impl BrokerHandle {
@@ -337,6 +348,7 @@ impl BrokerHandle {
         Broker {
             host: self.host.clone(),
             port: self.port,
+            tls: self.tls,
         }
     }
 
@@ -346,6 +358,15 @@ impl BrokerHandle {
             format!("[{}]:{}", self.host, self.port)
         } else {
             format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The address as a URL clients read back: `mqtts://host:port` over TLS, else `host:port`.
+    pub fn url(&self) -> String {
+        if self.tls {
+            format!("mqtts://{}", self.address())
+        } else {
+            self.address()
         }
     }
 }
@@ -448,22 +469,34 @@ impl Platform {
 
         let broker = match &config.broker {
             BrokerSource::External(url) => {
-                let (host, port) = entwine_connector::parse_broker_url(url)
+                let url = entwine_core::broker::BrokerUrl::parse(url)
                     .map_err(|e| PlatformError::Config(format!("{e:#}")))?;
                 BrokerHandle {
-                    host,
-                    port,
+                    host: url.host,
+                    port: url.port,
                     embedded: false,
+                    tls: url.tls || config.mqtt.tls.is_some(),
                 }
             }
             BrokerSource::Embedded(wanted) => {
-                let address = broker::start(*wanted)
+                if config.mqtt.tls.is_some() {
+                    return Err(PlatformError::Config(
+                        "the embedded broker does not serve TLS (mqtt.ca_file, mqtt.cert_file are set): keep it on 127.0.0.1, or use --broker-url to a broker that does (mqtts://)".into(),
+                    ));
+                }
+                if !wanted.ip().is_loopback() && config.mqtt.credentials.is_none() {
+                    return Err(PlatformError::Config(format!(
+                        "refusing to run the embedded MQTT broker on {wanted} without credentials: set mqtt.username and mqtt.password (ENTWINE_MQTT__USERNAME, ENTWINE_MQTT__PASSWORD; the broker then accepts only that login), or listen on 127.0.0.1"
+                    )));
+                }
+                let address = broker::start(*wanted, config.mqtt.credentials.as_ref())
                     .await
                     .map_err(|e| PlatformError::component("broker", e))?;
                 BrokerHandle {
                     host: address.ip().to_string(),
                     port: address.port(),
                     embedded: true,
+                    tls: false,
                 }
             }
         };
@@ -492,7 +525,8 @@ impl Platform {
                     Some(connector) => format!("{}-digital", connector.client_id),
                     None => format!("entwine-digital-{}", std::process::id()),
                 };
-                let mut settings = PublisherSettings::new(&broker.address(), &client_id);
+                let mut settings = PublisherSettings::new(&broker.url(), &client_id);
+                settings.mqtt = config.mqtt.clone();
                 settings.state_topic = digital.state_topic.clone();
                 settings.lifecycle_topic = digital.lifecycle_topic.clone();
                 Some(DigitalPublisher::start(&settings).map_err(|e| {
@@ -547,12 +581,24 @@ impl Platform {
             None => None,
             Some(settings) => {
                 let mut connector_config = ConnectorConfig::new(
-                    &broker.address(),
+                    &broker.url(),
                     settings.topics.clone(),
                     &format!("http://{http_address}"),
                 )
                 .map_err(|e| PlatformError::Config(format!("{e:#}")))?;
                 connector_config.client_id = settings.client_id.clone();
+                connector_config.mqtt = config.mqtt.clone();
+                connector_config.broker_tls = broker.tls;
+                if settings.access == FunctionsAccess::Http
+                    && auth.requires_token(Interface::Functions)
+                {
+                    let Some(token) = &config.client_token else {
+                        return Err(PlatformError::Config(
+                            "the connector calls the function routes over HTTP, which ask for a token: set auth.token to one of auth.tokens (ENTWINE_AUTH__TOKEN)".into(),
+                        ));
+                    };
+                    connector_config.router_token = Some(token.clone());
+                }
                 connector_config.lanes = settings.lanes.unwrap_or(match store {
                     Store::Sqlite(_) => 2,
                     Store::Postgres(_) => 4,
@@ -632,7 +678,10 @@ impl Platform {
                         conf,
                         options,
                         FaultPlan::default(),
-                        Delivery::default(),
+                        Delivery {
+                            mqtt: config.mqtt.clone(),
+                            ..Delivery::default()
+                        },
                         broker.for_devices(),
                         DeviceApi {
                             listener: api,

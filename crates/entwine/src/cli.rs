@@ -128,6 +128,77 @@ impl DatabaseArgs {
     }
 }
 
+/// How an MQTT client logs in and encrypts: flags over the typed configuration's `mqtt`
+/// section (`ENTWINE_MQTT__*`, the Secret files `mqtt/username`, `mqtt/password`, a `--config`
+/// file). No password flag: a command line is visible to every user of the machine.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MqttArgs {
+    /// MQTT user name [default: `mqtt.username`].
+    #[arg(long, value_name = "NAME")]
+    pub mqtt_username: Option<String>,
+    /// A file holding the MQTT password (one trailing line break is dropped)
+    /// [default: `mqtt.password`].
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
+    /// PEM CA certificates to verify the broker by; turns TLS on (`mqtts://` turns it on
+    /// with the system's roots) [default: `mqtt.ca_file`].
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS, with `--mqtt-key-file` [default: `mqtt.cert_file`].
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_cert_file: Option<PathBuf>,
+    /// PEM private key of `--mqtt-cert-file` [default: `mqtt.key_file`].
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_key_file: Option<PathBuf>,
+}
+
+impl MqttArgs {
+    /// Puts the flags given into `flags`.
+    pub fn flags(&self, flags: &mut Flags) -> anyhow::Result<()> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let password = match &self.mqtt_password_file {
+            Some(file) => {
+                let text = std::fs::read_to_string(file).with_context(|| {
+                    format!("--mqtt-password-file {}: cannot read it", file.display())
+                })?;
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                Some(text.strip_suffix('\r').unwrap_or(text).to_owned())
+            }
+            None => None,
+        };
+        flags
+            .set(
+                "mqtt.username",
+                "--mqtt-username",
+                self.mqtt_username.clone(),
+            )
+            .set("mqtt.password", "--mqtt-password-file", password)
+            .set("mqtt.ca_file", "--mqtt-ca-file", path(&self.mqtt_ca_file))
+            .set(
+                "mqtt.cert_file",
+                "--mqtt-cert-file",
+                path(&self.mqtt_cert_file),
+            )
+            .set(
+                "mqtt.key_file",
+                "--mqtt-key-file",
+                path(&self.mqtt_key_file),
+            );
+        Ok(())
+    }
+}
+
+impl UpArgs {
+    /// The typed configuration with the store, ODTE and MQTT flags on top.
+    pub(crate) fn load(&self) -> anyhow::Result<Loaded> {
+        let mut flags = Flags::default();
+        self.database.flags(&mut flags);
+        self.odte.flags(&mut flags);
+        self.mqtt.flags(&mut flags)?;
+        load_config(self.database.config.clone(), flags)
+    }
+}
+
 /// The configuration file of this run: `--config` of the subcommand (see [`run`]).
 static CONFIG_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
@@ -150,6 +221,10 @@ pub struct UpArgs {
     #[command(flatten)]
     /// The store.
     pub database: DatabaseArgs,
+    /// The MQTT login and TLS files (of the platform's clients; the embedded broker then
+    /// accepts only that login).
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
     /// Where the functions, the twins API and /metrics listen.
     #[arg(long, env = "ENTWINE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,

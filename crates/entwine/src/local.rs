@@ -33,7 +33,12 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
         None => BrokerSource::Embedded(args.mqtt_listen),
     };
     config.listen = args.listen;
-    config.http_limits = args.database.load(Some(&args.odte))?.http_limits()?;
+    let loaded = args.load()?;
+    config.http_limits = loaded.http_limits()?;
+    // Tokens (none: open, loopback only — `Platform::start` refuses any other address).
+    config.auth = loaded.auth()?;
+    config.client_token = loaded.client_token()?;
+    config.mqtt = loaded.mqtt()?;
     config.odte = odte;
     // `--evaluator-period` was checked when the flags were parsed (`cli::evaluator_period`).
     config.evaluator = match args.evaluator_period {

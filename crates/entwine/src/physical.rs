@@ -84,7 +84,9 @@ pub struct DeviceArgs {
     /// Broker `host:port`, overriding targetMqttBrokerAddress/Port of the file.
     #[arg(long)]
     pub broker_url: Option<String>,
-    /// Where the HTTP API listens (default: 0.0.0.0 on the file's httpApiPort).
+    /// Where the HTTP API listens (default: 127.0.0.1 on the file's httpApiPort). Any address
+    /// beyond loopback needs `auth.tokens` (`ENTWINE_AUTH__TOKENS`, the Secret file
+    /// `auth/tokens`): `PUT /conf` and `/faults` reconfigure the devices.
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
     /// Devices sharing one MQTT connection.
@@ -106,9 +108,17 @@ pub struct DeviceArgs {
     pub buffer_mib: usize,
     /// entwine's typed configuration file, YAML or TOML (`--config` of the other subcommands;
     /// here `--config` is the seed's device file) [default: `ENTWINE_CONFIG`]: the device API's
-    /// HTTP limits (`http.*`).
+    /// HTTP limits (`http.*`) and tokens (`auth.tokens`), the MQTT login (`mqtt.*`).
     #[arg(long, value_name = "FILE")]
     pub settings: Option<PathBuf>,
+    /// The MQTT login and TLS files.
+    #[command(flatten)]
+    pub mqtt: crate::cli::MqttArgs,
+    /// A file of `device-id:password` lines: each device logs in to the broker as its own id,
+    /// on a connection of its own, so the broker's ACL can hold it to its own topics
+    /// [default: `mqtt.credentials_file`].
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_credentials_file: Option<PathBuf>,
 }
 
 /// Runs `entwine device` until SIGINT/SIGTERM.
@@ -125,9 +135,26 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
         Some(url) => Broker::parse(url)?,
         None => conf.broker()?,
     };
+    let mut flags = entwine_config::Flags::default();
+    args.mqtt.flags(&mut flags)?;
+    flags.set(
+        "mqtt.credentials_file",
+        "--mqtt-credentials-file",
+        args.mqtt_credentials_file
+            .as_ref()
+            .map(|p| p.display().to_string()),
+    );
+    let settings = crate::cli::load_config(args.settings.clone(), flags)?;
+    let limits = settings.http_limits()?;
+    let auth = Arc::new(settings.auth()?);
+    let mqtt = settings.mqtt()?;
+    let device_credentials = settings.mqtt_device_credentials()?;
     let listen = args
         .http_listen
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], conf.http_api_port)));
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], conf.http_api_port)));
+    // Before binding: a refused address is refused without touching the network.
+    entwine_http::check_exposure(listen, &auth, &[entwine_http::Interface::Device])
+        .map_err(|e| anyhow::anyhow!("device API (--http-listen): {e}"))?;
     let http = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} for the device API (--http-listen)"))?;
@@ -143,14 +170,20 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
     let delivery = entwine_device::link::Delivery {
         client_id: args.client_id,
         buffer_bytes: args.buffer_mib.max(1).saturating_mul(1024 * 1024),
+        mqtt,
+        device_credentials,
     };
-    let emulator = Emulator::start_with(
+    let emulator = Emulator::start_serving(
         conf,
         options,
         faults,
         delivery,
         broker.clone(),
-        http,
+        entwine_device::DeviceApi {
+            listener: http,
+            limits,
+            auth,
+        },
         shutdown.clone(),
     )?;
     println!(
@@ -246,9 +279,13 @@ pub struct ConnectorArgs {
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
     /// A configuration file, YAML or TOML [default: `ENTWINE_CONFIG`]: the health endpoint's
-    /// HTTP limits (`http.*`).
+    /// HTTP limits (`http.*`), the token presented to the functions (`auth.token`), the MQTT
+    /// login (`mqtt.*`).
     #[arg(long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The MQTT login and TLS files.
+    #[command(flatten)]
+    pub mqtt: crate::cli::MqttArgs,
 }
 
 impl ConnectorArgs {
@@ -290,9 +327,13 @@ impl ConnectorArgs {
 
 /// Runs `entwine connector` until SIGINT/SIGTERM.
 pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
-    let settings = crate::cli::load_config(None, entwine_config::Flags::default())?;
+    let mut config = args.config()?;
+    let mut flags = entwine_config::Flags::default();
+    args.mqtt.flags(&mut flags)?;
+    let settings = crate::cli::load_config(None, flags)?;
     let limits = settings.http_limits()?;
+    config.mqtt = settings.mqtt()?;
+    config.router_token = settings.client_token()?;
     println!(
         "connector taking {} from {}:{} to {} (client id {}, dead letters to {}, {})",
         config.topics.join(" "),

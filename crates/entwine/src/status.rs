@@ -39,15 +39,32 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<()> {
             store.close().await;
             twins
         }
-        None => fetch(&args.url).await?,
+        None => {
+            let loaded = crate::cli::load_config(None, entwine_config::Flags::default())?;
+            fetch(&args.url, loaded.client_token()?).await?
+        }
     };
     print!("{}", table(&twins, now_ms()));
     Ok(())
 }
 
-async fn fetch(base: &str) -> anyhow::Result<Vec<TwinStatus>> {
+/// The twins from the API at `base`, presenting `token` (`auth.token`) when given.
+async fn fetch(
+    base: &str,
+    token: Option<secrecy::SecretString>,
+) -> anyhow::Result<Vec<TwinStatus>> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        use secrecy::ExposeSecret as _;
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
+                .context("auth.token holds a character a header cannot")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .default_headers(headers)
         .build()?;
     let twins = all_twins(&http, base)
         .await?
@@ -71,6 +88,10 @@ pub async fn all_twins(
         let response = http.get(&url).send().await.with_context(|| {
             format!("cannot reach {url} (is `entwine up` running? --url names it)")
         })?;
+        anyhow::ensure!(
+            response.status() != reqwest::StatusCode::UNAUTHORIZED,
+            "{url} answered 401: the API asks for a token; set auth.token (ENTWINE_AUTH__TOKEN) to one of its auth.tokens"
+        );
         anyhow::ensure!(
             response.status().is_success(),
             "{url} answered {}",

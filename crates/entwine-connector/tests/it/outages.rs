@@ -422,14 +422,24 @@ impl OwnMosquitto {
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
             .unwrap();
         let port = free_port();
+        // Its persistence as shipped; its logins, ACL and TLS listener (files of the pod's
+        // Secrets) left out: these tests are about what a restart keeps, and
+        // crates/entwine/tests/it/brokers.rs runs the shipped ACL.
+        let mut listeners = 0;
         let conf: Vec<String> = shipped_mosquitto_conf()
             .into_iter()
-            .map(|line| match line.split_whitespace().next() {
-                Some("listener") => format!("listener {port} 127.0.0.1"),
-                Some("persistence_location") => {
-                    format!("persistence_location {}/", dir.display())
+            .filter_map(|line| match line.split_whitespace().next() {
+                Some("listener") => {
+                    listeners += 1;
+                    (listeners == 1).then(|| format!("listener {port} 127.0.0.1"))
                 }
-                _ => line,
+                Some("persistence_location") => {
+                    Some(format!("persistence_location {}/", dir.display()))
+                }
+                Some("allow_anonymous") => Some("allow_anonymous true".into()),
+                Some("password_file" | "acl_file" | "certfile" | "keyfile" | "cafile")
+                | Some("tls_version" | "require_certificate") => None,
+                _ => Some(line),
             })
             .collect();
         std::fs::write(dir.join("mosquitto.conf"), conf.join("\n") + "\n").unwrap();

@@ -160,6 +160,7 @@ pub(crate) async fn start_fleet(prefix: &str, count: usize, rate: f64) -> Fleet 
     let broker = Broker {
         host: conf.target_mqtt_broker_address.clone(),
         port: conf.target_mqtt_broker_port,
+        tls: false,
     };
     let options = FleetOptions {
         count,

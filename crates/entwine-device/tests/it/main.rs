@@ -54,7 +54,11 @@ async fn start(conf: DeviceConf, options: FleetOptions, broker: Broker) -> Runni
 
 fn broker() -> Broker {
     let (host, port) = mqtt_address();
-    Broker { host, port }
+    Broker {
+        host,
+        port,
+        tls: false,
+    }
 }
 
 fn count_between(received: &[Received], from: Instant, to: Instant) -> usize {
@@ -305,6 +309,7 @@ async fn a_device_reconnects_when_the_broker_comes_back() {
         Broker {
             host: "127.0.0.1".into(),
             port: proxy.port,
+            tls: false,
         },
     )
     .await;
@@ -357,6 +362,7 @@ async fn a_device_whose_broker_is_away_still_stops_at_once() {
         Broker {
             host: "127.0.0.1".into(),
             port,
+            tls: false,
         },
     )
     .await;

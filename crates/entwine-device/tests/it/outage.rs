@@ -333,6 +333,7 @@ async fn qos1_through_broker_kills_every_message_counted_published_is_received()
         Broker {
             host: "127.0.0.1".into(),
             port: gate.port,
+            tls: false,
         },
         http,
         stop.clone(),
@@ -546,10 +547,12 @@ async fn with_no_broker_the_buffer_holds_what_fits_and_counts_the_rest_as_unsent
         Delivery {
             client_id: Some(unique("bound-client")),
             buffer_bytes: 5 * 548,
+            ..Delivery::default()
         },
         Broker {
             host: "127.0.0.1".into(),
             port,
+            tls: false,
         },
         http,
         stop.clone(),
@@ -671,6 +674,7 @@ async fn a_clean_stop_ends_the_fleets_persistent_sessions() {
         Broker {
             host: "127.0.0.1".into(),
             port: broker.port,
+            tls: false,
         },
         http,
         stop.clone(),

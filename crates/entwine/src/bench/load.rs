@@ -53,8 +53,10 @@ const CONNECTIONS: usize = 4;
 
 /// Publishes for `devices` devices named `<prefix>-1…` at `pace` until `stop`, then waits (at
 /// most 10 s) for the broker to acknowledge what was published, and disconnects.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     broker: Broker,
+    login: entwine_mqtt::Prepared,
     prefix: String,
     devices: usize,
     pace: Pace,
@@ -73,6 +75,7 @@ pub(super) async fn run(
         );
         options.set_keep_alive(Duration::from_secs(30));
         options.set_inflight(1000);
+        login.apply(&mut options);
         let (client, eventloop) = AsyncClient::new(options, 10_000);
         pumps.push(tokio::spawn(pump(eventloop, stats.clone())));
         clients.push(client);

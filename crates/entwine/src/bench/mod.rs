@@ -127,6 +127,10 @@ pub struct BenchArgs {
     /// on a cluster through Fission's router) instead of in process.
     #[arg(long)]
     pub http_functions: bool,
+    /// The MQTT login and TLS files for `--scenario services` (`mqtt.*` of the typed
+    /// configuration below them).
+    #[command(flatten)]
+    pub mqtt: crate::cli::MqttArgs,
     /// Write every figure as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -395,6 +399,12 @@ async fn run_chain(
     config.evaluator = EvaluatorPeriod::Off;
     config.devices = None;
     config.digital_events = None;
+    if args.scenario == Scenario::Services {
+        let mut flags = entwine_config::Flags::default();
+        args.mqtt.flags(&mut flags)?;
+        config.mqtt = crate::cli::load_config(None, flags)?.mqtt()?;
+    }
+    let mqtt = config.mqtt.clone();
     config.metrics = false;
     config.feed_capacity = 1 << 16;
     config.connector = Some(ConnectorSettings {
@@ -429,6 +439,7 @@ async fn run_chain(
         platform.broker().address()
     );
     let broker = platform.broker().for_devices();
+    let login = mqtt.prepare(broker.tls)?;
     // Nothing is published before the load below starts, so the observer misses nothing.
     let progress = Arc::new(Progress::default());
     let observer = tokio::spawn(observe(
@@ -441,6 +452,7 @@ async fn run_chain(
     let load_stop = CancellationToken::new();
     let load = tokio::spawn(load::run(
         broker.clone(),
+        login.clone(),
         prefix.clone(),
         settings.devices,
         settings.pace,
@@ -539,7 +551,7 @@ async fn run_chain(
     // The largest batch of the whole run, drain included (a maximum cannot be windowed).
     let largest_batch = Batches::of(platform.connector_stats()).largest;
     platform.shutdown().await?;
-    forget_session(&broker, &format!("{prefix}-connector")).await;
+    forget_session(&broker, &login, &format!("{prefix}-connector")).await;
     observer.abort();
 
     let stored = store.tally(&format!("{prefix}-")).await?;
@@ -598,8 +610,9 @@ async fn run_chain(
 /// Deletes the persistent session the run's connector leaves in the broker: otherwise the
 /// broker keeps queueing every later device message for a client that never returns, and each
 /// bench run would slow the broker down for the next.
-async fn forget_session(broker: &Broker, client_id: &str) {
+async fn forget_session(broker: &Broker, login: &entwine_mqtt::Prepared, client_id: &str) {
     let mut options = rumqttc::MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    login.apply(&mut options);
     options.set_clean_session(true);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
     let forgotten = tokio::time::timeout(Duration::from_secs(5), async {

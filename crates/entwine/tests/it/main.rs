@@ -6,4 +6,5 @@ mod brokers;
 mod experiment;
 mod migrate;
 mod physical;
+mod security;
 mod up;

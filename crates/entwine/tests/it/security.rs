@@ -1,0 +1,866 @@
+//! Issue #12: every interface authenticated, every connection encrypted where it can leave the
+//! host. Real HTTP, a real Mosquitto of the test's own (password file, ACL, TLS with
+//! certificates the test makes), the real local PostgreSQL over TLS.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use entwine_platform::{Platform, PlatformConfig, PlatformError};
+use entwine_testing::{eventually, free_port, unique};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const ALPHA: &str = "alpha-token-0123456789abcdef";
+const BETA: &str = "beta-token-0123456789abcdef";
+
+/// `entwine up`'s platform from its flags, with `config` as the `--config` file.
+fn up_config(dir: &Path, prefix: &str, config_yaml: &str, extra: &[&str]) -> PlatformConfig {
+    let file = dir.join("entwine.yaml");
+    std::fs::write(&file, config_yaml).unwrap();
+    let database = format!("sqlite://{}", dir.join("entwine.db").display());
+    let file = file.display().to_string();
+    let defaults = [
+        ("--database-url", database.as_str()),
+        ("--config", file.as_str()),
+        ("--listen", "127.0.0.1:0"),
+        ("--mqtt-listen", "127.0.0.1:0"),
+        ("--device-api", "127.0.0.1:0"),
+        ("--device-rate", "5"),
+        ("--update-period-ms", "200"),
+        ("--update-initial-delay-ms", "0"),
+        ("--devices", "2"),
+        ("--device-prefix", prefix),
+    ];
+    let mut args = vec!["entwine".to_owned(), "up".to_owned()];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let cli = entwine::cli::Cli::try_parse_from(args).unwrap();
+    let entwine::cli::Command::Up(args) = cli.command else {
+        unreachable!("the flags start with `up`")
+    };
+    entwine::local::platform_config(&args).unwrap()
+}
+
+async fn start(config: PlatformConfig) -> Platform {
+    tokio::time::timeout(Duration::from_secs(30), Platform::start(config))
+        .await
+        .expect("the platform starts within 30 s")
+        .unwrap()
+}
+
+async fn status(
+    http: &reqwest::Client,
+    request: reqwest::RequestBuilder,
+    token: Option<&str>,
+) -> (StatusCode, Option<String>, String) {
+    let request = match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let response = http.execute(request.build().unwrap()).await.unwrap();
+    let status = response.status();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    // The stream never ends: only its status line matters here.
+    let body = if response
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"))
+    {
+        String::new()
+    } else {
+        response.text().await.unwrap()
+    };
+    (status, challenge, body)
+}
+
+/// The twins the API lists, asked with `token`.
+async fn twins(http: &reqwest::Client, api: &str, token: &str) -> Vec<String> {
+    let page: Value = http
+        .get(format!("{api}/api/twins"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["device_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_http_interface_answers_401_without_a_token_and_200_with_either_of_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("auth");
+    // Two tokens at once: a rotation in progress. The connector calls the functions over HTTP
+    // with the first, as on a cluster through Fission's router.
+    let config = up_config(
+        dir.path(),
+        &prefix,
+        &format!("auth:\n  tokens: \"{ALPHA}, {BETA}\"\n  token: \"{ALPHA}\"\n"),
+        &["--http-functions"],
+    );
+    let platform = start(config).await;
+    let api = format!("http://{}", platform.http_address());
+    let devices = format!("http://{}", platform.device_api().unwrap());
+    let http = reqwest::Client::new();
+
+    // Every device is mirrored through the protected function routes.
+    let ids = platform.device_ids().to_vec();
+    eventually(Duration::from_secs(30), "both devices mirrored", || async {
+        let listed = twins(&http, &api, BETA).await;
+        ids.iter().all(|id| listed.contains(id))
+    })
+    .await;
+
+    let forged = json!({
+        "device_id": format!("{prefix}-1"),
+        "timestamp": 1, "temperature": -273.0, "energy": 0.0,
+        "odte": 1.0, "lifecycle": "entangled"
+    });
+    let interfaces: Vec<(&str, reqwest::RequestBuilder)> = vec![
+        ("twins API", http.get(format!("{api}/api/twins"))),
+        (
+            "a twin's history",
+            http.get(format!("{api}/api/twins/{prefix}-1/history")),
+        ),
+        ("SSE stream", http.get(format!("{api}/api/stream"))),
+        ("metrics", http.get(format!("{api}/metrics"))),
+        ("device stats", http.get(format!("{devices}/stats"))),
+        ("device conf", http.get(format!("{devices}/conf"))),
+        ("device faults", http.get(format!("{devices}/faults"))),
+    ];
+    for (what, request) in interfaces {
+        for (token, expected) in [
+            (None, StatusCode::UNAUTHORIZED),
+            (
+                Some("wrong-token-0123456789abcdef"),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (Some(ALPHA), StatusCode::OK),
+            (Some(BETA), StatusCode::OK),
+        ] {
+            let (got, challenge, body) = status(&http, request.try_clone().unwrap(), token).await;
+            assert_eq!(got, expected, "{what} with {token:?}: {body}");
+            if expected == StatusCode::UNAUTHORIZED {
+                assert_eq!(challenge.as_deref(), Some("Bearer"), "{what}");
+                let body: Value = serde_json::from_str(&body).unwrap();
+                assert!(body["error"].as_str().unwrap().contains("token"), "{body}");
+            }
+        }
+    }
+    // A browser's EventSource cannot send headers: the stream also takes ?access_token=.
+    let (got, _, _) = status(
+        &http,
+        http.get(format!("{api}/api/stream?access_token={BETA}")),
+        None,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK);
+
+    // Every function route refuses a call without a token: a forged digital state is neither
+    // stored nor broadcast.
+    let forged_rows = "SELECT COUNT(*) FROM digitalstate WHERE temperature < -200";
+    for (route, name) in Platform::function_routes() {
+        let (got, challenge, _) = status(
+            &http,
+            http.post(format!("{api}{route}")).json(&forged),
+            None,
+        )
+        .await;
+        assert_eq!(got, StatusCode::UNAUTHORIZED, "{name} ({route})");
+        assert_eq!(challenge.as_deref(), Some("Bearer"));
+    }
+    let (got, _, body) = status(
+        &http,
+        http.post(format!("{api}/digitalstates")).json(&forged),
+        Some(BETA),
+    )
+    .await;
+    assert_eq!(
+        got,
+        StatusCode::BAD_REQUEST,
+        "with a token the body is judged: {body}"
+    );
+    assert_eq!(
+        entwine_testing::scalar(platform.store(), forged_rows).await,
+        0,
+        "a forged state was stored"
+    );
+    // A device cannot be reconfigured without a token.
+    let (got, _, _) = status(
+        &http,
+        http.put(format!("{devices}/faults"))
+            .json(&json!({"fleet": {"drop": 1.0}})),
+        None,
+    )
+    .await;
+    assert_eq!(got, StatusCode::UNAUTHORIZED);
+
+    let report = platform.shutdown().await.unwrap();
+    assert!(
+        report.completed > 0 && report.dead_lettered == 0,
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_function_auth_turned_off_a_connector_without_a_token_drives_the_functions() {
+    let dir = tempfile::tempdir().unwrap();
+    // The seed's connector sends each event alone and no header: `--max-batch 1`, no
+    // auth.token. The API stays protected.
+    let yaml = format!("auth:\n  tokens: \"{ALPHA}\"\n  functions: false\n  metrics: false\n");
+    let prefix = unique("open");
+    let config = up_config(
+        dir.path(),
+        &prefix,
+        &yaml,
+        &["--http-functions", "--max-batch", "1"],
+    );
+    let platform = start(config).await;
+    let api = format!("http://{}", platform.http_address());
+    let http = reqwest::Client::new();
+    let ids = platform.device_ids().to_vec();
+    eventually(Duration::from_secs(30), "both devices mirrored", || async {
+        let listed = twins(&http, &api, ALPHA).await;
+        ids.iter().all(|id| listed.contains(id))
+    })
+    .await;
+    let (got, _, _) = status(&http, http.get(format!("{api}/metrics")), None).await;
+    assert_eq!(got, StatusCode::OK, "metrics open on purpose");
+    let (got, _, _) = status(&http, http.get(format!("{api}/api/twins")), None).await;
+    assert_eq!(got, StatusCode::UNAUTHORIZED, "the API still asks");
+    platform.shutdown().await.unwrap();
+
+    // With function auth on, a connector over HTTP without a token is refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let config = up_config(
+        dir.path(),
+        &unique("closed"),
+        &format!("auth:\n  tokens: \"{ALPHA}\"\n"),
+        &["--http-functions"],
+    );
+    let Err(PlatformError::Config(reason)) = Platform::start(config).await else {
+        panic!("a connector without a token started against protected functions")
+    };
+    assert_eq!(
+        reason,
+        "the connector calls the function routes over HTTP, which ask for a token: set auth.token to one of auth.tokens (ENTWINE_AUTH__TOKEN)"
+    );
+}
+
+#[tokio::test]
+async fn listeners_beyond_loopback_refuse_to_start_without_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let refusal = |extra: &[&str]| {
+        let config = up_config(dir.path(), &unique("exposed"), "{}\n", extra);
+        let extra = extra.join(" ");
+        async move {
+            match Platform::start(config).await {
+                Err(PlatformError::Config(reason)) => reason,
+                Err(e) => panic!("refused for another reason: {e}"),
+                Ok(_) => panic!("started on {extra:?} without authentication"),
+            }
+        }
+    };
+    let reason = refusal(&["--listen", "0.0.0.0:0"]).await;
+    assert!(
+        reason.starts_with("refusing to listen on 0.0.0.0:0 without authentication: set auth.tokens (ENTWINE_AUTH__TOKENS or the Secret file auth/tokens), or listen on 127.0.0.1"),
+        "{reason}"
+    );
+    let reason = refusal(&["--device-api", "0.0.0.0:0"]).await;
+    assert!(
+        reason.contains("refusing to listen on 0.0.0.0:0"),
+        "{reason}"
+    );
+    let reason = refusal(&["--mqtt-listen", "0.0.0.0:0"]).await;
+    assert_eq!(
+        reason,
+        "refusing to run the embedded MQTT broker on 0.0.0.0:0 without credentials: set mqtt.username and mqtt.password (ENTWINE_MQTT__USERNAME, ENTWINE_MQTT__PASSWORD; the broker then accepts only that login), or listen on 127.0.0.1"
+    );
+
+    // `entwine device` listens on loopback unless told otherwise, and refuses 0.0.0.0 without
+    // tokens before it connects to anything.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_entwine"))
+        .args(["device", "--http-listen", "0.0.0.0:0"])
+        .arg("--broker-url")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .env_remove("ENTWINE_AUTH__TOKENS")
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "device API (--http-listen): refusing to listen on 0.0.0.0:0 without authentication"
+        ),
+        "{stderr}"
+    );
+}
+
+// --- MQTT ------------------------------------------------------------------------------------
+
+/// A CA and the certificates it signed, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    /// A CA that signed nothing here.
+    other_ca: PathBuf,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "entwine test CA");
+    let ca = params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "broker");
+    let (client_cert, client_key) = leaf(vec![], "entwine client");
+    let other_key = KeyPair::generate().unwrap();
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = other.self_signed(&other_key).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    Pki {
+        ca: write("ca.pem", &ca.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client.key", &client_key),
+        other_ca: write("other-ca.pem", &other.pem()),
+    }
+}
+
+/// A Mosquitto of the test's own on a free loopback port: TLS only (mutual: a client must
+/// present a certificate of the test's CA), no anonymous access, a password file, an ACL that
+/// holds each device to its own topics. Killed when dropped.
+struct SecureMosquitto {
+    child: Child,
+    port: u16,
+    pki: Pki,
+    _dir: tempfile::TempDir,
+}
+
+const PLATFORM_USER: &str = "entwine";
+const PLATFORM_PASSWORD: &str = "platform-password";
+
+impl SecureMosquitto {
+    async fn start(devices: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Mosquitto started as root runs as `mosquitto`, which must read these.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let pki = make_pki(dir.path());
+        let passwd = dir.path().join("passwd");
+        let mut users = vec![(PLATFORM_USER, PLATFORM_PASSWORD)];
+        users.extend_from_slice(devices);
+        for (i, (user, password)) in users.iter().enumerate() {
+            let mut command = Command::new("mosquitto_passwd");
+            if i == 0 {
+                command.arg("-c");
+            }
+            let status = command
+                .args(["-b", &passwd.display().to_string(), user, password])
+                .stdout(Stdio::null())
+                .status()
+                .expect("mosquitto_passwd (Debian package mosquitto)");
+            assert!(status.success());
+        }
+        let acl = dir.path().join("acl");
+        std::fs::write(
+            &acl,
+            format!(
+                "pattern write device/%u/telemetry/#\npattern read device/%u/control\n\n\
+                 user {PLATFORM_USER}\ntopic read device/+/telemetry/#\ntopic write entwine/deadletter\n\
+                 topic write digitaltwin/#\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n\
+                 cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+                 persistence false\nlog_dest stderr\n",
+                passwd.display(),
+                acl.display(),
+                pki.ca.display(),
+                pki.server_cert.display(),
+                pki.server_key.display(),
+            ),
+        )
+        .unwrap();
+        for file in [&passwd, &acl, &conf, &pki.server_key] {
+            std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
+        }
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed");
+        eventually(Duration::from_secs(10), "mosquitto listens", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Self {
+            child,
+            port,
+            pki,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtts://localhost:{}", self.port)
+    }
+
+    /// TLS with the test's CA and its client certificate, logged in as `user`.
+    fn security(&self, user: Option<(&str, &str)>) -> entwine_mqtt::MqttSecurity {
+        entwine_mqtt::MqttSecurity {
+            credentials: user.map(|(username, password)| entwine_mqtt::Credentials {
+                username: username.into(),
+                password: password.to_owned().into(),
+            }),
+            tls: Some(entwine_mqtt::TlsFiles {
+                ca_file: Some(self.pki.ca.clone()),
+                client: Some(entwine_mqtt::ClientCert {
+                    cert_file: self.pki.client_cert.clone(),
+                    key_file: self.pki.client_key.clone(),
+                }),
+            }),
+        }
+    }
+}
+
+impl Drop for SecureMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw MQTT client over the broker's TLS, logged in as `user`: answers its client and the
+/// events it sees.
+fn raw_client(
+    broker: &SecureMosquitto,
+    id: &str,
+    user: (&str, &str),
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+) {
+    let mut options = rumqttc::MqttOptions::new(id, "localhost", broker.port);
+    broker
+        .security(Some(user))
+        .prepare(true)
+        .unwrap()
+        .apply(&mut options);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test]
+async fn over_mutual_tls_with_per_device_logins_every_device_is_mirrored_and_none_can_pose_as_another(
+) {
+    let prefix = unique("tls");
+    let devices: Vec<(String, String)> = (1..=3)
+        .map(|i| (format!("{prefix}-{i}"), format!("pw-{i}-{}", unique("p"))))
+        .collect();
+    let spoofer = (format!("{prefix}-spoofer"), "spoofer-password".to_owned());
+    let mut logins: Vec<(&str, &str)> = devices
+        .iter()
+        .map(|(d, p)| (d.as_str(), p.as_str()))
+        .collect();
+    logins.push((spoofer.0.as_str(), spoofer.1.as_str()));
+    let broker = SecureMosquitto::start(&logins).await;
+
+    // The platform without devices: connector and digital events, logged in as the platform.
+    let store = entwine_testing::TestStore::sqlite().await;
+    let mut config = PlatformConfig::ephemeral("sqlite::memory:");
+    config.store = entwine_platform::StoreSource::Given(store.store.clone());
+    config.broker = entwine_platform::BrokerSource::External(broker.url());
+    config.mqtt = broker.security(Some((PLATFORM_USER, PLATFORM_PASSWORD)));
+    config.devices = None;
+    config.metrics = false;
+    if let Some(connector) = &mut config.connector {
+        connector.client_id = unique("tls-connector");
+    }
+    let platform = start(config).await;
+    assert!(platform.broker().tls);
+
+    // The fleet: each device logs in as itself (a file of id:password lines) over TLS.
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("devices");
+    let lines: String = devices.iter().map(|(d, p)| format!("{d}:{p}\n")).collect();
+    std::fs::write(&credentials, lines).unwrap();
+    let conf = entwine_device::conf::DeviceConf {
+        device_id: prefix.clone(),
+        update_period_ms: 100,
+        update_initial_delay_ms: 0,
+        aggregated_telemetry_msg_sec: 10.0,
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let fleet = entwine_device::Emulator::start_serving(
+        conf,
+        entwine_device::fleet::FleetOptions {
+            count: 3,
+            prefix: Some(prefix.clone()),
+            qos: rumqttc::QoS::AtLeastOnce,
+            ..Default::default()
+        },
+        Default::default(),
+        entwine_device::link::Delivery {
+            mqtt: broker.security(None),
+            device_credentials: Some(entwine_mqtt::DeviceCredentials::read(&credentials).unwrap()),
+            ..Default::default()
+        },
+        entwine_device::fleet::Broker::parse(&broker.url()).unwrap(),
+        entwine_device::DeviceApi {
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            limits: Default::default(),
+            auth: Default::default(),
+        },
+        stop.clone(),
+    )
+    .unwrap();
+    let store_ref = platform.store().clone();
+    eventually(Duration::from_secs(30), "every device mirrored", || {
+        let store = store_ref.clone();
+        let prefix = prefix.clone();
+        async move {
+            let twins = store.twins().await.unwrap();
+            (1..=3).all(|i| {
+                let id = format!("{prefix}-{i}");
+                twins.iter().any(|t| t.device_id == id)
+            })
+        }
+    })
+    .await;
+    assert_eq!(fleet.stats.refused.load(Ordering::Relaxed), 0);
+    // One connection per device: each logged in as itself.
+    assert_eq!(fleet.stats.connections.load(Ordering::Relaxed), 3);
+
+    // A device posing as another: the broker drops what it publishes on the other's topic.
+    // A watcher (the platform's login may read every device topic) sees the spoofer's own
+    // message, published after the forged one on the same connection, and never the forgery.
+    let (watcher, mut seen) = raw_client(
+        &broker,
+        &unique("watcher"),
+        (PLATFORM_USER, PLATFORM_PASSWORD),
+    );
+    watcher
+        .subscribe("device/+/telemetry/device_state", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let victim = format!("{prefix}-9");
+    let (spoof, _) = raw_client(&broker, &unique("spoof"), (&spoofer.0, &spoofer.1));
+    // The watcher's subscription is in place once it sees a device's message.
+    let first = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.topic.starts_with(&format!("device/{prefix}-")));
+    let body = |id: &str| {
+        json!({"device_id": id, "timestamp": 1_700_000_000_000_i64, "temperature": 99.0, "energy": 1.0})
+            .to_string()
+    };
+    spoof
+        .publish(
+            entwine_device::fleet::state_topic(&victim),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            body(&victim),
+        )
+        .await
+        .unwrap();
+    spoof
+        .publish(
+            entwine_device::fleet::state_topic(&spoofer.0),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            body(&spoofer.0),
+        )
+        .await
+        .unwrap();
+    let own_topic = entwine_device::fleet::state_topic(&spoofer.0);
+    let victim_topic = entwine_device::fleet::state_topic(&victim);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let p = seen.recv().await.unwrap();
+            assert_ne!(
+                p.topic, victim_topic,
+                "the broker passed on a forged message"
+            );
+            if p.topic == own_topic {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the spoofer's own message arrives");
+    let _ = watcher.disconnect().await;
+    let _ = spoof.disconnect().await;
+
+    stop.cancel();
+    fleet.wait().await.unwrap();
+    let report = platform.shutdown().await.unwrap();
+    // The spoofer's own message (not a device's payload) is the one dead letter.
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert!(store
+        .store
+        .twins()
+        .await
+        .unwrap()
+        .iter()
+        .all(|t| t.device_id != victim));
+}
+
+#[tokio::test]
+async fn wrong_or_missing_mqtt_credentials_and_an_untrusted_broker_are_refused_with_a_clear_error()
+{
+    let broker = SecureMosquitto::start(&[("dev-a", "right")]).await;
+    let refused = |security: entwine_mqtt::MqttSecurity| {
+        let url = broker.url();
+        async move {
+            let mut config = entwine_connector::ConnectorConfig::new(
+                &url,
+                vec!["device/+/telemetry/device_state".into()],
+                "127.0.0.1:9",
+            )
+            .unwrap();
+            config.client_id = unique("refused");
+            config.mqtt = security;
+            let stats = Arc::new(entwine_connector::ConnectorStats::default());
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(entwine_connector::run(config, stats.clone(), stop.clone()));
+            eventually(Duration::from_secs(10), "the broker refuses", || async {
+                stats.refusal().is_some()
+            })
+            .await;
+            assert!(!stats.connected.load(Ordering::Relaxed));
+            assert_eq!(stats.subscribed.load(Ordering::Relaxed), 0);
+            stop.cancel();
+            let _ = task.await;
+            stats.refusal().unwrap()
+        }
+    };
+    let wrong = refused(broker.security(Some((PLATFORM_USER, "not-the-password")))).await;
+    assert!(
+        wrong.starts_with("the broker refused")
+            && wrong.contains("user \"entwine\"")
+            && wrong.contains("mqtt.password"),
+        "{wrong}"
+    );
+    let anonymous = refused(broker.security(None)).await;
+    assert!(
+        anonymous.starts_with("the broker refused an anonymous client (no mqtt.username set)"),
+        "{anonymous}"
+    );
+    let mut untrusted = broker.security(Some((PLATFORM_USER, PLATFORM_PASSWORD)));
+    untrusted.tls.as_mut().unwrap().ca_file = Some(broker.pki.other_ca.clone());
+    let untrusted = refused(untrusted).await;
+    assert!(
+        untrusted.starts_with("TLS with the broker failed") && untrusted.contains("mqtt.ca_file"),
+        "{untrusted}"
+    );
+    // A missing CA file is an error before any connection.
+    let mut missing = broker.security(None);
+    missing.tls.as_mut().unwrap().ca_file = Some("/nonexistent/ca.pem".into());
+    let mut config = entwine_connector::ConnectorConfig::new(
+        &broker.url(),
+        vec!["device/+/telemetry/device_state".into()],
+        "127.0.0.1:9",
+    )
+    .unwrap();
+    config.mqtt = missing;
+    let error = entwine_connector::run(
+        config,
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.starts_with("mqtt.ca_file /nonexistent/ca.pem: cannot read it"),
+        "{error}"
+    );
+
+    // A device with a wrong password is counted as refused, and publishes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("devices");
+    std::fs::write(&credentials, "dev-a:wrong\n").unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let fleet = entwine_device::Emulator::start_serving(
+        entwine_device::conf::DeviceConf {
+            device_id: "dev-a".into(),
+            ..Default::default()
+        },
+        Default::default(),
+        Default::default(),
+        entwine_device::link::Delivery {
+            mqtt: broker.security(None),
+            device_credentials: Some(entwine_mqtt::DeviceCredentials::read(&credentials).unwrap()),
+            ..Default::default()
+        },
+        entwine_device::fleet::Broker::parse(&broker.url()).unwrap(),
+        entwine_device::DeviceApi {
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            limits: Default::default(),
+            auth: Default::default(),
+        },
+        stop.clone(),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the device is refused", || async {
+        fleet.stats.refused.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert_eq!(fleet.stats.connections.load(Ordering::Relaxed), 0);
+    stop.cancel();
+    fleet.wait().await.unwrap();
+    // A device missing from the credentials file is refused before it connects.
+    std::fs::write(&credentials, "dev-b:right\n").unwrap();
+    let fleet = entwine_device::Emulator::start_serving(
+        entwine_device::conf::DeviceConf {
+            device_id: "dev-a".into(),
+            ..Default::default()
+        },
+        Default::default(),
+        Default::default(),
+        entwine_device::link::Delivery {
+            device_credentials: Some(entwine_mqtt::DeviceCredentials::read(&credentials).unwrap()),
+            ..Default::default()
+        },
+        entwine_device::fleet::Broker::parse(&broker.url()).unwrap(),
+        entwine_device::DeviceApi {
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            limits: Default::default(),
+            auth: Default::default(),
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .unwrap();
+    let stats = fleet.stats.clone();
+    let error = tokio::time::timeout(Duration::from_secs(5), fleet.wait())
+        .await
+        .expect("the fleet stops at once")
+        .expect_err("a device without a password ran")
+        .to_string();
+    assert_eq!(stats.connections.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        error,
+        format!(
+            "MQTT: device credentials {}: no password for device \"dev-a\"",
+            credentials.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn the_embedded_broker_with_a_login_refuses_clients_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("login");
+    let mut config = up_config(dir.path(), &prefix, "{}\n", &[]);
+    config.mqtt = entwine_mqtt::MqttSecurity {
+        credentials: Some(entwine_mqtt::Credentials {
+            username: "entwine".into(),
+            password: "embedded-secret".to_owned().into(),
+        }),
+        tls: None,
+    };
+    let platform = start(config).await;
+    let store = platform.store().clone();
+    let ids = platform.device_ids().to_vec();
+    eventually(Duration::from_secs(30), "devices mirrored", || {
+        let store = store.clone();
+        let ids = ids.clone();
+        async move {
+            let twins = store.twins().await.unwrap();
+            ids.iter()
+                .all(|id| twins.iter().any(|t| &t.device_id == id))
+        }
+    })
+    .await;
+    // An anonymous client is turned away.
+    let options = rumqttc::MqttOptions::new(
+        unique("anon"),
+        platform.broker().host.clone(),
+        platform.broker().port,
+    );
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let error = loop {
+        match eventloop.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                panic!("an anonymous client was let in")
+            }
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    // rumqttd closes the connection without a CONNACK: nothing was let in.
+    assert!(
+        matches!(
+            error,
+            rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
+                | rumqttc::ConnectionError::ConnectionRefused(_)
+        ),
+        "{error:?}"
+    );
+    platform.shutdown().await.unwrap();
+}
