@@ -90,6 +90,24 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
         key: "auth.tokens".into(),
         hint: e.to_string(),
     })?;
+    // In a pod the function listens on loopback, but Fission's router reaches it from the
+    // network through the runtime's supervisor: the same rule as for any exposed listener.
+    if env.get("KUBERNETES_SERVICE_HOST").is_some()
+        && interfaces(function)
+            .iter()
+            .any(|&i| auth.protects(i) && auth.tokens.is_empty())
+    {
+        return Err(SettingsError::Missing {
+            key: "auth.tokens".into(),
+            hint: format!(
+                "{} runs in a Kubernetes pod, where Fission's router reaches it from the \
+                 network: mount the auth Secret (secrets: [{{name: auth}}] in the function's \
+                 spec; scripts/install-fission makes it), or set auth.functions=false to leave \
+                 it open on purpose",
+                function.name()
+            ),
+        });
+    }
     let section = &loaded.config.digital;
     let digital = match section.broker_url.as_deref().map(str::trim) {
         None | Some("") => None,

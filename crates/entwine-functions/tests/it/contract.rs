@@ -471,3 +471,59 @@ async fn a_binary_whose_database_is_down_still_starts_and_answers_503() {
     assert_eq!(status, 503, "{answer}");
     stop(running).await;
 }
+
+/// With the `auth` Secret mounted (as the shipped specs mount it), each function asks for one
+/// of its tokens; the twin evaluator, which Fission's TimeTrigger calls without headers and
+/// which takes no input, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_auth_secret_mounted_a_function_asks_for_a_token_and_the_evaluator_does_not() {
+    let db = TestDatabase::create().await;
+    db.migrated_store().await.close().await;
+    let root = tempfile::tempdir().unwrap();
+    mount_seed_configuration(root.path(), &db, &unique("digital"));
+    // A Secret file as `kubectl create secret --from-file` writes it: one token per line.
+    let (alpha, beta) = (
+        "alpha-token-0123456789abcdef",
+        "beta-token-0123456789abcdef",
+    );
+    mount(
+        &root.path().join("secrets"),
+        "default",
+        "auth",
+        &[("tokens", &format!("{alpha}\n{beta}\n"))],
+    );
+    let [physical, _, _, _, evaluator, _] = built_binaries().map(|(_, path)| path);
+    let physical_fn = start(&physical, root.path()).await;
+    let evaluator_fn = start(&evaluator, root.path()).await;
+    let client = reqwest::Client::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let event = seed_event("iiot-device-1", now);
+    let url = format!("{}/", physical_fn.url);
+    let call = |token: Option<&'static str>| {
+        let mut request = client.post(&url).json(&event);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = call(None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("token"), "{body}");
+    assert_eq!(call(Some("not-a-token-0123456789abcdef")).await.0, 401);
+    for token in [alpha, beta] {
+        let (status, body) = call(Some(token)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(keys(&body), PHYSICAL_STATE_KEYS);
+    }
+    let (status, body) = post(&client, &format!("{}/", evaluator_fn.url), &json!({})).await;
+    assert_eq!(status, 200, "the evaluator without a token: {body}");
+    stop(physical_fn).await;
+    stop(evaluator_fn).await;
+}

@@ -476,3 +476,45 @@ fn a_binary_with_a_bad_mounted_value_exits_2_naming_the_file() {
         "{stdout}{stderr}"
     );
 }
+
+/// In a pod the router reaches a function from the network through the runtime's supervisor,
+/// although the function listens on loopback: without the `auth` Secret it refuses to start,
+/// unless function authentication is turned off on purpose. The evaluator needs no token.
+#[test]
+fn in_a_kubernetes_pod_a_function_without_the_auth_secret_refuses_to_start() {
+    let root = tempfile::tempdir().unwrap();
+    let configs = root.path().join("configs");
+    mount(&configs, "default", "postgres", &SEED_POSTGRES);
+    mount(&configs, "default", "odte", &SEED_ODTE);
+    let pod = [("KUBERNETES_SERVICE_HOST", "10.96.0.1")];
+    match load(Function::PhysicalEvent, &env(root.path(), &pod)) {
+        Err(SettingsError::Missing { key, hint }) => {
+            assert_eq!(key, "auth.tokens");
+            assert_eq!(
+                hint,
+                "physical-event-handler runs in a Kubernetes pod, where Fission's router reaches \
+                 it from the network: mount the auth Secret (secrets: [{name: auth}] in the \
+                 function's spec; scripts/install-fission makes it), or set auth.functions=false \
+                 to leave it open on purpose"
+            );
+        }
+        other => panic!("expected a missing token, got {other:?}"),
+    }
+    assert!(load(Function::TwinEvaluator, &env(root.path(), &pod)).is_ok());
+    assert!(load(Function::PhysicalEvent, &env(root.path(), &[])).is_ok());
+    let open = [
+        ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+        ("ENTWINE_AUTH__FUNCTIONS", "false"),
+    ];
+    assert!(load(Function::PhysicalEvent, &env(root.path(), &open)).is_ok());
+    mount(
+        &root.path().join("secrets"),
+        "default",
+        "auth",
+        &[("tokens", "alpha-token-0123456789abcdef\n")],
+    );
+    let settings = load(Function::PhysicalEvent, &env(root.path(), &pod)).unwrap();
+    assert!(settings
+        .auth
+        .requires_token(entwine_http::Interface::Functions));
+}
