@@ -197,9 +197,9 @@ impl OwnBroker {
         let tls_port = free_port();
         let conf: String = shipped_mosquitto_conf()
             .lines()
-            .filter_map(|line| {
+            .map(|line| {
                 let mut words = line.split_whitespace();
-                Some(match words.next() {
+                match words.next() {
                     Some("listener") => match words.next() {
                         Some("1883") => format!("listener {port} 127.0.0.1"),
                         Some("8883") => format!("listener {tls_port} 127.0.0.1"),
@@ -214,7 +214,7 @@ impl OwnBroker {
                         format!("persistence_location {}/", dir.path().display())
                     }
                     _ => line.to_owned(),
-                })
+                }
             })
             .collect::<Vec<_>>()
             .join("\n");
