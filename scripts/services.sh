@@ -85,6 +85,8 @@ ensure_deploy_tools() {
     command -v unzip >/dev/null 2>&1 || missing+=(unzip)
     command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
     command -v objdump >/dev/null 2>&1 || missing+=(binutils)
+    # The broker tests make certificates with it.
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing ${missing[*]} with apt"
