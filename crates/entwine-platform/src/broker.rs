@@ -26,13 +26,29 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Starts the broker on `wanted`, or on a free port of the same address when that one is taken.
 /// Returns once it accepts MQTT connections.
 ///
-/// With `login`, the broker accepts only that user name and password (rumqttd's
+/// With `security`'s credentials the broker accepts only that user name and password (rumqttd's
 /// `connections.auth`; it has no per-topic ACL: whoever logs in may publish and subscribe to
-/// anything).
+/// anything). With `tls` (its certificate and key) it serves MQTT over TLS only; the readiness
+/// probe then verifies it with `security`'s CA file.
 pub async fn start(
     wanted: SocketAddr,
-    login: Option<&entwine_mqtt::Credentials>,
+    security: &entwine_mqtt::MqttSecurity,
+    tls: Option<&entwine_mqtt::ClientCert>,
 ) -> anyhow::Result<SocketAddr> {
+    let login = security.credentials.as_ref();
+    // Checked here, with the file named: rumqttd would fail on its own thread, unheard.
+    let probe = security
+        .prepare(tls.is_some())
+        .context("the embedded broker's clients")?;
+    if let Some(tls) = tls {
+        for (what, path) in [
+            ("--mqtt-tls-cert", &tls.cert_file),
+            ("--mqtt-tls-key", &tls.key_file),
+        ] {
+            std::fs::File::open(path)
+                .with_context(|| format!("{what} {}: cannot read it", path.display()))?;
+        }
+    }
     let address = match TcpListener::bind(wanted) {
         Ok(probe) => probe.local_addr().context("probe socket has no address")?,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
@@ -52,6 +68,12 @@ pub async fn start(
     if let Some(login) = login {
         connections["auth"] = json!({ login.username.clone(): login.password.expose_secret() });
     }
+    let tls = tls.map(|t| {
+        json!({
+            "certpath": t.cert_file.display().to_string(),
+            "keypath": t.key_file.display().to_string(),
+        })
+    });
     let config: rumqttd::Config = serde_json::from_value(json!({
         "id": 0,
         "router": {
@@ -65,6 +87,7 @@ pub async fn start(
             "1": {
                 "name": "entwine-v4",
                 "listen": address.to_string(),
+                "tls": tls,
                 "next_connection_delay_ms": 1,
                 "connections": connections,
             }
@@ -80,7 +103,7 @@ pub async fn start(
             }
         })
         .context("cannot start the broker thread")?;
-    wait_until_ready(address, login).await?;
+    wait_until_ready(address, &probe).await?;
     Ok(address)
 }
 
@@ -88,35 +111,38 @@ pub async fn start(
 /// log a broken connection).
 async fn wait_until_ready(
     address: SocketAddr,
-    login: Option<&entwine_mqtt::Credentials>,
+    probe: &entwine_mqtt::Prepared,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut options =
             rumqttc::MqttOptions::new("entwine-up-probe", address.ip().to_string(), address.port());
-        if let Some(login) = login {
-            options.set_credentials(login.username.clone(), login.password.expose_secret());
-        }
+        probe.apply(&mut options);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1);
         let answered = tokio::time::timeout(Duration::from_secs(1), async {
             loop {
                 match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return Ok(()),
                     Ok(_) => {}
-                    Err(_) => return false,
+                    Err(e) => return Err(e),
                 }
             }
         })
-        .await
-        .unwrap_or(false);
-        if answered {
-            let _ = client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
-            return Ok(());
-        }
+        .await;
+        let last = match answered {
+            Ok(Ok(())) => {
+                let _ = client.try_disconnect();
+                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                entwine_mqtt::refusal(&e, probe.username()).unwrap_or_else(|| e.to_string())
+            }
+            Err(_) => "no CONNACK within 1 s".to_owned(),
+        };
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the embedded broker did not answer on {address} within 10 s"
+            "the embedded broker did not answer on {address} within 10 s ({last})"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -255,8 +255,11 @@ pub struct PlatformConfig {
     pub client_token: Option<secrecy::SecretString>,
     /// How the platform's MQTT clients (connector, devices, digital events) log in and encrypt.
     /// With the embedded broker its user name and password are the only login the broker
-    /// accepts (no TLS there: it refuses `mqtt.ca_file`).
+    /// accepts, and its TLS files verify the embedded broker's certificate.
     pub mqtt: entwine_mqtt::MqttSecurity,
+    /// The embedded broker's certificate and key: it then serves MQTT over TLS only, and the
+    /// platform's clients verify it with `mqtt.ca_file` (required).
+    pub embedded_broker_tls: Option<entwine_mqtt::ClientCert>,
     /// The ODTE configuration.
     pub odte: OdteConfig,
     /// The twin evaluator's period.
@@ -293,6 +296,7 @@ impl PlatformConfig {
             auth: entwine_http::Auth::default(),
             client_token: None,
             mqtt: entwine_mqtt::MqttSecurity::none(),
+            embedded_broker_tls: None,
             odte: OdteConfig::seed_default(),
             evaluator: EvaluatorPeriod::Default,
             connector: Some(ConnectorSettings::default()),
@@ -479,9 +483,20 @@ impl Platform {
                 }
             }
             BrokerSource::Embedded(wanted) => {
-                if config.mqtt.tls.is_some() {
+                let tls = &config.embedded_broker_tls;
+                let verifies = config
+                    .mqtt
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.ca_file.is_some());
+                if tls.is_some() && !verifies {
                     return Err(PlatformError::Config(
-                        "the embedded broker does not serve TLS (mqtt.ca_file, mqtt.cert_file are set): keep it on 127.0.0.1, or use --broker-url to a broker that does (mqtts://)".into(),
+                        "the embedded broker serves TLS (--mqtt-tls-cert): set mqtt.ca_file (--mqtt-ca-file) to the CA that signed its certificate, so the platform's clients can verify it".into(),
+                    ));
+                }
+                if tls.is_none() && config.mqtt.tls.is_some() {
+                    return Err(PlatformError::Config(
+                        "mqtt.ca_file, mqtt.cert_file are set but the embedded broker serves plain MQTT: give it a certificate (--mqtt-tls-cert, --mqtt-tls-key), or use --broker-url to a broker that serves TLS".into(),
                     ));
                 }
                 if !wanted.ip().is_loopback() && config.mqtt.credentials.is_none() {
@@ -489,14 +504,14 @@ impl Platform {
                         "refusing to run the embedded MQTT broker on {wanted} without credentials: set mqtt.username and mqtt.password (ENTWINE_MQTT__USERNAME, ENTWINE_MQTT__PASSWORD; the broker then accepts only that login), or listen on 127.0.0.1"
                     )));
                 }
-                let address = broker::start(*wanted, config.mqtt.credentials.as_ref())
+                let address = broker::start(*wanted, &config.mqtt, tls.as_ref())
                     .await
                     .map_err(|e| PlatformError::component("broker", e))?;
                 BrokerHandle {
                     host: address.ip().to_string(),
                     port: address.port(),
                     embedded: true,
-                    tls: false,
+                    tls: tls.is_some(),
                 }
             }
         };

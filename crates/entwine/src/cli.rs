@@ -231,9 +231,22 @@ pub struct UpArgs {
     /// An existing MQTT broker (`host:port`); without it an embedded broker is started.
     #[arg(long)]
     pub broker_url: Option<String>,
-    /// Where the embedded broker listens.
+    /// Where the embedded broker listens. Beyond loopback it needs `mqtt.username` and
+    /// `mqtt.password`, the only login it then accepts.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
+    /// PEM certificate of the embedded broker: it then serves MQTT over TLS only, and the
+    /// platform's clients verify it with `--mqtt-ca-file` (with `--mqtt-tls-key`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "mqtt_tls_key",
+        conflicts_with = "broker_url"
+    )]
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--mqtt-tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "mqtt_tls_cert")]
+    pub mqtt_tls_key: Option<PathBuf>,
     /// Number of emulated devices (0 for none).
     #[arg(long, default_value_t = 5)]
     pub devices: usize,

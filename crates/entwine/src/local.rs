@@ -39,6 +39,13 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
     config.auth = loaded.auth()?;
     config.client_token = loaded.client_token()?;
     config.mqtt = loaded.mqtt()?;
+    config.embedded_broker_tls = match (&args.mqtt_tls_cert, &args.mqtt_tls_key) {
+        (Some(cert_file), Some(key_file)) => Some(entwine_mqtt::ClientCert {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+        }),
+        _ => None,
+    };
     config.odte = odte;
     // `--evaluator-period` was checked when the flags were parsed (`cli::evaluator_period`).
     config.evaluator = match args.evaluator_period {

@@ -511,9 +511,13 @@ async fn an_oversized_message_is_refused_and_the_next_one_flows(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_refuses_a_message_over_256_kib_and_carries_on() {
     assert_eq!(MAX_MESSAGE_BYTES, 262_144);
-    let address = entwine_platform::broker::start("127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let address = entwine_platform::broker::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &entwine_mqtt::MqttSecurity::none(),
+        None,
+    )
+    .await
+    .unwrap();
     an_oversized_message_is_refused_and_the_next_one_flows(address.port(), false, false).await;
 }
 

@@ -34,6 +34,11 @@ fn up_config(dir: &Path, prefix: &str, config_yaml: &str, extra: &[&str]) -> Pla
         ("--update-initial-delay-ms", "0"),
         ("--devices", "2"),
         ("--device-prefix", prefix),
+        // The process has one metrics recorder, and the first platform's silence threshold
+        // is its idle timeout: the same as up.rs's metrics test asks for.
+        ("--expected-update-rate", "5"),
+        ("--time-window", "2"),
+        ("--silence-threshold", "4"),
     ];
     let mut args = vec!["entwine".to_owned(), "up".to_owned()];
     for (flag, value) in defaults {
@@ -243,6 +248,25 @@ async fn with_function_auth_turned_off_a_connector_without_a_token_drives_the_fu
     .await;
     let (got, _, _) = status(&http, http.get(format!("{api}/metrics")), None).await;
     assert_eq!(got, StatusCode::OK, "metrics open on purpose");
+    // The seed connector's own call: one object, no header, the route Fission gives it.
+    let seed_call = json!({
+        "timestamp": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+        "type": "iot.sensor.state.aggregated",
+        "data": {"iot.sensor.energy": 3.71, "iot.sensor.temperature": 27.42},
+        "device_id": format!("{prefix}-seed")
+    });
+    let (got, _, body) = status(
+        &http,
+        http.post(format!("{api}/physicalevents")).json(&seed_call),
+        None,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK, "{body}");
+    let state: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(state["device_id"], json!(format!("{prefix}-seed")));
     let (got, _, _) = status(&http, http.get(format!("{api}/api/twins")), None).await;
     assert_eq!(got, StatusCode::UNAUTHORIZED, "the API still asks");
     platform.shutdown().await.unwrap();
@@ -813,18 +837,33 @@ async fn wrong_or_missing_mqtt_credentials_and_an_untrusted_broker_are_refused_w
 }
 
 #[tokio::test]
-async fn the_embedded_broker_with_a_login_refuses_clients_without_it() {
+async fn the_embedded_broker_with_a_login_and_a_certificate_serves_only_that_login_over_tls() {
     let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
     let prefix = unique("login");
-    let mut config = up_config(dir.path(), &prefix, "{}\n", &[]);
-    config.mqtt = entwine_mqtt::MqttSecurity {
-        credentials: Some(entwine_mqtt::Credentials {
-            username: "entwine".into(),
-            password: "embedded-secret".to_owned().into(),
-        }),
-        tls: None,
-    };
+    let (cert, key, ca) = (
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    // The login from the configuration file, the certificate from the flags: what a user of
+    // `entwine up` writes.
+    let mut config = up_config(
+        dir.path(),
+        &prefix,
+        "mqtt:\n  username: entwine\n  password: embedded-secret\n",
+        &[
+            "--mqtt-tls-cert",
+            &cert,
+            "--mqtt-tls-key",
+            &key,
+            "--mqtt-ca-file",
+            &ca,
+        ],
+    );
+    config.metrics = false;
     let platform = start(config).await;
+    assert!(platform.broker().tls);
     let store = platform.store().clone();
     let ids = platform.device_ids().to_vec();
     eventually(Duration::from_secs(30), "devices mirrored", || {
@@ -837,32 +876,69 @@ async fn the_embedded_broker_with_a_login_refuses_clients_without_it() {
         }
     })
     .await;
-    // An anonymous client is turned away.
-    let options = rumqttc::MqttOptions::new(
-        unique("anon"),
-        platform.broker().host.clone(),
-        platform.broker().port,
-    );
-    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    let error = loop {
-        match eventloop.poll().await {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                panic!("an anonymous client was let in")
+    let (host, port) = (platform.broker().host.clone(), platform.broker().port);
+    let first_error = |security: Option<entwine_mqtt::MqttSecurity>| {
+        let host = host.clone();
+        async move {
+            let mut options = rumqttc::MqttOptions::new(unique("probe"), host, port);
+            if let Some(security) = security {
+                security.prepare(true).unwrap().apply(&mut options);
             }
-            Ok(_) => {}
-            Err(e) => break e,
+            let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return None,
+                    Ok(_) => {}
+                    Err(e) => return Some(e),
+                }
+            }
         }
     };
-    // rumqttd closes the connection without a CONNACK: nothing was let in.
+    let tls_as = |login: Option<(&str, &str)>| entwine_mqtt::MqttSecurity {
+        credentials: login.map(|(u, p)| entwine_mqtt::Credentials {
+            username: u.into(),
+            password: p.to_owned().into(),
+        }),
+        tls: Some(entwine_mqtt::TlsFiles {
+            ca_file: Some(pki.ca.clone()),
+            client: None,
+        }),
+    };
+    // The login over TLS is let in; plain MQTT, an anonymous or a wrong login are not (rumqttd
+    // closes the connection without a CONNACK).
     assert!(
-        matches!(
-            error,
-            rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
-                | rumqttc::ConnectionError::ConnectionRefused(_)
-        ),
-        "{error:?}"
+        first_error(Some(tls_as(Some(("entwine", "embedded-secret")))))
+            .await
+            .is_none()
+    );
+    assert!(first_error(None).await.is_some(), "plain MQTT let in");
+    assert!(
+        first_error(Some(tls_as(None))).await.is_some(),
+        "anonymous let in"
+    );
+    assert!(
+        first_error(Some(tls_as(Some(("entwine", "wrong")))))
+            .await
+            .is_some(),
+        "a wrong password let in"
     );
     platform.shutdown().await.unwrap();
+
+    // A certificate without the CA to verify it by is refused at start.
+    let mut config = up_config(
+        dir.path(),
+        &unique("noca"),
+        "{}\n",
+        &["--mqtt-tls-cert", &cert, "--mqtt-tls-key", &key],
+    );
+    config.metrics = false;
+    let Err(PlatformError::Config(reason)) = Platform::start(config).await else {
+        panic!("started a TLS broker its clients cannot verify")
+    };
+    assert!(
+        reason.starts_with("the embedded broker serves TLS (--mqtt-tls-cert): set mqtt.ca_file"),
+        "{reason}"
+    );
 }
 
 // --- PostgreSQL over TLS ----------------------------------------------------------------------
