@@ -289,6 +289,55 @@ async fn with_function_auth_turned_off_a_connector_without_a_token_drives_the_fu
 }
 
 #[tokio::test]
+async fn a_connector_whose_token_is_refused_keeps_the_messages_waiting_instead_of_dead_lettering_them(
+) {
+    // On Mosquitto (which keeps the session's messages) rather than the embedded broker, so
+    // nothing has to be finished at shutdown.
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("revoked");
+    let (host, port) = entwine_testing::mqtt_address();
+    let broker = format!("{host}:{port}");
+    let yaml =
+        format!("auth:\n  tokens: \"{ALPHA}\"\n  token: \"revoked-token-0123456789abcdef\"\n");
+    let mut config = up_config(
+        dir.path(),
+        &prefix,
+        &yaml,
+        &[
+            "--http-functions",
+            "--broker-url",
+            &broker,
+            "--devices",
+            "1",
+        ],
+    );
+    config.metrics = false;
+    if let Some(connector) = &mut config.connector {
+        connector.topics = vec![format!("device/{prefix}-1/telemetry/device_state")];
+        connector.client_id = unique("revoked-connector");
+    }
+    let platform = start(config).await;
+    let stats = platform.connector_stats().clone();
+    eventually(Duration::from_secs(20), "calls retried", || async {
+        stats.retries.load(Ordering::Relaxed) >= 3
+    })
+    .await;
+    assert!(stats.received.load(Ordering::Relaxed) > 0);
+    assert_eq!(stats.completed.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.dead_lettered.load(Ordering::Relaxed),
+        0,
+        "a refused token dead-lettered the device's messages"
+    );
+    assert_eq!(
+        entwine_testing::scalar(platform.store(), "SELECT COUNT(*) FROM physicalstate").await,
+        0
+    );
+    let report = platform.shutdown().await.unwrap();
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+}
+
+#[tokio::test]
 async fn listeners_beyond_loopback_refuse_to_start_without_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let refusal = |extra: &[&str]| {
