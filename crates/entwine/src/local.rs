@@ -84,6 +84,37 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
     Ok(config)
 }
 
+/// What `entwine up` prints about authentication.
+fn auth_phrase(auth: &entwine_http::Auth, mqtt_login: bool) -> String {
+    use entwine_http::Interface;
+    let mqtt = if mqtt_login {
+        "MQTT with a login"
+    } else {
+        "MQTT without a login"
+    };
+    if auth.tokens.is_empty() {
+        return format!(
+            "none on loopback (set auth.tokens to ask for bearer tokens; docs/SECURITY.md); {mqtt}"
+        );
+    }
+    let open: Vec<&str> = [
+        (Interface::Functions, "functions"),
+        (Interface::Metrics, "/metrics"),
+    ]
+    .into_iter()
+    .filter(|(interface, _)| !auth.protects(*interface))
+    .map(|(_, name)| name)
+    .collect();
+    if open.is_empty() {
+        format!("bearer tokens on every interface; {mqtt}")
+    } else {
+        format!(
+            "bearer tokens, except {} (open on purpose); {mqtt}",
+            open.join(" and ")
+        )
+    }
+}
+
 /// Runs the platform until `shutdown` completes, then stops it in order.
 pub async fn up(
     args: &UpArgs,
@@ -91,6 +122,7 @@ pub async fn up(
 ) -> anyhow::Result<()> {
     let config = platform_config(args)?;
     let odte = config.odte;
+    let auth = auth_phrase(&config.auth, config.mqtt.credentials.is_some());
     let platform = Platform::start(config).await?;
     let broker = platform.broker().clone();
     let address = platform.http_address();
@@ -102,14 +134,16 @@ pub async fn up(
         args.database.redacted_url()
     );
     println!(
-        "  broker:     {}, mqtt://{}",
+        "  broker:     {}, {}://{}",
         if broker.embedded {
             "embedded"
         } else {
             "external"
         },
+        if broker.tls { "mqtts" } else { "mqtt" },
         broker.address()
     );
+    println!("  auth:       {auth}");
     println!("  functions:  http://{address}");
     for (route, name) in Platform::function_routes() {
         println!("    POST {route:<22} {name}");
@@ -219,4 +253,29 @@ pub fn lifecycle_line(change: &entwine_store::TwinChange) -> String {
         change.reliability,
         change.timeliness
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_auth_line_says_what_asks_for_a_token_and_what_is_open_on_purpose() {
+        let tokens =
+            entwine_http::Tokens::parse(&"alpha-token-0123456789".to_owned().into()).unwrap();
+        let mut auth = entwine_http::Auth {
+            tokens,
+            ..Default::default()
+        };
+        assert_eq!(
+            auth_phrase(&auth, true),
+            "bearer tokens on every interface; MQTT with a login"
+        );
+        auth.functions = false;
+        auth.metrics = false;
+        assert_eq!(
+            auth_phrase(&auth, false),
+            "bearer tokens, except functions and /metrics (open on purpose); MQTT without a login"
+        );
+    }
 }

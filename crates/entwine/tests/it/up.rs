@@ -358,6 +358,12 @@ async fn up_runs_the_whole_platform_on_sqlite_and_continues_after_a_restart() {
         printed.iter().any(|l| l.starts_with("devices published ")),
         "{printed:?}"
     );
+    // Nothing configured: open, on loopback only, and said so.
+    assert!(
+        printed.iter().any(|l| l.trim()
+            == "auth:       none on loopback (set auth.tokens to ask for bearer tokens; docs/SECURITY.md); MQTT without a login"),
+        "{printed:?}"
+    );
     assert_eq!(printed.last().map(String::as_str), Some("entwine stopped"));
     let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
     assert!(one_digital_state_per_physical_state(&store).await > first_run);
