@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use entwine_device::conf::DeviceConf;
 use entwine_device::fleet::{control_topic, state_topic, Broker, FleetOptions};
 use entwine_device::Emulator;
-use entwine_testing::{eventually, mqtt_address, unique, Received, Subscriber};
+use entwine_testing::{eventually, mqtt_address, unique, Subscriber};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -61,11 +61,26 @@ fn broker() -> Broker {
     }
 }
 
-fn count_between(received: &[Received], from: Instant, to: Instant) -> usize {
-    received
+/// Waits (up to `timeout`) until `n` messages arrived after `from`, and answers their mean
+/// interval on the wire: the rate measured from arrival times, without sleeping for a while.
+async fn mean_interval(
+    witness: &Subscriber,
+    from: Instant,
+    n: usize,
+    timeout: Duration,
+) -> Duration {
+    let received = witness
+        .wait_for(timeout, &format!("{n} messages"), |r| {
+            r.iter().filter(|m| m.at >= from).count() >= n
+        })
+        .await;
+    let at: Vec<Instant> = received
         .iter()
-        .filter(|r| r.at >= from && r.at < to)
-        .count()
+        .filter(|m| m.at >= from)
+        .take(n)
+        .map(|m| m.at)
+        .collect();
+    (at[n - 1] - at[0]) / (n as u32 - 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,12 +88,11 @@ async fn put_conf_changes_the_message_rate_on_the_wire_at_once() {
     let id = unique("rate");
     let witness = Subscriber::start(&[state_topic(&id)]).await;
     let device = start(conf(&id, 2.0), FleetOptions::default(), broker()).await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let before = witness.received();
+    let started = Instant::now();
+    let before = mean_interval(&witness, started, 4, Duration::from_secs(5)).await;
     assert!(
-        (3..=6).contains(&before.len()),
-        "2 msg/s for 2.1 s: {} messages",
-        before.len()
+        (Duration::from_millis(350)..=Duration::from_millis(700)).contains(&before),
+        "2 msg/s: one every {before:?}"
     );
 
     let client = reqwest::Client::new();
@@ -89,16 +103,13 @@ async fn put_conf_changes_the_message_rate_on_the_wire_at_once() {
         .await
         .unwrap();
     assert_eq!(response.status(), 204);
-    let changed = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let after = count_between(
-        &witness.received(),
-        changed + Duration::from_millis(200),
-        changed + Duration::from_millis(1200),
-    );
+    // At once: the next messages come at the new rate (the first may still be on the old
+    // timer's tick, so the count starts just after).
+    let changed = Instant::now() + Duration::from_millis(100);
+    let after = mean_interval(&witness, changed, 15, Duration::from_secs(5)).await;
     assert!(
-        (14..=24).contains(&after),
-        "20 msg/s for one second: {after} messages"
+        (Duration::from_millis(35)..=Duration::from_millis(70)).contains(&after),
+        "20 msg/s: one every {after:?}"
     );
 
     let conf: Value = client
@@ -152,14 +163,11 @@ async fn an_invalid_put_conf_is_a_400_naming_the_key_and_changes_nothing() {
         .unwrap();
     assert_eq!(response.status(), 400);
     // Still 5 msg/s.
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let n = count_between(
-        &witness.received(),
-        start + Duration::from_millis(200),
-        start + Duration::from_millis(1200),
+    let interval = mean_interval(&witness, Instant::now(), 5, Duration::from_secs(5)).await;
+    assert!(
+        (Duration::from_millis(140)..=Duration::from_millis(280)).contains(&interval),
+        "5 msg/s: one every {interval:?}"
     );
-    assert!((3..=7).contains(&n), "{n} messages in a second");
     device.stop().await;
 }
 
@@ -325,7 +333,6 @@ async fn a_device_reconnects_when_the_broker_comes_back() {
         async move { stats.connection_errors.load(Ordering::Relaxed) > 0 }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let during = witness.received().len();
     let _proxy = Proxy::start(port).await;
     let back = Instant::now();
@@ -366,7 +373,20 @@ async fn a_device_whose_broker_is_away_still_stops_at_once() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Ticks pile up while every connection attempt fails.
+    let stats = device.emulator.stats.clone();
+    eventually(
+        Duration::from_secs(10),
+        "failed attempts and due messages",
+        || {
+            let stats = stats.clone();
+            async move {
+                stats.connection_errors.load(Ordering::Relaxed) >= 2
+                    && stats.ticks.load(Ordering::Relaxed) >= 100
+            }
+        },
+    )
+    .await;
     assert_eq!(device.emulator.stats.connections.load(Ordering::Relaxed), 0);
     tokio::time::timeout(Duration::from_secs(5), device.stop())
         .await
