@@ -100,7 +100,18 @@ async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
         "connector taking",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Devices start once the connector is subscribed (its health endpoint says 200): a fresh
+    // subscription gets nothing published before it.
+    eventually(
+        Duration::from_secs(10),
+        "the connector subscribed",
+        || async {
+            reqwest::get(format!("http://127.0.0.1:{health}/healthz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
     let (device, line) = spawn(
         dir.path(),
         &["device", "--http-listen", "127.0.0.1:0"],
