@@ -217,6 +217,35 @@ async fn every_http_interface_answers_401_without_a_token_and_200_with_either_of
     .await;
     assert_eq!(got, StatusCode::UNAUTHORIZED);
 
+    // `entwine status` presents auth.token, and says what to set when it has none.
+    let status_of = |token: Option<&str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_entwine"));
+        command
+            .args(["status", "--url", &api])
+            .env_remove("ENTWINE_AUTH__TOKEN")
+            .current_dir(dir.path());
+        if let Some(token) = token {
+            command.env("ENTWINE_AUTH__TOKEN", token);
+        }
+        async move { command.output().await.unwrap() }
+    };
+    let with = status_of(Some(BETA)).await;
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    assert!(String::from_utf8_lossy(&with.stdout).contains(&format!("{prefix}-1")));
+    let without = status_of(None).await;
+    assert!(!without.status.success());
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(
+        stderr.contains(
+            "answered 401: the API asks for a token; set auth.token (ENTWINE_AUTH__TOKEN)"
+        ),
+        "{stderr}"
+    );
+
     let report = platform.shutdown().await.unwrap();
     assert!(
         report.completed > 0 && report.dead_lettered == 0,
