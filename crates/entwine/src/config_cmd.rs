@@ -35,6 +35,10 @@ pub fn config(args: &ConfigArgs) -> anyhow::Result<()> {
     loaded.odte()?;
     loaded.store_options()?;
     loaded.http_limits()?;
+    loaded.auth()?;
+    loaded.client_token()?;
+    loaded.mqtt()?;
+    loaded.mqtt_device_credentials()?;
     loaded.database(Some(DEFAULT_DATABASE_URL))?;
     let format = match args.format {
         ConfigFormat::Yaml => RenderFormat::Yaml,

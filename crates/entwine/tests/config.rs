@@ -126,6 +126,24 @@ async fn a_bad_value_exits_2_naming_its_key_and_source() {
                 .to_owned(),
         ),
         (
+            vec!["config"],
+            vec![("ENTWINE_AUTH__TOKENS", "short")],
+            "error: auth.tokens from ENTWINE_AUTH__TOKENS: token 1 is 5 characters long; each token needs at least 16"
+                .to_owned(),
+        ),
+        (
+            vec!["config"],
+            vec![("ENTWINE_MQTT__PASSWORD", "secret")],
+            "error: mqtt.username is not set: mqtt.password is set (from ENTWINE_MQTT__PASSWORD) but no user name"
+                .to_owned(),
+        ),
+        (
+            vec!["config"],
+            vec![("ENTWINE_MQTT__CERT_FILE", "/client.pem")],
+            "error: mqtt.cert_file from ENTWINE_MQTT__CERT_FILE: mutual TLS needs both mqtt.cert_file and mqtt.key_file"
+                .to_owned(),
+        ),
+        (
             vec!["migrate"],
             vec![("ENTWINE_POSTGRES__PORT", "fifty")],
             "error: postgres.port from ENTWINE_POSTGRES__PORT: \"fifty\" is not a port number (1-65535)"
