@@ -124,7 +124,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub ack_order: crate::physical::AckOrderArg,
     /// Have the connector call the functions over HTTP through the platform's own server (as
-    /// on a cluster through Fission's router) instead of in process.
+    /// on a cluster through Fission's router) instead of in process. With `auth.tokens` set
+    /// (ENTWINE_AUTH__TOKENS), the routes ask for a token and the connector presents
+    /// `auth.token`.
     #[arg(long)]
     pub http_functions: bool,
     /// The MQTT login and TLS files for `--scenario services` (`mqtt.*` of the typed
@@ -399,10 +401,15 @@ async fn run_chain(
     config.evaluator = EvaluatorPeriod::Off;
     config.devices = None;
     config.digital_events = None;
+    // Tokens (`auth.tokens`, `auth.token`: ENTWINE_AUTH__TOKENS, ENTWINE_AUTH__TOKEN) make the
+    // function routes ask for one, which `--http-functions` then presents: what they cost.
+    let mut flags = entwine_config::Flags::default();
+    args.mqtt.flags(&mut flags)?;
+    let loaded = crate::cli::load_config(None, flags)?;
+    config.auth = loaded.auth()?;
+    config.client_token = loaded.client_token()?;
     if args.scenario == Scenario::Services {
-        let mut flags = entwine_config::Flags::default();
-        args.mqtt.flags(&mut flags)?;
-        config.mqtt = crate::cli::load_config(None, flags)?.mqtt()?;
+        config.mqtt = loaded.mqtt()?;
     }
     let mqtt = config.mqtt.clone();
     config.metrics = false;

@@ -7,6 +7,11 @@ use tokio::process::Command;
 
 /// Runs `entwine bench ARGS --json FILE` and answers the JSON it wrote and what it printed.
 async fn bench(args: &[&str]) -> (Value, String) {
+    bench_with(args, &[]).await
+}
+
+/// As [`bench`], with `env` set.
+async fn bench_with(args: &[&str], env: &[(&str, &str)]) -> (Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_entwine"))
@@ -14,6 +19,7 @@ async fn bench(args: &[&str]) -> (Value, String) {
         .args(args)
         .args(["--no-progress", "--json", json.to_str().unwrap()])
         .env("RUST_LOG", "warn,rumqttd=off")
+        .envs(env.iter().copied())
         .output()
         .await
         .unwrap();
@@ -154,6 +160,55 @@ async fn services_saturation_mirrors_every_event_on_postgresql_and_mosquitto() {
         "PostgreSQL worked: {run}"
     );
     assert!(printed.contains("PostgreSQL"), "{printed}");
+}
+
+#[tokio::test]
+async fn over_http_with_tokens_set_the_connector_presents_its_token_and_mirrors_every_event() {
+    let token = "bench-token-0123456789abcdef";
+    let (report, _) = bench_with(
+        &[
+            "--mode",
+            "saturation",
+            "--devices",
+            "20",
+            "--in-flight",
+            "50",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--http-functions",
+        ],
+        &[
+            (
+                "ENTWINE_AUTH__TOKENS",
+                &format!("other-token-0123456789abcdef,{token}"),
+            ),
+            ("ENTWINE_AUTH__TOKEN", token),
+        ],
+    )
+    .await;
+    assert_complete_run(&report["runs"][0]);
+    // The tokens are in force: without one to present, the bench does not start.
+    let out = Command::new(env!("CARGO_BIN_EXE_entwine"))
+        .args([
+            "bench",
+            "--http-functions",
+            "--duration",
+            "1",
+            "--no-progress",
+        ])
+        .env("ENTWINE_AUTH__TOKENS", token)
+        .env_remove("ENTWINE_AUTH__TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("which ask for a token: set auth.token to one of auth.tokens"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
