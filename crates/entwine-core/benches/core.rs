@@ -56,7 +56,8 @@ fn parsing(c: &mut Criterion) {
     group.bench_function("physical_event", |b| {
         b.iter(|| {
             let map = parse_object(black_box(payload)).expect("valid JSON");
-            PhysicalEvent::from_json(&map, NOW).expect("valid event")
+            PhysicalEvent::from_json(&map, NOW, &entwine_core::model::ModelSet::default())
+                .expect("valid event")
         })
     });
     group.throughput(Throughput::Bytes(pending.len() as u64));

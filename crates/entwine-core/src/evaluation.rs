@@ -336,8 +336,7 @@ mod tests {
             physicalstate_id: 7,
             device_id: DeviceId::parse("device_id", "press-1").unwrap(),
             timestamp: 10_000,
-            temperature: 20.0,
-            energy: 1.0,
+            readings: crate::state::Readings::seed(20.0, 1.0),
         };
         let stored = DigitalState {
             pending,

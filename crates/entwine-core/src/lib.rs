@@ -15,6 +15,8 @@
 //! - [`twin`]: the twin's lifecycle (unbound → bound → entangled ⇄ disentangled, unbound again
 //!   after silence) and availability measured from the gaps between updates.
 //! - [`deadletter`]: a refused message as a small record (stage, reason, size, digest, prefix).
+//! - [`model`]: device models (WoT Thing Models with an ODTE profile), which device is bound
+//!   to which, and the validation of their readings; the seed's device is built in.
 //! - [`input`]: the error that names the field a bad input got wrong, and the field readers.
 //! - [`broker`]: the one parser of MQTT broker addresses (`host:port`, `mqtt://`, `[::1]`, …).
 //! - [`retry`]: the one retry policy (jittered exponential backoff, `backon`), as pure values.
@@ -37,6 +39,7 @@ pub mod broker;
 pub mod deadletter;
 pub mod evaluation;
 pub mod input;
+pub mod model;
 pub mod odte;
 pub mod retry;
 pub mod state;

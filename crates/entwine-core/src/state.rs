@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::input::{Fields, InputError};
+use crate::model::{state_readings, Binding, ModelReadings, ModelSet};
 use crate::odte::{Entanglement, SeedLifecycle};
 
 /// The event type of the seed device's aggregated telemetry.
@@ -131,6 +132,96 @@ fn device_id(fields: &Fields<'_>, key: &str) -> Result<DeviceId, InputError> {
     DeviceId::parse(&fields.path(key), fields.string(key)?)
 }
 
+/// What a state carries of its device's measurement: the seed device's two readings (the
+/// seed's `REAL` columns, `f32`), or the readings of a model-described device (its model,
+/// version and each property's value, stored as JSON beside the seed's tables).
+///
+/// In JSON, flattened into the state: `"temperature", "energy"` for the seed's device,
+/// `"model", "model_version", "readings": {…}` for a model's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Readings {
+    /// The seed's device.
+    Seed {
+        /// `data["iot.sensor.temperature"]`.
+        temperature: f32,
+        /// `data["iot.sensor.energy"]`.
+        energy: f32,
+    },
+    /// A device of a loaded model.
+    Model(ModelReadings),
+}
+
+impl Readings {
+    /// The seed device's readings.
+    pub fn seed(temperature: f32, energy: f32) -> Self {
+        Self::Seed {
+            temperature,
+            energy,
+        }
+    }
+
+    /// The seed's temperature, or `None` for a model's readings.
+    pub fn temperature(&self) -> Option<f32> {
+        match self {
+            Self::Seed { temperature, .. } => Some(*temperature),
+            Self::Model(_) => None,
+        }
+    }
+
+    /// The seed's energy, or `None` for a model's readings.
+    pub fn energy(&self) -> Option<f32> {
+        match self {
+            Self::Seed { energy, .. } => Some(*energy),
+            Self::Model(_) => None,
+        }
+    }
+
+    /// A model's readings, or `None` for the seed's.
+    pub fn model(&self) -> Option<&ModelReadings> {
+        match self {
+            Self::Seed { .. } => None,
+            Self::Model(m) => Some(m),
+        }
+    }
+
+    /// Reads a state's readings: `readings` (with `model`, `model_version`) when present, the
+    /// seed's `temperature` and `energy` otherwise.
+    fn of_state(f: &Fields<'_>, map: &Map<String, Value>) -> Result<Self, InputError> {
+        match state_readings(map) {
+            Some(model) => Ok(Self::Model(model?)),
+            None => Ok(Self::seed(
+                reading(f, "temperature")?,
+                reading(f, "energy")?,
+            )),
+        }
+    }
+}
+
+impl Serialize for Readings {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(match self {
+            Self::Seed { .. } => 2,
+            Self::Model(_) => 3,
+        }))?;
+        match self {
+            Self::Seed {
+                temperature,
+                energy,
+            } => {
+                map.serialize_entry("temperature", temperature)?;
+                map.serialize_entry("energy", energy)?;
+            }
+            Self::Model(m) => {
+                map.serialize_entry("model", &m.model)?;
+                map.serialize_entry("model_version", &m.model_version)?;
+                map.serialize_entry("readings", &m.readings)?;
+            }
+        }
+        map.end()
+    }
+}
+
 /// What a device reported: the input of the physical-event handler (the device payload plus the
 /// `device_id` the connector took from the topic).
 #[derive(Debug, Clone, PartialEq)]
@@ -139,34 +230,59 @@ pub struct PhysicalEvent {
     pub device_id: DeviceId,
     /// The payload's `timestamp`: when the device measured, in ms.
     pub device_timestamp: i64,
-    /// `data["iot.sensor.temperature"]`.
-    pub temperature: f32,
-    /// `data["iot.sensor.energy"]`.
-    pub energy: f32,
+    /// What it measured.
+    pub readings: Readings,
 }
 
 impl PhysicalEvent {
-    /// Parses `{"timestamp", "type", "data": {"iot.sensor.energy", "iot.sensor.temperature"},
-    /// "device_id"}`. `type` may be absent; when present it must be the aggregated state type.
-    /// Other keys (such as `data.payload_overhead`) are ignored.
-    pub fn from_json(map: &Map<String, Value>, now_ms: i64) -> Result<Self, InputError> {
+    /// Parses a device's message plus its `device_id`, by the model the device is bound to in
+    /// `models`. For the seed's device: `{"timestamp", "type", "data": {"iot.sensor.energy",
+    /// "iot.sensor.temperature"}, "device_id"}`; `type` may be absent; when present it must be
+    /// the aggregated state type. For a model's: `timestamp`, `type` (when present, the model's
+    /// `entwine:eventType` if it declares one), and each property where the model says, validated
+    /// against it. Other keys (such as `data.payload_overhead`) are ignored.
+    pub fn from_json(
+        map: &Map<String, Value>,
+        now_ms: i64,
+        models: &ModelSet,
+    ) -> Result<Self, InputError> {
         let f = Fields::new(map);
         let device_id = device_id(&f, "device_id")?;
-        if let Some(t) = f.optional("type") {
-            if t.as_str() != Some(AGGREGATED_STATE_TYPE) {
+        let model = match models.bind(device_id.as_str()) {
+            Binding::Seed => None,
+            Binding::Model(model) => Some(model),
+        };
+        let expected = match model {
+            None => Some(AGGREGATED_STATE_TYPE),
+            Some(m) => m.event_type.as_deref(),
+        };
+        if let (Some(t), Some(expected)) = (f.optional("type"), expected) {
+            if t.as_str() != Some(expected) {
                 return Err(InputError::new(
                     "type",
-                    format!("unsupported event type {t}, expected \"{AGGREGATED_STATE_TYPE}\""),
+                    format!("unsupported event type {t}, expected \"{expected}\""),
                 ));
             }
         }
         let device_timestamp = timestamp_near(&f, "timestamp", now_ms)?;
-        let data = f.object("data", "data")?;
+        let readings = match model {
+            None => {
+                let data = f.object("data", "data")?;
+                Readings::seed(
+                    reading(&data, TEMPERATURE_KEY)?,
+                    reading(&data, ENERGY_KEY)?,
+                )
+            }
+            Some(m) => Readings::Model(ModelReadings {
+                model: m.id.clone(),
+                model_version: m.version.clone(),
+                readings: m.readings(map)?,
+            }),
+        };
         Ok(Self {
             device_id,
             device_timestamp,
-            temperature: reading(&data, TEMPERATURE_KEY)?,
-            energy: reading(&data, ENERGY_KEY)?,
+            readings,
         })
     }
 }
@@ -183,10 +299,9 @@ pub struct PhysicalState {
     pub device_timestamp: i64,
     /// When the physical-event handler received it (ms).
     pub timestamp: i64,
-    /// Temperature reading.
-    pub temperature: f32,
-    /// Energy reading.
-    pub energy: f32,
+    /// What the device measured.
+    #[serde(flatten)]
+    pub readings: Readings,
 }
 
 impl PhysicalState {
@@ -198,8 +313,7 @@ impl PhysicalState {
             device_id: device_id(&f, "device_id")?,
             device_timestamp: timestamp_near(&f, "device_timestamp", now_ms)?,
             timestamp: timestamp_near(&f, "timestamp", now_ms)?,
-            temperature: reading(&f, "temperature")?,
-            energy: reading(&f, "energy")?,
+            readings: Readings::of_state(&f, map)?,
         })
     }
 }
@@ -216,10 +330,9 @@ pub struct PendingDigitalState {
     pub device_id: DeviceId,
     /// When the shadow handler made it (ms): the twin's time `t` for the ODTE window.
     pub timestamp: i64,
-    /// Temperature reading.
-    pub temperature: f32,
-    /// Energy reading.
-    pub energy: f32,
+    /// What the device measured, as its physical state holds it.
+    #[serde(flatten)]
+    pub readings: Readings,
 }
 
 impl PendingDigitalState {
@@ -231,8 +344,7 @@ impl PendingDigitalState {
             physicalstate_id: row_id(&f, "physicalstate_id")?,
             device_id: device_id(&f, "device_id")?,
             timestamp: timestamp_near(&f, "timestamp", now_ms)?,
-            temperature: reading(&f, "temperature")?,
-            energy: reading(&f, "energy")?,
+            readings: Readings::of_state(&f, map)?,
         })
     }
 }
@@ -314,11 +426,10 @@ mod tests {
 
     #[test]
     fn a_seed_device_payload_parses_into_a_physical_event() {
-        let e = PhysicalEvent::from_json(&map(seed_event()), NOW).unwrap();
+        let e = PhysicalEvent::from_json(&map(seed_event()), NOW, &ModelSet::default()).unwrap();
         assert_eq!(e.device_id.as_str(), "iiot-device-1");
         assert_eq!(e.device_timestamp, NOW - 40);
-        assert_eq!(e.temperature, 27.3f32);
-        assert_eq!(e.energy, 3.25f32);
+        assert_eq!(e.readings, Readings::seed(27.3, 3.25));
     }
 
     #[test]
@@ -351,7 +462,8 @@ mod tests {
             for (k, v) in patch.as_object().unwrap() {
                 event[k] = v.clone();
             }
-            let err = PhysicalEvent::from_json(&map(event.clone()), NOW).unwrap_err();
+            let err = PhysicalEvent::from_json(&map(event.clone()), NOW, &ModelSet::default())
+                .unwrap_err();
             assert_eq!(err.field, field, "for {event}: {err}");
         }
     }
@@ -360,7 +472,7 @@ mod tests {
     fn a_missing_device_id_is_named() {
         let mut event = seed_event();
         event.as_object_mut().unwrap().remove("device_id");
-        let err = PhysicalEvent::from_json(&map(event), NOW).unwrap_err();
+        let err = PhysicalEvent::from_json(&map(event), NOW, &ModelSet::default()).unwrap_err();
         assert_eq!(err.to_string(), "device_id: missing");
     }
 
@@ -371,8 +483,7 @@ mod tests {
             physicalstate_id: 4,
             device_id: DeviceId::parse("device_id", "d").unwrap(),
             timestamp: NOW,
-            temperature: 26.1,
-            energy: 2.0,
+            readings: Readings::seed(26.1, 2.0),
         };
         let state = DigitalState {
             pending,

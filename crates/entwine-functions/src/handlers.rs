@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use entwine_core::deadletter::DeadLetter;
+use entwine_core::model::ModelSet;
 use entwine_core::odte::OdteConfig;
 use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState};
 use entwine_core::InputError;
@@ -136,7 +137,7 @@ pub type LifecycleFeed = tokio::sync::broadcast::Sender<TwinChange>;
 #[derive(Clone)]
 pub struct TwinFunctions {
     store: Store,
-    odte: OdteConfig,
+    models: Arc<ModelSet>,
     clock: Arc<dyn Clock>,
     feed: Option<DigitalFeed>,
     lifecycle: Option<LifecycleFeed>,
@@ -147,22 +148,36 @@ impl std::fmt::Debug for TwinFunctions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TwinFunctions")
             .field("store", &self.store.backend())
-            .field("odte", &self.odte)
+            .field("odte", self.models.seed_profile())
+            .field("models", &self.models.models().len())
             .finish_non_exhaustive()
     }
 }
 
 impl TwinFunctions {
-    /// Functions over `store`, evaluating twins with `odte`, reading time from `clock`.
+    /// Functions over `store`, evaluating twins with `odte`, reading time from `clock`; every
+    /// device is the seed's until [`TwinFunctions::with_models`].
     pub fn new(store: Store, odte: OdteConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
             store,
-            odte,
+            models: Arc::new(ModelSet::seed_only(odte)),
             clock,
             feed: None,
             lifecycle: None,
             publisher: None,
         }
+    }
+
+    /// The same functions with device models: each device's events are read by the model it is
+    /// bound to, and its twin evaluated by that model's profile (the seed's device keeps
+    /// `models`' seed profile).
+    pub fn with_models(self, models: Arc<ModelSet>) -> Self {
+        Self { models, ..self }
+    }
+
+    /// The device models they read events by.
+    pub fn models(&self) -> &Arc<ModelSet> {
+        &self.models
     }
 
     /// The same functions, announcing lifecycle changes to `lifecycle`.
@@ -214,8 +229,11 @@ impl TwinFunctions {
     ) -> Result<PhysicalState, FunctionError> {
         let now = self.clock.now_ms();
         only(
-            self.record_events(vec![PhysicalEvent::from_json(input, now)], now)
-                .await?,
+            self.record_events(
+                vec![PhysicalEvent::from_json(input, now, &self.models)],
+                now,
+            )
+            .await?,
         )
     }
 
@@ -228,7 +246,9 @@ impl TwinFunctions {
     ) -> Result<Each<PhysicalState>, FunctionError> {
         let now = self.clock.now_ms();
         self.record_events(
-            parse_each(inputs, |map| PhysicalEvent::from_json(map, now)),
+            parse_each(inputs, |map| {
+                PhysicalEvent::from_json(map, now, &self.models)
+            }),
             now,
         )
         .await
@@ -340,7 +360,7 @@ impl TwinFunctions {
         }
         let evaluated = self
             .store
-            .evaluate_digital_states(&pending, &self.odte)
+            .evaluate_digital_states(&pending, self.models.as_ref())
             .await?;
         Ok(merge(slots, evaluated, |(digital, written, change)| {
             log_written(
@@ -469,7 +489,10 @@ impl TwinFunctions {
     #[tracing::instrument(name = "twin-evaluator", skip_all)]
     pub async fn evaluate_twins(&self) -> Result<Evaluation, FunctionError> {
         let now = self.clock.now_ms();
-        let changes = self.store.reevaluate_twins(now, &self.odte).await?;
+        let changes = self
+            .store
+            .reevaluate_twins(now, self.models.as_ref())
+            .await?;
         for change in &changes {
             self.announce(change);
             // A twin the evaluator disentangles shows it in /metrics; an unbound one's series

@@ -15,14 +15,19 @@
 use std::collections::{HashMap, HashSet};
 
 use entwine_core::evaluation::{self, TwinEvaluation, UpdateTimes, Window, WindowFigures};
+use entwine_core::model::{ModelReadings, Profiles};
 use entwine_core::odte::OdteConfig;
-use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState};
+use entwine_core::state::{
+    DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState, Readings,
+};
 use entwine_core::twin::TwinPosition;
 use entwine_core::InputError;
 use serde_json::{json, Value};
 
 use crate::lifecycle::{twin_change, upsert_lite, upsert_pg, Figures, TwinRow};
-use crate::queries::{window_stats, DigitalRow, PendingRow, PhysicalRow};
+use crate::queries::{
+    seed_columns, window_stats, DigitalRow, ModelReadingsById, PendingRow, PhysicalRow,
+};
 use crate::{contradiction, display_opt, mismatch, Store, StoreError, TwinChange, Written};
 
 /// One result per input of a batch, in the inputs' order: what the single call would answer, or
@@ -45,6 +50,33 @@ pub fn is_element_error(error: &StoreError) -> bool {
 fn reading(value: f32) -> Value {
     json!(f64::from(value))
 }
+
+/// [`reading`] of a column that is `NULL` for a model's state.
+fn reading_opt(value: Option<f32>) -> Value {
+    value.map_or(Value::Null, reading)
+}
+
+/// The readings of model states, by physical state id (migration 0008).
+const MODEL_READINGS_PG: &str = "\
+    SELECT physicalstate_id, model, model_version, CAST(readings AS TEXT) AS readings \
+    FROM physicalstate_reading WHERE physicalstate_id = ANY($1)";
+
+const MODEL_READINGS_LITE: &str = "\
+    SELECT physicalstate_id, model, model_version, CAST(readings AS TEXT) AS readings \
+    FROM physicalstate_reading WHERE physicalstate_id IN (SELECT value FROM json_each(?1))";
+
+/// The readings of physical states just inserted, in the same transaction.
+const INSERT_READINGS_PG: &str = "\
+    INSERT INTO physicalstate_reading (physicalstate_id, model, model_version, readings) \
+    SELECT b.id, b.model, b.version, b.readings::jsonb \
+    FROM UNNEST($1::int4[], $2::varchar[], $3::varchar[], $4::text[]) \
+         AS b(id, model, version, readings)";
+
+const INSERT_READINGS_LITE: &str = "\
+    INSERT INTO physicalstate_reading (physicalstate_id, model, model_version, readings) \
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
+           json_extract(value, '$[3]') \
+    FROM json_each(?1)";
 
 /// Runs a statement of `postgres` (binding each array) or `sqlite` (binding one JSON text) form.
 macro_rules! set_based {
@@ -108,7 +140,8 @@ const INSERT_SHADOWS_PG: &str = "\
          WITH ORDINALITY AS b(id, device_id, device_timestamp, timestamp, temperature, energy, ord) \
     JOIN physicalstate p ON p.id = b.id AND p.device_id = b.device_id \
      AND p.device_timestamp = b.device_timestamp AND p.timestamp = b.timestamp \
-     AND p.temperature = b.temperature AND p.energy = b.energy \
+     AND p.temperature IS NOT DISTINCT FROM b.temperature \
+     AND p.energy IS NOT DISTINCT FROM b.energy \
     ORDER BY b.ord \
     ON CONFLICT (physicalstate_id) DO NOTHING \
     RETURNING id, physicalstate_id, device_id, timestamp, temperature, energy";
@@ -121,8 +154,8 @@ const INSERT_SHADOWS_LITE: &str = "\
      AND p.device_id = json_extract(b.value, '$[1]') \
      AND p.device_timestamp = json_extract(b.value, '$[2]') \
      AND p.timestamp = json_extract(b.value, '$[3]') \
-     AND p.temperature = json_extract(b.value, '$[4]') \
-     AND p.energy = json_extract(b.value, '$[5]') \
+     AND p.temperature IS json_extract(b.value, '$[4]') \
+     AND p.energy IS json_extract(b.value, '$[5]') \
     WHERE true ORDER BY b.key \
     ON CONFLICT (physicalstate_id) DO NOTHING \
     RETURNING id, physicalstate_id, device_id, timestamp, temperature, energy";
@@ -277,35 +310,21 @@ impl Store {
         }
         let devices: Vec<&str> = events.iter().map(|e| e.device_id.as_str()).collect();
         let stamps: Vec<i64> = events.iter().map(|e| e.device_timestamp).collect();
-        let lite = || {
-            Value::from(
-                events
-                    .iter()
-                    .map(|e| {
-                        json!([
-                            e.device_id.as_str(),
-                            e.device_timestamp,
-                            reading(e.temperature),
-                            reading(e.energy)
-                        ])
-                    })
-                    .collect::<Vec<_>>(),
-            )
-            .to_string()
-        };
-        let inserted: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
-            pg: INSERT_PHYSICAL_PG => [
-                &devices,
-                &stamps,
-                events.iter().map(|e| e.temperature).collect::<Vec<f32>>(),
-                events.iter().map(|e| e.energy).collect::<Vec<f32>>(),
-                now_ms
-            ],
-            lite: INSERT_PHYSICAL_LITE => [lite(), now_ms])?;
-        let mut created: HashMap<(String, i64), PhysicalRow> = inserted
-            .into_iter()
-            .map(|row| ((row.device_id.clone(), row.device_timestamp), row))
-            .collect();
+        let inserted = self.insert_physical(events, now_ms).await?;
+        // A created row's model readings are the event's (written with it, in one transaction).
+        let mut created_readings = ModelReadingsById::new();
+        let mut created: HashMap<(String, i64), PhysicalRow> = HashMap::new();
+        for row in inserted {
+            let key = (row.device_id.clone(), row.device_timestamp);
+            if let Some(m) = events
+                .iter()
+                .find(|e| e.device_id.as_str() == key.0 && e.device_timestamp == key.1)
+                .and_then(|e| e.readings.model())
+            {
+                created_readings.insert(row.id, m.clone());
+            }
+            created.insert(key, row);
+        }
         // The events not inserted now: redeliveries, a different event under a used key, or
         // the second of two equal keys in this batch (then the first one's row).
         let mut stored: HashMap<(String, i64), PhysicalState> = HashMap::new();
@@ -322,10 +341,17 @@ impl Store {
             let rows: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
                 pg: PHYSICAL_BY_EVENTS_PG => [&devices, &stamps],
                 lite: PHYSICAL_BY_EVENTS_LITE => [lite()])?;
+            let models = self
+                .model_readings(
+                    rows.iter()
+                        .filter(|r| r.temperature.is_none())
+                        .map(|r| r.id),
+                )
+                .await?;
             for row in rows {
                 let key = (row.device_id.clone(), row.device_timestamp);
                 if !created.contains_key(&key) {
-                    stored.insert(key, row.into_state()?);
+                    stored.insert(key, row.into_state(&models)?);
                 }
             }
         }
@@ -333,7 +359,7 @@ impl Store {
         for event in events {
             let key = (event.device_id.as_str().to_owned(), event.device_timestamp);
             if let Some(row) = created.remove(&key) {
-                let state = row.into_state();
+                let state = row.into_state(&created_readings);
                 if let Ok(state) = &state {
                     stored.insert(key, state.clone());
                 }
@@ -364,9 +390,38 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids: Vec<i32> = states.iter().map(|s| s.id).collect();
+        // A model state's readings are compared before its copy is made (a physical state's
+        // readings never change): one that is not the stored one is refused, and not copied.
+        let given_models: ModelReadingsById = states
+            .iter()
+            .filter_map(|s| s.readings.model().map(|m| (s.id, m.clone())))
+            .collect();
+        let mut refused: HashMap<i32, StoreError> = HashMap::new();
+        if !given_models.is_empty() {
+            let stored = self.model_readings(given_models.keys().copied()).await?;
+            for (id, given) in &given_models {
+                let what = format!("physical state {id}");
+                let result = match stored.get(id) {
+                    Some(stored) => model_contradiction(&what, stored, given),
+                    None => Err(mismatch(
+                        "readings",
+                        what,
+                        "no readings of a model",
+                        &format!("readings of model {}", given.model),
+                    )),
+                };
+                if let Err(e) = result {
+                    refused.insert(*id, e);
+                }
+            }
+        }
+        let copied: Vec<&PhysicalState> = states
+            .iter()
+            .filter(|s| !refused.contains_key(&s.id))
+            .collect();
         let lite = || {
             Value::from(
-                states
+                copied
                     .iter()
                     .map(|s| {
                         json!([
@@ -374,61 +429,89 @@ impl Store {
                             s.device_id.as_str(),
                             s.device_timestamp,
                             s.timestamp,
-                            reading(s.temperature),
-                            reading(s.energy)
+                            reading_opt(s.readings.temperature()),
+                            reading_opt(s.readings.energy())
                         ])
                     })
                     .collect::<Vec<_>>(),
             )
             .to_string()
         };
-        let inserted: Vec<PendingRow> = set_based!(self, fetch_all, PendingRow,
+        let inserted: Vec<PendingRow> = if copied.is_empty() {
+            Vec::new()
+        } else {
+            set_based!(self, fetch_all, PendingRow,
             pg: INSERT_SHADOWS_PG => [
-                &ids,
-                states.iter().map(|s| s.device_id.as_str()).collect::<Vec<&str>>(),
-                states.iter().map(|s| s.device_timestamp).collect::<Vec<i64>>(),
-                states.iter().map(|s| s.timestamp).collect::<Vec<i64>>(),
-                states.iter().map(|s| s.temperature).collect::<Vec<f32>>(),
-                states.iter().map(|s| s.energy).collect::<Vec<f32>>(),
+                copied.iter().map(|s| s.id).collect::<Vec<i32>>(),
+                copied.iter().map(|s| s.device_id.as_str()).collect::<Vec<&str>>(),
+                copied.iter().map(|s| s.device_timestamp).collect::<Vec<i64>>(),
+                copied.iter().map(|s| s.timestamp).collect::<Vec<i64>>(),
+                copied.iter().map(|s| seed_columns(&s.readings).0).collect::<Vec<Option<f32>>>(),
+                copied.iter().map(|s| seed_columns(&s.readings).1).collect::<Vec<Option<f32>>>(),
                 now_ms
             ],
-            lite: INSERT_SHADOWS_LITE => [lite(), now_ms])?;
+            lite: INSERT_SHADOWS_LITE => [lite(), now_ms])?
+        };
         let mut created: HashMap<i32, PendingRow> = inserted
             .into_iter()
             .map(|row| (row.physicalstate_id, row))
             .collect();
         // Not inserted: a redelivery, or a physical state that is not the stored one. Either
         // way the input must be exactly what is stored, or nothing is answered but an error.
-        let mut physical: HashMap<i32, PhysicalRow> = HashMap::new();
+        let mut physical: HashMap<i32, PhysicalState> = HashMap::new();
         let mut copies: HashMap<i32, PendingDigitalState> = HashMap::new();
-        if created.len() < states.len() {
-            let rest: Vec<i32> = ids
-                .iter()
-                .copied()
-                .filter(|id| !created.contains_key(id))
-                .collect();
+        let mut unreadable: HashMap<i32, StoreError> = HashMap::new();
+        let rest: Vec<i32> = ids
+            .iter()
+            .copied()
+            .filter(|id| !created.contains_key(id) && !refused.contains_key(id))
+            .collect();
+        if !rest.is_empty() {
             let rows: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
                 pg: PHYSICAL_BY_IDS_PG => [&rest],
                 lite: PHYSICAL_BY_IDS_LITE => [ids_json(&rest)])?;
-            physical.extend(rows.into_iter().map(|row| (row.id, row)));
+            let models = self
+                .model_readings(
+                    rows.iter()
+                        .filter(|r| r.temperature.is_none())
+                        .map(|r| r.id),
+                )
+                .await?;
+            for row in rows {
+                let id = row.id;
+                match row.into_state(&models) {
+                    Ok(state) => {
+                        physical.insert(id, state);
+                    }
+                    Err(e) => {
+                        unreadable.insert(id, e);
+                    }
+                }
+            }
             let rows: Vec<PendingRow> = set_based!(self, fetch_all, PendingRow,
                 pg: SHADOWS_BY_PHYSICAL_PG => [&rest],
                 lite: SHADOWS_BY_PHYSICAL_LITE => [ids_json(&rest)])?;
             for row in rows {
-                copies.insert(row.physicalstate_id, row.into_pending()?);
+                copies.insert(row.physicalstate_id, row.into_pending(&models)?);
             }
         }
         let mut each = Vec::with_capacity(states.len());
         for state in states {
+            if let Some(e) = refused.remove(&state.id) {
+                each.push(Err(e));
+                continue;
+            }
             if let Some(row) = created.remove(&state.id) {
-                let pending = row.into_pending();
+                let pending = row.into_pending(&given_models);
                 if let Ok(pending) = &pending {
                     copies.insert(state.id, pending.clone());
-                    physical
-                        .entry(state.id)
-                        .or_insert_with(|| PhysicalRow::of(state));
+                    physical.entry(state.id).or_insert_with(|| state.clone());
                 }
                 each.push(pending.map(|p| (p, Written::Created)));
+                continue;
+            }
+            if let Some(e) = unreadable.remove(&state.id) {
+                each.push(Err(e));
                 continue;
             }
             each.push(existing_shadow(
@@ -446,12 +529,16 @@ impl Store {
     /// window and twin (and one of the update times when availability is measured); then one
     /// statement storing the new evaluations and one writing the twins that changed lifecycle,
     /// in one transaction.
+    ///
+    /// Each state is evaluated by its device's profile (`profiles`: one [`OdteConfig`] for
+    /// every device, or a [`entwine_core::model::ModelSet`]'s per model); the window query runs
+    /// once per profile the batch holds.
     pub async fn evaluate_digital_states(
         &self,
         pending: &[PendingDigitalState],
-        config: &OdteConfig,
+        profiles: &dyn Profiles,
     ) -> Result<Each<(DigitalState, Written, Option<TwinChange>)>, StoreError> {
-        self.evaluate_batch(pending, config, true).await
+        self.evaluate_batch(pending, profiles, true).await
     }
 
     /// [`Store::evaluate_digital_states`] without the twins (see
@@ -459,9 +546,9 @@ impl Store {
     pub async fn evaluate_digital_states_only(
         &self,
         pending: &[PendingDigitalState],
-        config: &OdteConfig,
+        profiles: &dyn Profiles,
     ) -> Result<Each<(DigitalState, Written)>, StoreError> {
-        let each = self.evaluate_batch(pending, config, false).await?;
+        let each = self.evaluate_batch(pending, profiles, false).await?;
         Ok(each
             .into_iter()
             .map(|r| r.map(|(state, written, _)| (state, written)))
@@ -471,7 +558,7 @@ impl Store {
     async fn evaluate_batch(
         &self,
         pending: &[PendingDigitalState],
-        config: &OdteConfig,
+        profiles: &dyn Profiles,
         twins: bool,
     ) -> Result<Each<(DigitalState, Written, Option<TwinChange>)>, StoreError> {
         if pending.is_empty() {
@@ -483,7 +570,7 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let plan = self.plan_evaluations(pending, config, twins).await?;
+            let plan = self.plan_evaluations(pending, profiles, twins).await?;
             match self.write_evaluations(&plan).await? {
                 Some(applied) => return Ok(plan.answers(applied)),
                 None if attempt < 3 => {
@@ -503,16 +590,30 @@ impl Store {
     async fn plan_evaluations(
         &self,
         pending: &[PendingDigitalState],
-        config: &OdteConfig,
+        profiles: &dyn Profiles,
         twins: bool,
     ) -> Result<Plan, StoreError> {
-        let ids: Vec<i32> = pending.iter().map(|p| p.id).collect();
-        let rows = self.digital_rows(&ids, config).await?;
-        let mut updates = if config.availability_max_gap_ms().is_some() {
-            self.updates_of_states(&ids, &rows, config).await?
-        } else {
-            HashMap::new()
-        };
+        // The batch's states by profile: one window query per profile (a fleet of the seed's
+        // devices alone: one).
+        let mut groups: Vec<(usize, Vec<i32>)> = Vec::new();
+        for p in pending {
+            let index = profiles.profile_index(p.device_id.as_str());
+            match groups.iter_mut().find(|(i, _)| *i == index) {
+                Some((_, ids)) => ids.push(p.id),
+                None => groups.push((index, vec![p.id])),
+            }
+        }
+        let mut rows: HashMap<i32, DigitalRow> = HashMap::new();
+        let mut updates: HashMap<i32, UpdateTimes> = HashMap::new();
+        for (index, ids) in &groups {
+            let config = &profiles.profiles()[*index];
+            let group = self.digital_rows(ids, config).await?;
+            if config.availability_max_gap_ms().is_some() {
+                updates.extend(self.updates_of_states(ids, &group, config).await?);
+            }
+            rows.extend(group);
+        }
+        let models = self.model_readings_of_rows(rows.values()).await?;
         let mut plan = Plan {
             results: Vec::with_capacity(pending.len()),
             evaluations: Vec::new(),
@@ -530,7 +631,7 @@ impl Store {
                 ))));
                 continue;
             };
-            let checked = check_row(row, input).and_then(|stored_pending| {
+            let checked = check_row(row, input, &models).and_then(|stored_pending| {
                 let device = input.device_id.as_str();
                 let twin = match positions.get(device) {
                     Some(twin) => *twin,
@@ -547,6 +648,7 @@ impl Store {
             };
             // The handler evaluates at the state's time, which is then the twin's latest update.
             let t = input.timestamp;
+            let config = profiles.profile_of(input.device_id.as_str());
             let evaluate = |window| evaluation::evaluate(config, t, Some(t), window, position);
             let earlier = match evaluated.get(&input.id) {
                 Some(state) => Some(state.clone()),
@@ -681,11 +783,166 @@ impl Store {
         let rows: Vec<DigitalRow> = set_based!(self, fetch_all, DigitalRow,
             pg: DIGITAL_BY_IDS_PG => [&ids],
             lite: DIGITAL_BY_IDS_LITE => [ids_json(&ids)])?;
+        let models = self.model_readings_of_rows(rows.iter()).await?;
         let rows: HashMap<i32, DigitalRow> = rows.into_iter().map(|r| (r.id, r)).collect();
         Ok(states
             .iter()
-            .map(|given| check_stored(rows.get(&given.pending.id), given))
+            .map(|given| check_stored(rows.get(&given.pending.id), given, &models))
             .collect())
+    }
+
+    /// Inserts a batch's physical states; with a model's readings among them, the readings of
+    /// those created too, in one transaction (a state is never stored without its readings).
+    async fn insert_physical(
+        &self,
+        events: &[PhysicalEvent],
+        now_ms: i64,
+    ) -> Result<Vec<PhysicalRow>, StoreError> {
+        let devices: Vec<&str> = events.iter().map(|e| e.device_id.as_str()).collect();
+        let stamps: Vec<i64> = events.iter().map(|e| e.device_timestamp).collect();
+        let temperatures: Vec<Option<f32>> =
+            events.iter().map(|e| e.readings.temperature()).collect();
+        let energies: Vec<Option<f32>> = events.iter().map(|e| e.readings.energy()).collect();
+        let lite = || {
+            Value::from(
+                events
+                    .iter()
+                    .map(|e| {
+                        json!([
+                            e.device_id.as_str(),
+                            e.device_timestamp,
+                            reading_opt(e.readings.temperature()),
+                            reading_opt(e.readings.energy())
+                        ])
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .to_string()
+        };
+        if events.iter().all(|e| e.readings.model().is_none()) {
+            return set_based!(self, fetch_all, PhysicalRow,
+                pg: INSERT_PHYSICAL_PG => [&devices, &stamps, &temperatures, &energies, now_ms],
+                lite: INSERT_PHYSICAL_LITE => [lite(), now_ms]);
+        }
+        // The readings of each created row: the first event of the batch under its key.
+        let readings_of = |rows: &[PhysicalRow]| -> Vec<(i32, &ModelReadings, String)> {
+            rows.iter()
+                .filter_map(|row| {
+                    let event = events.iter().find(|e| {
+                        e.device_id.as_str() == row.device_id
+                            && e.device_timestamp == row.device_timestamp
+                    })?;
+                    let m = event.readings.model()?;
+                    Some((row.id, m, Value::Object(m.readings.clone()).to_string()))
+                })
+                .collect()
+        };
+        match self {
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(StoreError::from_sqlx)?;
+                let rows: Vec<PhysicalRow> = sqlx::query_as(INSERT_PHYSICAL_PG)
+                    .bind(&devices)
+                    .bind(&stamps)
+                    .bind(&temperatures)
+                    .bind(&energies)
+                    .bind(now_ms)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_sqlx)?;
+                let readings = readings_of(&rows);
+                if !readings.is_empty() {
+                    sqlx::query(INSERT_READINGS_PG)
+                        .bind(readings.iter().map(|r| r.0).collect::<Vec<i32>>())
+                        .bind(
+                            readings
+                                .iter()
+                                .map(|r| r.1.model.as_str())
+                                .collect::<Vec<&str>>(),
+                        )
+                        .bind(
+                            readings
+                                .iter()
+                                .map(|r| r.1.model_version.as_str())
+                                .collect::<Vec<&str>>(),
+                        )
+                        .bind(readings.iter().map(|r| r.2.as_str()).collect::<Vec<&str>>())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from_sqlx)?;
+                }
+                tx.commit().await.map_err(StoreError::from_sqlx)?;
+                Ok(rows)
+            }
+            Store::Sqlite(pool) => {
+                let mut tx = pool.begin().await.map_err(StoreError::from_sqlx)?;
+                let rows: Vec<PhysicalRow> = sqlx::query_as(INSERT_PHYSICAL_LITE)
+                    .bind(lite())
+                    .bind(now_ms)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_sqlx)?;
+                let readings = readings_of(&rows);
+                if !readings.is_empty() {
+                    let rows_json = Value::from(
+                        readings
+                            .iter()
+                            .map(|r| json!([r.0, r.1.model, r.1.model_version, r.2]))
+                            .collect::<Vec<_>>(),
+                    )
+                    .to_string();
+                    sqlx::query(INSERT_READINGS_LITE)
+                        .bind(rows_json)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from_sqlx)?;
+                }
+                tx.commit().await.map_err(StoreError::from_sqlx)?;
+                Ok(rows)
+            }
+        }
+    }
+
+    /// The model readings of physical states `ids` (none read when there are none to read).
+    pub(crate) async fn model_readings(
+        &self,
+        ids: impl Iterator<Item = i32>,
+    ) -> Result<ModelReadingsById, StoreError> {
+        let ids: Vec<i32> = ids.collect();
+        if ids.is_empty() {
+            return Ok(ModelReadingsById::new());
+        }
+        let rows: Vec<(i32, String, String, String)> = set_based!(self, fetch_all, (i32, String, String, String),
+            pg: MODEL_READINGS_PG => [&ids],
+            lite: MODEL_READINGS_LITE => [ids_json(&ids)])?;
+        rows.into_iter()
+            .map(
+                |(id, model, model_version, text)| match serde_json::from_str::<Value>(&text) {
+                    Ok(Value::Object(readings)) => Ok((
+                        id,
+                        ModelReadings {
+                            model,
+                            model_version,
+                            readings,
+                        },
+                    )),
+                    _ => Err(StoreError::Corrupt(format!(
+                        "physicalstate_reading row {id} does not hold a JSON object"
+                    ))),
+                },
+            )
+            .collect()
+    }
+
+    /// The model readings of those digital `rows` that lack the seed's readings.
+    pub(crate) async fn model_readings_of_rows(
+        &self,
+        rows: impl Iterator<Item = &DigitalRow>,
+    ) -> Result<ModelReadingsById, StoreError> {
+        self.model_readings(
+            rows.filter(|r| r.temperature.is_none())
+                .filter_map(|r| r.physicalstate_id),
+        )
+        .await
     }
 
     /// The rows of digital states `ids` with their windows and twins, by id.
@@ -814,19 +1071,113 @@ impl Plan {
 /// A redelivered event carries the same readings; a different event under the same key would
 /// be answered with the stored one and never stored itself: refuse it, naming it.
 fn same_event(state: &PhysicalState, event: &PhysicalEvent) -> Result<(), StoreError> {
-    for (field, stored, sent) in [
-        ("temperature", state.temperature, event.temperature),
-        ("energy", state.energy, event.energy),
-    ] {
-        if stored.to_bits() != sent.to_bits() {
-            return Err(StoreError::Conflict(InputError::new(
-                "timestamp",
-                format!(
-                    "device {} already sent a different event at device timestamp {} \
-                     ({field} {stored} stored, {sent} sent): device timestamps must be unique",
-                    event.device_id, event.device_timestamp
-                ),
-            )));
+    let conflict = |difference: String| {
+        Err(StoreError::Conflict(InputError::new(
+            "timestamp",
+            format!(
+                "device {} already sent a different event at device timestamp {} \
+                 ({difference}): device timestamps must be unique",
+                event.device_id, event.device_timestamp
+            ),
+        )))
+    };
+    if let (
+        Readings::Seed {
+            temperature: st,
+            energy: se,
+        },
+        Readings::Seed {
+            temperature: gt,
+            energy: ge,
+        },
+    ) = (&state.readings, &event.readings)
+    {
+        for (field, stored, sent) in [("temperature", st, gt), ("energy", se, ge)] {
+            if stored.to_bits() != sent.to_bits() {
+                return conflict(format!("{field} {stored} stored, {sent} sent"));
+            }
+        }
+        return Ok(());
+    }
+    match readings_contradiction("the stored event", &state.readings, &event.readings) {
+        Err(StoreError::Rejected(e)) => conflict(e.reason),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses `given` readings that are not the `stored` ones, naming the first that differs:
+/// the seed's bit for bit, a model's by model, version and each property's value.
+pub(crate) fn readings_contradiction(
+    what: &str,
+    stored: &Readings,
+    given: &Readings,
+) -> Result<(), StoreError> {
+    match (stored, given) {
+        (
+            Readings::Seed {
+                temperature: st,
+                energy: se,
+            },
+            Readings::Seed {
+                temperature: gt,
+                energy: ge,
+            },
+        ) => contradiction(
+            what,
+            &[],
+            &[("temperature", *st, *gt), ("energy", *se, *ge)],
+        ),
+        (Readings::Model(stored), Readings::Model(given)) => {
+            model_contradiction(what, stored, given)
+        }
+        (Readings::Model(stored), Readings::Seed { .. }) => Err(mismatch(
+            "readings",
+            what.to_owned(),
+            &format!("readings of model {}", stored.model),
+            "the seed's temperature and energy",
+        )),
+        (Readings::Seed { .. }, Readings::Model(given)) => Err(mismatch(
+            "readings",
+            what.to_owned(),
+            "the seed's temperature and energy",
+            &format!("readings of model {}", given.model),
+        )),
+    }
+}
+
+/// [`readings_contradiction`] of two model readings.
+fn model_contradiction(
+    what: &str,
+    stored: &ModelReadings,
+    given: &ModelReadings,
+) -> Result<(), StoreError> {
+    contradiction(
+        what,
+        &[
+            ("model", stored.model.clone(), given.model.clone()),
+            (
+                "model_version",
+                stored.model_version.clone(),
+                given.model_version.clone(),
+            ),
+        ],
+        &[],
+    )?;
+    let keys: std::collections::BTreeSet<&String> = stored
+        .readings
+        .keys()
+        .chain(given.readings.keys())
+        .collect();
+    for key in keys {
+        let (s, g) = (stored.readings.get(key), given.readings.get(key));
+        if s != g {
+            let show = |v: Option<&Value>| v.map_or_else(|| "none".to_owned(), Value::to_string);
+            return Err(mismatch(
+                &format!("readings.{key}"),
+                what.to_owned(),
+                &show(s),
+                &show(g),
+            ));
         }
     }
     Ok(())
@@ -836,7 +1187,7 @@ fn same_event(state: &PhysicalState, event: &PhysicalEvent) -> Result<(), StoreE
 /// input is exactly the stored physical state.
 fn existing_shadow(
     physical: &PhysicalState,
-    stored: Option<&PhysicalRow>,
+    stored: Option<&PhysicalState>,
     copy: Option<&PendingDigitalState>,
 ) -> Result<(PendingDigitalState, Written), StoreError> {
     let Some(stored) = stored else {
@@ -847,10 +1198,14 @@ fn existing_shadow(
     };
     let what = format!("physical state {}", physical.id);
     let device = physical.device_id.as_str();
-    if stored.device_id != device {
-        return Err(mismatch("device_id", what, &stored.device_id, device));
+    if stored.device_id.as_str() != device {
+        return Err(mismatch(
+            "device_id",
+            what,
+            stored.device_id.as_str(),
+            device,
+        ));
     }
-    let stored = stored.clone().into_state()?;
     contradiction(
         &what,
         &[
@@ -865,11 +1220,9 @@ fn existing_shadow(
                 physical.timestamp.to_string(),
             ),
         ],
-        &[
-            ("temperature", stored.temperature, physical.temperature),
-            ("energy", stored.energy, physical.energy),
-        ],
+        &[],
     )?;
+    readings_contradiction(&what, &stored.readings, &physical.readings)?;
     let copy = copy.ok_or_else(|| {
         StoreError::Corrupt(format!(
             "digital copy of physical state {} conflicted on insert but cannot be read",
@@ -884,6 +1237,7 @@ fn existing_shadow(
 fn check_row(
     row: &DigitalRow,
     pending: &PendingDigitalState,
+    models: &ModelReadingsById,
 ) -> Result<PendingDigitalState, StoreError> {
     let what = format!("digital state {}", pending.id);
     if row.device_id.as_deref() != Some(pending.device_id.as_str()) {
@@ -910,19 +1264,8 @@ fn check_row(
             &pending.timestamp.to_string(),
         ));
     }
-    let stored_pending = row.pending(pending.id)?;
-    contradiction(
-        &what,
-        &[],
-        &[
-            (
-                "temperature",
-                stored_pending.temperature,
-                pending.temperature,
-            ),
-            ("energy", stored_pending.energy, pending.energy),
-        ],
-    )?;
+    let stored_pending = row.pending(pending.id, models)?;
+    readings_contradiction(&what, &stored_pending.readings, &pending.readings)?;
     Ok(stored_pending)
 }
 
@@ -930,6 +1273,7 @@ fn check_row(
 fn check_stored(
     row: Option<&DigitalRow>,
     digital: &DigitalState,
+    models: &ModelReadingsById,
 ) -> Result<DigitalState, StoreError> {
     let id = digital.pending.id;
     let row = row.ok_or_else(|| {
@@ -961,19 +1305,18 @@ fn check_stored(
         ],
         &[],
     )?;
-    let stored_pending = row.pending(id)?;
+    let stored_pending = row.pending(id, models)?;
     let stored = row.evaluation(stored_pending)?.ok_or_else(|| {
         StoreError::Rejected(InputError::new(
             "odte",
             format!("{what} has not been evaluated by the twin handler"),
         ))
     })?;
+    readings_contradiction(&what, &stored.pending.readings, &given.readings)?;
     contradiction(
         &what,
         &[],
         &[
-            ("temperature", stored.pending.temperature, given.temperature),
-            ("energy", stored.pending.energy, given.energy),
             ("availability", stored.availability, digital.availability),
             ("reliability", stored.reliability, digital.reliability),
             ("timeliness", stored.timeliness, digital.timeliness),

@@ -349,7 +349,8 @@ impl Store {
         let Some(row) = rows.get(&id) else {
             return Ok(None);
         };
-        row.pending(id)?;
+        let models = self.model_readings_of_rows(std::iter::once(row)).await?;
+        row.pending(id, &models)?;
         let updates = if config.availability_max_gap_ms().is_some() {
             let mut updates = self.updates_of_states(&[id], &rows, config).await?;
             Some(updates.remove(&id).unwrap_or_default())

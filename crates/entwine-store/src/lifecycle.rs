@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use entwine_core::evaluation::{self, LifecycleChange, UpdateTimes, Window, WindowFigures};
+use entwine_core::model::Profiles;
 use entwine_core::odte::{Entanglement, OdteConfig};
 use entwine_core::twin::{TwinLifecycle, TwinPosition};
 use serde::{Deserialize, Serialize};
@@ -264,7 +265,9 @@ pub(crate) async fn upsert_lite(
 /// Every twin with the counts of its window `[$1, $2]` (timely within `$3` ms), and its latest
 /// digital state (the twin handler writes the twin row only when the lifecycle changes).
 /// SQLite's form (its planner probes the index per twin); PostgreSQL's is [`WINDOWS_AT_PG`].
-static WINDOWS_AT: Sql = Sql::new(
+macro_rules! windows_at {
+    ($filter:literal) => {
+        concat!(
     "SELECT t.device_id, t.lifecycle, t.since, t.bound_at, \
             (SELECT MAX(x.timestamp) FROM digitalstate x WHERE x.device_id = t.device_id) \
                 AS last_update, \
@@ -277,15 +280,25 @@ static WINDOWS_AT: Sql = Sql::new(
                 AS window_timely \
      FROM twin t \
      LEFT JOIN digitalstate_window w ON w.device_id = t.device_id \
-          AND w.timestamp >= $1 AND w.timestamp <= $2 \
-     GROUP BY t.device_id, t.lifecycle, t.since, t.bound_at \
-     ORDER BY t.device_id",
-);
+          AND w.timestamp >= $1 AND w.timestamp <= $2 ",
+            $filter,
+            " GROUP BY t.device_id, t.lifecycle, t.since, t.bound_at \
+     ORDER BY t.device_id"
+        )
+    };
+}
+static WINDOWS_AT: Sql = Sql::new(windows_at!(""));
+/// [`WINDOWS_AT`] for the twins of one profile (`$4`, a JSON array of device ids).
+static WINDOWS_AT_OF: Sql = Sql::new(windows_at!(
+    "WHERE t.device_id IN (SELECT value FROM json_each($4))"
+));
 
 /// [`WINDOWS_AT`] in PostgreSQL's form: each twin's window counted in a `LATERAL` subquery, one
 /// index range scan per twin, whatever the planner's statistics say (as a join it could hash
 /// the whole window table).
-static WINDOWS_AT_PG: &str = "\
+macro_rules! windows_at_pg {
+    ($filter:literal) => {
+        concat!("\
     SELECT t.device_id, t.lifecycle, t.since, t.bound_at, \
            (SELECT MAX(x.timestamp) FROM digitalstate x WHERE x.device_id = t.device_id) \
                AS last_update, \
@@ -300,8 +313,15 @@ static WINDOWS_AT_PG: &str = "\
                COALESCE(SUM(CASE WHEN c.timestamp - c.device_timestamp <= $3 THEN 1 ELSE 0 END), 0) \
                    AS timely \
         FROM digitalstate_window c \
-        WHERE c.device_id = t.device_id AND c.timestamp >= $1 AND c.timestamp <= $2) w \
-    ORDER BY t.device_id";
+        WHERE c.device_id = t.device_id AND c.timestamp >= $1 AND c.timestamp <= $2) w ",
+            $filter,
+            " ORDER BY t.device_id"
+        )
+    };
+}
+static WINDOWS_AT_PG: &str = windows_at_pg!("");
+/// [`WINDOWS_AT_PG`] for the twins of one profile (`$4`).
+static WINDOWS_AT_OF_PG: &str = windows_at_pg!("WHERE t.device_id = ANY($4)");
 
 /// Every device's twin timestamps in `[$1, $2]` (`before_window` = 0), and each twin's latest
 /// one before `$1` (`before_window` = 1; no timestamp for a twin without one): what
@@ -317,6 +337,33 @@ static UPDATES_AT: Sql = Sql::new(
      FROM twin t \
      ORDER BY 1, 3, 2",
 );
+
+/// [`UPDATES_AT`] for the twins of one profile (`$3`).
+static UPDATES_AT_OF_PG: &str = "\
+    SELECT device_id, timestamp, 0 AS before_window FROM digitalstate \
+    WHERE timestamp >= $1 AND timestamp <= $2 AND device_id = ANY($3) \
+    UNION ALL \
+    SELECT t.device_id, \
+           (SELECT MAX(x.timestamp) FROM digitalstate x \
+            WHERE x.device_id = t.device_id AND x.timestamp < $1), \
+           1 \
+    FROM twin t WHERE t.device_id = ANY($3) \
+    ORDER BY 1, 3, 2";
+
+static UPDATES_AT_OF_LITE: &str = "\
+    SELECT device_id, timestamp, 0 AS before_window FROM digitalstate \
+    WHERE timestamp >= ?1 AND timestamp <= ?2 \
+      AND device_id IN (SELECT value FROM json_each(?3)) \
+    UNION ALL \
+    SELECT t.device_id, \
+           (SELECT MAX(x.timestamp) FROM digitalstate x \
+            WHERE x.device_id = t.device_id AND x.timestamp < ?1), \
+           1 \
+    FROM twin t WHERE t.device_id IN (SELECT value FROM json_each(?3)) \
+    ORDER BY 1, 3, 2";
+
+/// Every twin's device.
+static TWIN_DEVICES: Sql = Sql::new("SELECT device_id FROM twin ORDER BY device_id");
 
 #[derive(sqlx::FromRow)]
 struct WindowRow {
@@ -342,12 +389,13 @@ impl Store {
     pub async fn reevaluate_twins(
         &self,
         now_ms: i64,
-        config: &OdteConfig,
+        profiles: &dyn Profiles,
     ) -> Result<Vec<TwinChange>, StoreError> {
-        let windows = self.twin_windows(now_ms, config).await?;
+        let windows = self.twin_windows(now_ms, profiles).await?;
         let mut changes = Vec::new();
         let mut rows = Vec::with_capacity(windows.len());
         for twin in &windows {
+            let config = profiles.profile_of(&twin.device_id);
             let evaluation = evaluation::evaluate(
                 config,
                 now_ms,
@@ -392,12 +440,44 @@ impl Store {
     pub async fn twin_windows(
         &self,
         now_ms: i64,
+        profiles: &dyn Profiles,
+    ) -> Result<Vec<TwinWindow>, StoreError> {
+        if let [config] = profiles.profiles() {
+            return self.twin_windows_of(now_ms, config, None).await;
+        }
+        // Several profiles (device models): the twins grouped by profile, one grouped query
+        // per profile in use, each with its own window.
+        let devices: Vec<(String,)> = fetch!(self, TWIN_DEVICES, fetch_all, (String,))?;
+        let mut groups: Vec<(usize, Vec<String>)> = Vec::new();
+        for (device,) in devices {
+            let index = profiles.profile_index(&device);
+            match groups.iter_mut().find(|(i, _)| *i == index) {
+                Some((_, ids)) => ids.push(device),
+                None => groups.push((index, vec![device])),
+            }
+        }
+        let mut windows = Vec::new();
+        for (index, devices) in &groups {
+            let config = &profiles.profiles()[*index];
+            windows.extend(self.twin_windows_of(now_ms, config, Some(devices)).await?);
+        }
+        windows.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        Ok(windows)
+    }
+
+    /// [`Store::twin_windows`] by one profile, of every twin or of `devices`.
+    async fn twin_windows_of(
+        &self,
+        now_ms: i64,
         config: &OdteConfig,
+        devices: Option<&[String]>,
     ) -> Result<Vec<TwinWindow>, StoreError> {
         let (start, end) = config.window_of(now_ms);
         let timely = config.timeliness_ms();
-        let rows: Vec<WindowRow> = match self {
-            Store::Postgres(pool) => {
+        let listed_json =
+            || serde_json::Value::from(devices.unwrap_or_default().to_vec()).to_string();
+        let rows: Vec<WindowRow> = match (self, devices) {
+            (Store::Postgres(pool), None) => {
                 sqlx::query_as(WINDOWS_AT_PG)
                     .bind(start)
                     .bind(end)
@@ -405,11 +485,29 @@ impl Store {
                     .fetch_all(pool)
                     .await
             }
-            Store::Sqlite(pool) => {
+            (Store::Postgres(pool), Some(devices)) => {
+                sqlx::query_as(WINDOWS_AT_OF_PG)
+                    .bind(start)
+                    .bind(end)
+                    .bind(timely)
+                    .bind(devices)
+                    .fetch_all(pool)
+                    .await
+            }
+            (Store::Sqlite(pool), None) => {
                 sqlx::query_as(WINDOWS_AT.sqlite())
                     .bind(start)
                     .bind(end)
                     .bind(timely)
+                    .fetch_all(pool)
+                    .await
+            }
+            (Store::Sqlite(pool), Some(_)) => {
+                sqlx::query_as(WINDOWS_AT_OF.sqlite())
+                    .bind(start)
+                    .bind(end)
+                    .bind(timely)
+                    .bind(listed_json())
                     .fetch_all(pool)
                     .await
             }
@@ -418,14 +516,30 @@ impl Store {
         let measured = config.availability_max_gap_ms().is_some();
         let mut updates: HashMap<String, UpdateTimes> = HashMap::new();
         if measured {
-            let listed: Vec<(String, Option<i64>, i32)> = fetch!(
-                self,
-                UPDATES_AT,
-                fetch_all,
-                (String, Option<i64>, i32),
-                start,
-                end
-            )?;
+            let listed: Vec<(String, Option<i64>, i32)> = match (self, devices) {
+                (_, None) => fetch!(
+                    self,
+                    UPDATES_AT,
+                    fetch_all,
+                    (String, Option<i64>, i32),
+                    start,
+                    end
+                )?,
+                (Store::Postgres(pool), Some(devices)) => sqlx::query_as(UPDATES_AT_OF_PG)
+                    .bind(start)
+                    .bind(end)
+                    .bind(devices)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(StoreError::from_sqlx)?,
+                (Store::Sqlite(pool), Some(_)) => sqlx::query_as(UPDATES_AT_OF_LITE)
+                    .bind(start)
+                    .bind(end)
+                    .bind(listed_json())
+                    .fetch_all(pool)
+                    .await
+                    .map_err(StoreError::from_sqlx)?,
+            };
             for (device, t, before_window) in listed {
                 let times = updates.entry(device).or_default();
                 match (before_window, t) {

@@ -1,9 +1,11 @@
 //! The store's SQL, written once for both backends, and the rows it reads.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use entwine_core::model::ModelReadings;
 use entwine_core::odte::WindowStats;
-use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalState};
+use entwine_core::state::{DigitalState, PendingDigitalState, PhysicalState, Readings};
 use entwine_core::twin::TwinPosition;
 
 use crate::{stored_device, stored_lifecycle, StoreError};
@@ -53,37 +55,65 @@ pub(crate) fn window_stats(states: i64, timely: i64) -> WindowStats {
     }
 }
 
+/// The readings of model-described devices' physical states, by physical state id
+/// (`physicalstate_reading`, migration 0008), read only for rows without the seed's readings.
+pub(crate) type ModelReadingsById = HashMap<i32, ModelReadings>;
+
+/// A row's readings: the seed's two columns when both are set, else its model readings; a row
+/// with neither is corrupt (`table` row `id` has no `temperature`).
+pub(crate) fn row_readings(
+    table: &str,
+    id: i32,
+    physicalstate_id: i32,
+    temperature: Option<f32>,
+    energy: Option<f32>,
+    models: &ModelReadingsById,
+) -> Result<Readings, StoreError> {
+    match (temperature, energy) {
+        (Some(t), Some(e)) => Ok(Readings::seed(t, e)),
+        (t, _) => match models.get(&physicalstate_id) {
+            Some(m) => Ok(Readings::Model(m.clone())),
+            None => Err(StoreError::Corrupt(format!(
+                "{table} row {id} has no {}",
+                if t.is_none() { "temperature" } else { "energy" }
+            ))),
+        },
+    }
+}
+
+/// The readings of a state as the seed's columns bind them (`NULL` for a model's).
+pub(crate) fn seed_columns(readings: &Readings) -> (Option<f32>, Option<f32>) {
+    (readings.temperature(), readings.energy())
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct PhysicalRow {
     pub(crate) id: i32,
     pub(crate) device_id: String,
     pub(crate) device_timestamp: i64,
     timestamp: i64,
-    temperature: f32,
-    energy: f32,
+    pub(crate) temperature: Option<f32>,
+    energy: Option<f32>,
 }
 
 impl PhysicalRow {
-    /// The row of a physical state known to be exactly the stored one.
-    pub(crate) fn of(state: &PhysicalState) -> Self {
-        Self {
-            id: state.id,
-            device_id: state.device_id.as_str().to_owned(),
-            device_timestamp: state.device_timestamp,
-            timestamp: state.timestamp,
-            temperature: state.temperature,
-            energy: state.energy,
-        }
-    }
-
-    pub(crate) fn into_state(self) -> Result<PhysicalState, StoreError> {
+    pub(crate) fn into_state(
+        self,
+        models: &ModelReadingsById,
+    ) -> Result<PhysicalState, StoreError> {
         Ok(PhysicalState {
             device_id: stored_device("physicalstate", self.id, &self.device_id)?,
+            readings: row_readings(
+                "physicalstate",
+                self.id,
+                self.id,
+                self.temperature,
+                self.energy,
+                models,
+            )?,
             id: self.id,
             device_timestamp: self.device_timestamp,
             timestamp: self.timestamp,
-            temperature: self.temperature,
-            energy: self.energy,
         })
     }
 }
@@ -94,19 +124,28 @@ pub(crate) struct PendingRow {
     pub(crate) physicalstate_id: i32,
     pub(crate) device_id: String,
     timestamp: i64,
-    temperature: f32,
-    energy: f32,
+    pub(crate) temperature: Option<f32>,
+    energy: Option<f32>,
 }
 
 impl PendingRow {
-    pub(crate) fn into_pending(self) -> Result<PendingDigitalState, StoreError> {
+    pub(crate) fn into_pending(
+        self,
+        models: &ModelReadingsById,
+    ) -> Result<PendingDigitalState, StoreError> {
         Ok(PendingDigitalState {
             device_id: stored_device("digitalstate", self.id, &self.device_id)?,
+            readings: row_readings(
+                "digitalstate",
+                self.id,
+                self.physicalstate_id,
+                self.temperature,
+                self.energy,
+                models,
+            )?,
             id: self.id,
             physicalstate_id: self.physicalstate_id,
             timestamp: self.timestamp,
-            temperature: self.temperature,
-            energy: self.energy,
         })
     }
 }
@@ -119,7 +158,7 @@ pub(crate) struct DigitalRow {
     pub(crate) physicalstate_id: Option<i32>,
     pub(crate) device_id: Option<String>,
     pub(crate) timestamp: Option<i64>,
-    temperature: Option<f32>,
+    pub(crate) temperature: Option<f32>,
     energy: Option<f32>,
     availability: Option<f32>,
     reliability: Option<f32>,
@@ -137,14 +176,19 @@ pub(crate) struct DigitalRow {
 impl DigitalRow {
     /// The stored pending part. Called after the caller checked device, physical state and
     /// timestamp against its input, so only the readings can be missing.
-    pub(crate) fn pending(&self, id: i32) -> Result<PendingDigitalState, StoreError> {
+    pub(crate) fn pending(
+        &self,
+        id: i32,
+        models: &ModelReadingsById,
+    ) -> Result<PendingDigitalState, StoreError> {
         let missing =
             |column: &str| StoreError::Corrupt(format!("digitalstate row {id} has no {column}"));
+        let physicalstate_id = self
+            .physicalstate_id
+            .ok_or_else(|| missing("physicalstate_id"))?;
         Ok(PendingDigitalState {
             id,
-            physicalstate_id: self
-                .physicalstate_id
-                .ok_or_else(|| missing("physicalstate_id"))?,
+            physicalstate_id,
             device_id: stored_device(
                 "digitalstate",
                 id,
@@ -153,8 +197,14 @@ impl DigitalRow {
                     .ok_or_else(|| missing("device_id"))?,
             )?,
             timestamp: self.timestamp.ok_or_else(|| missing("timestamp"))?,
-            temperature: self.temperature.ok_or_else(|| missing("temperature"))?,
-            energy: self.energy.ok_or_else(|| missing("energy"))?,
+            readings: row_readings(
+                "digitalstate",
+                id,
+                physicalstate_id,
+                self.temperature,
+                self.energy,
+                models,
+            )?,
         })
     }
 

@@ -1,11 +1,12 @@
 //! Reading the twins back: each device's latest evaluation, and its history.
 
 use entwine_core::odte::SeedLifecycle;
+use entwine_core::state::Readings;
 use entwine_core::twin::TwinLifecycle;
 use serde::Serialize;
 
 use crate::lifecycle::stored_twin_lifecycle;
-use crate::queries::Sql;
+use crate::queries::{row_readings, Sql};
 use crate::{stored_lifecycle, Store, StoreError};
 
 /// A twin as it stands (the twin table): its lifecycle and its latest evaluation, by the twin
@@ -47,10 +48,10 @@ pub struct HistoryEntry {
     pub device_timestamp: i64,
     /// The twin's timestamp (ms).
     pub timestamp: i64,
-    /// Temperature reading.
-    pub temperature: f32,
-    /// Energy reading.
-    pub energy: f32,
+    /// What the device measured: the seed's `temperature` and `energy`, or a model's
+    /// `model`, `model_version` and `readings`.
+    #[serde(flatten)]
+    pub readings: Readings,
     /// A.
     pub availability: f32,
     /// R.
@@ -129,8 +130,8 @@ struct HistoryRow {
     physicalstate_id: i32,
     device_timestamp: i64,
     timestamp: i64,
-    temperature: f32,
-    energy: f32,
+    temperature: Option<f32>,
+    energy: Option<f32>,
     availability: f32,
     reliability: f32,
     timeliness: f32,
@@ -219,16 +220,29 @@ impl Store {
             i64::from(limit),
             cursor.id
         )?;
+        let models = self
+            .model_readings(
+                rows.iter()
+                    .filter(|r| r.temperature.is_none())
+                    .map(|r| r.physicalstate_id),
+            )
+            .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(HistoryEntry {
+                    readings: row_readings(
+                        "digitalstate",
+                        r.id,
+                        r.physicalstate_id,
+                        r.temperature,
+                        r.energy,
+                        &models,
+                    )?,
                     lifecycle: stored_lifecycle(r.id, &r.lifecycle)?,
                     id: r.id,
                     physicalstate_id: r.physicalstate_id,
                     device_timestamp: r.device_timestamp,
                     timestamp: r.timestamp,
-                    temperature: r.temperature,
-                    energy: r.energy,
                     availability: r.availability,
                     reliability: r.reliability,
                     timeliness: r.timeliness,

@@ -168,6 +168,7 @@ pub(crate) async fn start_fleet(prefix: &str, count: usize, rate: f64) -> Fleet 
         qos: rumqttc::QoS::AtLeastOnce,
         devices_per_connection: 8,
         seed: 42,
+        ..Default::default()
     };
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stop = CancellationToken::new();

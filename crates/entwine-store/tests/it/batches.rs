@@ -14,8 +14,7 @@ fn event(device: &str, device_timestamp: i64, temperature: f32) -> PhysicalEvent
     PhysicalEvent {
         device_id: DeviceId::parse("device_id", device).unwrap(),
         device_timestamp,
-        temperature,
-        energy: 1.5,
+        readings: entwine_core::state::Readings::seed(temperature, 1.5),
     }
 }
 
@@ -212,7 +211,8 @@ store_test!(
         let mut unknown = first.clone();
         unknown.id += 1_000;
         let mut altered = first.clone();
-        altered.temperature = 25.0;
+        altered.readings =
+            entwine_core::state::Readings::seed(25.0, altered.readings.energy().unwrap());
         let states = [
             first.clone(),
             unknown,

@@ -16,8 +16,7 @@ fn event(device: &str, device_timestamp: i64, temperature: f32) -> PhysicalEvent
     PhysicalEvent {
         device_id: DeviceId::parse("device_id", device).unwrap(),
         device_timestamp,
-        temperature,
-        energy: 1.5,
+        readings: entwine_core::state::Readings::seed(temperature, 1.5),
     }
 }
 
@@ -103,14 +102,20 @@ store_test!(
         let altered = [
             (
                 PhysicalState {
-                    temperature: 99.0,
+                    readings: entwine_core::state::Readings::seed(
+                        99.0,
+                        physical.readings.energy().unwrap(),
+                    ),
                     ..physical.clone()
                 },
                 "temperature",
             ),
             (
                 PhysicalState {
-                    energy: 0.0,
+                    readings: entwine_core::state::Readings::seed(
+                        physical.readings.temperature().unwrap(),
+                        0.0,
+                    ),
                     ..physical.clone()
                 },
                 "energy",
@@ -149,7 +154,8 @@ store_test!(
             );
         }
         let mut forged = pending.clone();
-        forged.energy = 7.0;
+        forged.readings =
+            entwine_core::state::Readings::seed(forged.readings.temperature().unwrap(), 7.0);
         assert_eq!(
             refused_field(t.store.evaluate_digital_state(&forged, &config()).await),
             "energy"
@@ -196,7 +202,10 @@ store_test!(
             (
                 {
                     let mut d = digital.clone();
-                    d.pending.temperature = -273.0;
+                    d.pending.readings = entwine_core::state::Readings::seed(
+                        -273.0,
+                        d.pending.readings.energy().unwrap(),
+                    );
                     d
                 },
                 "temperature",

@@ -22,8 +22,7 @@ async fn event(
     let event = PhysicalEvent {
         device_id: DeviceId::parse("device_id", device).unwrap(),
         device_timestamp: shadow_ts - latency_ms,
-        temperature: 20.0,
-        energy: 1.0,
+        readings: entwine_core::state::Readings::seed(20.0, 1.0),
     };
     let (physical, _) = store
         .record_physical_event(&event, shadow_ts)

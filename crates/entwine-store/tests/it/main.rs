@@ -4,5 +4,6 @@ mod batches;
 mod integrity;
 mod lifecycle;
 mod migrations;
+mod models;
 mod pipeline;
 mod windows;

@@ -135,8 +135,7 @@ store_test!(migrating_again_changes_nothing, |t| async move {
             &PhysicalEvent {
                 device_id: DeviceId::parse("device_id", "d").unwrap(),
                 device_timestamp: 1_700_000_000_000,
-                temperature: 1.0,
-                energy: 2.0,
+                readings: entwine_core::state::Readings::seed(1.0, 2.0),
             },
             1_700_000_000_000,
         )
@@ -164,7 +163,7 @@ async fn migrate_concurrently(t: &TestStore) {
     }
     assert_eq!(
         scalar(&t.store, "SELECT COUNT(*) FROM _sqlx_migrations").await,
-        7
+        8
     );
     assert_eq!(
         scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
@@ -219,8 +218,7 @@ async fn a_seed_database_is_upgraded_in_place_with_its_rows() {
             &PhysicalEvent {
                 device_id: DeviceId::parse("device_id", "iiot-device-1").unwrap(),
                 device_timestamp: 1_700_000_010_000,
-                temperature: 26.9,
-                energy: 2.7,
+                readings: entwine_core::state::Readings::seed(26.9, 2.7),
             },
             1_700_000_010_050,
         )
@@ -248,8 +246,7 @@ async fn a_seed_database_is_upgraded_in_place_with_its_rows() {
             &PhysicalEvent {
                 device_id: DeviceId::parse("device_id", "iiot-device-1").unwrap(),
                 device_timestamp: 1_700_000_000_000,
-                temperature: 26.5,
-                energy: 2.5,
+                readings: entwine_core::state::Readings::seed(26.5, 2.5),
             },
             1_700_000_011_000,
         )

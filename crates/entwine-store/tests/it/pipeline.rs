@@ -11,8 +11,7 @@ fn event(device: &str, device_timestamp: i64) -> PhysicalEvent {
     PhysicalEvent {
         device_id: DeviceId::parse("device_id", device).unwrap(),
         device_timestamp,
-        temperature: 27.3,
-        energy: 3.1,
+        readings: entwine_core::state::Readings::seed(27.3, 3.1),
     }
 }
 
@@ -58,7 +57,7 @@ store_test!(
             "the redelivery is answered with the first state, first timestamp"
         );
         assert_eq!(first.timestamp, 1_700_000_000_050);
-        assert_eq!(first.temperature, 27.3f32);
+        assert_eq!(first.readings.temperature(), Some(27.3f32));
         assert_eq!(
             scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
             1
@@ -96,10 +95,7 @@ store_test!(
         assert_eq!(first, again);
         assert_eq!(first.physicalstate_id, physical.id);
         assert_eq!(first.timestamp, 1_700_000_000_020);
-        assert_eq!(
-            (first.temperature, first.energy),
-            (physical.temperature, physical.energy)
-        );
+        assert_eq!(first.readings, physical.readings);
         assert_eq!(
             scalar(&t.store, "SELECT COUNT(*) FROM digitalstate").await,
             1

@@ -115,15 +115,13 @@ async fn record(store: &Store, device: &str, s: RecordedState) -> Option<Pending
             .unwrap(),
             device_id: DeviceId::parse("device_id", device).unwrap(),
             timestamp: s.timestamp,
-            temperature: 20.0,
-            energy: 1.0,
+            readings: entwine_core::state::Readings::seed(20.0, 1.0),
         });
     }
     let event = PhysicalEvent {
         device_id: DeviceId::parse("device_id", device).unwrap(),
         device_timestamp,
-        temperature: 20.0,
-        energy: 1.0,
+        readings: entwine_core::state::Readings::seed(20.0, 1.0),
     };
     let (physical, _) = store
         .record_physical_event(&event, s.timestamp)

@@ -76,8 +76,7 @@ async fn point(
         let event = PhysicalEvent {
             device_id: device.clone(),
             device_timestamp: t - 5,
-            temperature: 20.0,
-            energy: 1.0,
+            readings: entwine_core::state::Readings::seed(20.0, 1.0),
         };
         let (physical, _) = store.record_physical_event(&event, t).await?;
         let (pending, _) = store.record_shadow(&physical, t).await?;
