@@ -17,7 +17,8 @@
 //!
 //! `PUT /conf` changes only what changed: a timer whose period is the same keeps its phase, and a
 //! body that changes nothing (`{}`, or what `GET /conf` gave) is answered 204 and disturbs no
-//! device. Every error is JSON, `{"error": "..."}` naming what was wrong: a bad value (400, with
+//! device. It changes the seed's devices only: a device of a model ([`crate::fleet::ModelGroup`])
+//! keeps its model's rate. `/faults` and `/stats` cover every device. Every error is JSON, `{"error": "..."}` naming what was wrong: a bad value (400, with
 //! `field`), a body over 64 KiB (413), an unknown path (404), a method a path does not take (405).
 
 use std::collections::HashSet;

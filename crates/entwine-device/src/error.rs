@@ -18,6 +18,15 @@ pub enum DeviceError {
     /// A device id that cannot be one (it must be one MQTT topic level).
     #[error("{0}")]
     DeviceId(InputError),
+    /// A group of model devices that cannot run as given: an id its model's patterns would not
+    /// bind to it, an id two devices of the fleet would share, a seed device a model would bind.
+    #[error("model {model}: {reason}")]
+    Model {
+        /// The model's id.
+        model: String,
+        /// What is wrong, naming the device id.
+        reason: String,
+    },
     /// The broker address cannot be used.
     #[error(transparent)]
     Broker(#[from] BrokerUrlError),

@@ -1,7 +1,10 @@
 //! Running devices: one, as the seed does, or a fleet from one process.
 //!
-//! Each device is a task with two timers (sensor updates and aggregated messages). `PUT /conf`
-//! restarts only the timer whose period changed; the other keeps its phase. Devices share MQTT
+//! Each of the seed's devices is a task with two timers (sensor updates and aggregated
+//! messages). `PUT /conf` restarts only the timer whose period changed; the other keeps its
+//! phase. A fleet may also hold devices of models ([`ModelGroup`]): each a task with one timer at
+//! its model's expected update rate, a sensor update and a message of its model's payload
+//! ([`crate::model_sensor`]) to its model's topic each tick; `PUT /conf` leaves them alone. Devices share MQTT
 //! connections, a few hundred per connection, so ten thousand devices need tens of sockets, not
 //! ten thousand; each connection (see [`crate::link`]) holds a persistent session, counts a
 //! message as published once the broker acknowledged it, re-sends what a dropped connection
@@ -34,8 +37,10 @@ use crate::error::DeviceError;
 use crate::faults::{Decision, FaultPlan, Faults};
 pub use crate::link::{Delivery, Unsent};
 use crate::link::{Outbox, CHANNEL_CAPACITY};
+use crate::model_sensor::ModelSensors;
 use crate::sensor::Sensors;
 use entwine_core::broker::{BrokerUrl, BrokerUrlError};
+use entwine_core::model::Model;
 
 /// How long a stopping fleet still waits for the messages its faults delayed: a message whose
 /// delay ends within this time of the stop is published, one due later is counted in
@@ -45,20 +50,95 @@ pub const STOP_GRACE_FOR_DELAYED: Duration = Duration::from_secs(2);
 /// How often, at most, the fleet logs the messages it could not send.
 pub const UNSENT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Devices of one [`Model`] in a fleet: `count` of them, named `<prefix><n>` (`n` from 1).
+///
+/// Each publishes its model's payload ([`ModelSensors`]) to [`Model::topic_of`] its id, at the
+/// model's expected update rate (`entwine:odte`'s `expected_update_rate`, one sensor update and
+/// one message per period, at least 1 ms). The fleet refuses to start when an id would not be
+/// bound to the model by its `entwine:devices` patterns.
+#[derive(Debug, Clone)]
+pub struct ModelGroup {
+    /// The model.
+    pub model: Arc<Model>,
+    /// Number of devices.
+    pub count: usize,
+    /// Prefix of their ids (default: [`ModelGroup::default_prefix`]).
+    pub prefix: Option<String>,
+}
+
+impl ModelGroup {
+    /// `count` devices of `model`, with the default prefix.
+    pub fn new(model: Arc<Model>, count: usize) -> Self {
+        Self {
+            model,
+            count,
+            prefix: None,
+        }
+    }
+
+    /// The literal part of the model's first device pattern, up to its first wildcard (`*`,
+    /// `?`, `[`): `vib-` for `vib-*`; `<model id>-` for a model without patterns.
+    pub fn default_prefix(model: &Model) -> String {
+        match model.devices().first() {
+            Some(pattern) => {
+                let raw = pattern.as_str();
+                raw[..raw.find(['*', '?', '[']).unwrap_or(raw.len())].to_owned()
+            }
+            None => format!("{}-", model.id),
+        }
+    }
+
+    /// The prefix of the ids: the one given, or [`ModelGroup::default_prefix`].
+    pub fn prefix(&self) -> String {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| Self::default_prefix(&self.model))
+    }
+
+    /// The ids of the group's devices, `<prefix>1` … `<prefix><count>`.
+    pub fn device_ids(&self) -> Vec<String> {
+        let prefix = self.prefix();
+        (1..=self.count).map(|n| format!("{prefix}{n}")).collect()
+    }
+
+    /// The period of a device's updates and messages: one over the model's expected update
+    /// rate, at least 1 ms.
+    pub fn period(&self) -> Duration {
+        period_of(&self.model)
+    }
+}
+
+/// One over `model`'s expected update rate, at least 1 ms.
+fn period_of(model: &Model) -> Duration {
+    let rate = model.profile.expected_update_rate();
+    let period = if rate.is_finite() && rate > 0.0 {
+        Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX)
+    } else {
+        Duration::from_secs(1)
+    };
+    period.max(Duration::from_millis(1))
+}
+
 /// How many devices, and how they publish.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
-    /// Number of devices. One device uses the configuration's `deviceId`; more are named
-    /// `<prefix>-1` … `<prefix>-N`.
+    /// Number of the seed's devices (temperature and energy, `device_conf.yaml`'s schedule).
+    /// One device uses the configuration's `deviceId`; more are named `<prefix>-1` …
+    /// `<prefix>-N`; none is allowed when `models` has devices.
     pub count: usize,
-    /// Prefix of fleet device ids (default: the configuration's `deviceId`).
+    /// Prefix of the seed's fleet device ids (default: the configuration's `deviceId`).
     pub prefix: Option<String>,
     /// QoS of telemetry: 0 as the seed, 1 for no loss between device and broker.
     pub qos: QoS,
     /// Devices per MQTT connection.
     pub devices_per_connection: usize,
-    /// Seed of the sensors' random walks (device `i` uses `seed + i`).
+    /// Seed of the sensors' random walks (device `i` of the fleet, seed devices first, uses
+    /// `seed + i`).
     pub seed: u64,
+    /// Devices of models, after the seed's (none by default). They share the connections,
+    /// QoS, credentials and faults of the seed's devices; `PUT /conf` changes only the seed
+    /// devices' schedule.
+    pub models: Vec<ModelGroup>,
 }
 
 impl Default for FleetOptions {
@@ -69,13 +149,14 @@ impl Default for FleetOptions {
             qos: QoS::AtMostOnce,
             devices_per_connection: 500,
             seed: rand::random(),
+            models: Vec::new(),
         }
     }
 }
 
 impl FleetOptions {
-    /// The device ids.
-    pub fn device_ids(&self, conf: &DeviceConf) -> Vec<String> {
+    /// The ids of the seed's devices.
+    pub fn seed_device_ids(&self, conf: &DeviceConf) -> Vec<String> {
         if self.count == 1 {
             return vec![conf.device_id.clone()];
         }
@@ -83,18 +164,95 @@ impl FleetOptions {
         (1..=self.count).map(|i| format!("{prefix}-{i}")).collect()
     }
 
+    /// Every device id: the seed's devices first, then each model group's, in order.
+    pub fn device_ids(&self, conf: &DeviceConf) -> Vec<String> {
+        let mut ids = self.seed_device_ids(conf);
+        for group in &self.models {
+            ids.extend(group.device_ids());
+        }
+        ids
+    }
+
+    /// Every device with its model (`None`: a seed device), checked: every model device is
+    /// bound to its model by the model's patterns, no seed device is bound to one of the
+    /// fleet's models, and no id is used twice.
+    pub fn devices(&self, conf: &DeviceConf) -> Result<Vec<FleetDevice>, DeviceError> {
+        let mut devices: Vec<FleetDevice> = self
+            .seed_device_ids(conf)
+            .into_iter()
+            .map(|id| FleetDevice { id, model: None })
+            .collect();
+        for group in &self.models {
+            let model = &group.model;
+            let patterns: Vec<&str> = model.devices().iter().map(|p| p.as_str()).collect();
+            for seed in devices.iter().filter(|d| d.model.is_none()) {
+                if model.devices().iter().any(|p| p.matches(&seed.id)) {
+                    return Err(DeviceError::Model {
+                        model: model.id.clone(),
+                        reason: format!(
+                            "seed device {:?} would be bound to this model by its patterns {patterns:?}, but sends the seed's payload; choose another seed prefix",
+                            seed.id
+                        ),
+                    });
+                }
+            }
+            for id in group.device_ids() {
+                if !model.devices().iter().any(|p| p.matches(&id)) {
+                    return Err(DeviceError::Model {
+                        model: model.id.clone(),
+                        reason: format!(
+                            "device {id:?} (prefix {:?}) is not bound to this model by its patterns {patterns:?}; choose a prefix they match",
+                            group.prefix()
+                        ),
+                    });
+                }
+                devices.push(FleetDevice {
+                    id,
+                    model: Some(model.clone()),
+                });
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for device in &devices {
+            if !seen.insert(device.id.as_str()) {
+                let model = match &device.model {
+                    Some(m) => m.id.clone(),
+                    None => "(seed)".to_owned(),
+                };
+                return Err(DeviceError::Model {
+                    model,
+                    reason: format!(
+                        "device {:?} is also another device of the fleet; give the groups distinct prefixes",
+                        device.id
+                    ),
+                });
+            }
+        }
+        Ok(devices)
+    }
+
     /// The MQTT client id of connection `index` (see [`Delivery::client_id`]).
     pub fn client_id(&self, conf: &DeviceConf, delivery: &Delivery, index: usize) -> String {
-        match (&delivery.client_id, self.count) {
-            (Some(id), 1) => id.clone(),
-            (Some(id), _) => format!("{id}-{index}"),
-            (None, 1) => conf.device_id.clone(),
-            (None, _) => format!(
+        let alone = self.count == 1 && self.models.iter().all(|g| g.count == 0);
+        match (&delivery.client_id, alone) {
+            (Some(id), true) => id.clone(),
+            (Some(id), false) => format!("{id}-{index}"),
+            (None, true) => conf.device_id.clone(),
+            (None, false) => format!(
                 "{}-fleet-{index}",
                 self.prefix.as_deref().unwrap_or(&conf.device_id)
             ),
         }
     }
+}
+
+/// A device of a fleet: its id, and its model (`None`: the seed's device).
+#[derive(Debug, Clone)]
+pub struct FleetDevice {
+    /// The device id.
+    pub id: String,
+    /// Its model; `None` for a seed device.
+    pub model: Option<Arc<Model>>,
 }
 
 /// Counters of a running fleet.
@@ -104,12 +262,14 @@ impl FleetOptions {
 #[derive(Debug, Default)]
 pub struct FleetStats {
     /// Messages due from the devices' timers: one per aggregated tick, one per sensor on each
-    /// update tick with single-resource telemetry; ticks the timers skipped included.
+    /// update tick with single-resource telemetry, one per tick of a model device; ticks the
+    /// timers skipped included.
     pub ticks: AtomicU64,
     /// Messages the broker has: acknowledged (PUBACK) at QoS 1, written to the socket at QoS 0.
     /// A message delayed by a fault is counted once its delay is over and it got there.
     pub published: AtomicU64,
-    /// Aggregated state messages among them.
+    /// Aggregated state messages among them (a model device's messages included: each is its
+    /// aggregated state).
     pub aggregated: AtomicU64,
     /// Messages due that were not published, by reason, in the order of [`Unsent::ALL`].
     pub unsent: [AtomicU64; 4],
@@ -284,10 +444,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), DeviceError> {
     let base = conf.borrow().clone();
-    let ids = options.device_ids(&base);
-    if ids.is_empty() {
+    let fleet = options.devices(&base)?;
+    if fleet.is_empty() {
         return Err(DeviceError::NoDevices);
     }
+    let ids: Vec<String> = fleet.iter().map(|d| d.id.clone()).collect();
     for id in &ids {
         entwine_core::state::DeviceId::parse("device id", id).map_err(DeviceError::DeviceId)?;
     }
@@ -307,6 +468,14 @@ pub async fn run(
         1
     };
     let count = ids.len();
+    // Each device's place in the spread of its own kind: the seed's devices over the seed's
+    // schedule, each model group's over its period.
+    let mut places = Vec::with_capacity(count);
+    let seeds = fleet.iter().filter(|d| d.model.is_none()).count();
+    places.extend((0..seeds).map(|i| i as f64 / seeds as f64));
+    for group in &options.models {
+        places.extend((0..group.count).map(|i| i as f64 / group.count as f64));
+    }
     let connections_stop = CancellationToken::new();
     let mut connections = JoinSet::new();
     let mut devices = JoinSet::new();
@@ -342,20 +511,32 @@ pub async fn run(
                 shutdown: shutdown.clone(),
                 _in_flight: in_flight.clone(),
             };
-            devices.spawn(device(
-                id.clone(),
-                index,
-                count,
-                conf.clone(),
-                publisher,
-                DeviceFaults::new(faults.clone(), id, seed),
-                seed,
-            ));
+            let device_faults = DeviceFaults::new(faults.clone(), id, seed);
+            match &fleet[index].model {
+                None => devices.spawn(device(
+                    id.clone(),
+                    places[index],
+                    conf.clone(),
+                    publisher,
+                    device_faults,
+                    seed,
+                )),
+                Some(model) => devices.spawn(model_device(
+                    id.clone(),
+                    places[index],
+                    base.schedule().initial_delay(),
+                    ModelSensors::new(model.clone(), seed),
+                    publisher,
+                    device_faults,
+                )),
+            };
         }
     }
     drop(in_flight);
     tracing::info!(
         devices = count,
+        seed_devices = seeds,
+        model_devices = count - seeds,
         connections = connections.len(),
         %broker,
         "devices started"
@@ -500,7 +681,11 @@ impl Tick {
             .aggregated_period()
             .min(schedule.update_period())
             .mul_f64(place);
-        let start = Instant::now() + schedule.initial_delay() + spread;
+        Self::starting(Instant::now() + schedule.initial_delay() + spread, period)
+    }
+
+    /// A timer of `period` whose first tick is at `start`.
+    fn starting(start: Instant, period: Duration) -> Self {
         let mut interval = interval_at(start, period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         Self {
@@ -562,8 +747,7 @@ impl Timers {
 /// One device: its timers, its sensors, its messages.
 async fn device(
     id: String,
-    index: usize,
-    count: usize,
+    place: f64,
     mut conf: watch::Receiver<DeviceConf>,
     publisher: Publisher,
     mut faults: DeviceFaults,
@@ -576,7 +760,7 @@ async fn device(
     let state_topic = state_topic(&id);
     let shutdown = publisher.shutdown.clone();
     let stats = publisher.stats.clone();
-    let mut timers = Timers::new(fixed.schedule(), index as f64 / count as f64);
+    let mut timers = Timers::new(fixed.schedule(), place);
     loop {
         tokio::select! {
             biased;
@@ -624,6 +808,48 @@ async fn device(
                     fixed.target_aggregated_telemetry_payload_size_byte,
                 );
                 publisher.send(state_topic.clone(), payload, true, fate.delay);
+            }
+        }
+    }
+}
+
+/// One device of a model: one timer at the model's expected update rate, each tick one sensor
+/// update and one message of its payload to the model's topic. It starts after the
+/// configuration's initial delay and its place in its group's spread over one period;
+/// `PUT /conf` does not change it.
+async fn model_device(
+    id: String,
+    place: f64,
+    initial_delay: Duration,
+    mut sensors: ModelSensors,
+    publisher: Publisher,
+    mut faults: DeviceFaults,
+) {
+    let topic = sensors.model().topic_of(&id);
+    let period = period_of(sensors.model());
+    let shutdown = publisher.shutdown.clone();
+    let stats = publisher.stats.clone();
+    let mut tick = Tick::starting(
+        Instant::now() + initial_delay + period.mul_f64(place),
+        period,
+    );
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            at = tick.interval.tick() => {
+                let skipped = tick.skipped(at);
+                stats.ticks.fetch_add(skipped + 1, Ordering::Relaxed);
+                stats.count_unsent(Unsent::TimerLate, skipped);
+                sensors.update();
+                let in_force = faults.current(&id);
+                let fate = faults.decide(&in_force);
+                if fate.drop {
+                    stats.dropped_by_faults.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let payload = sensors.payload_bytes(now_ms().saturating_add(fate.skew_ms));
+                publisher.send(topic.clone(), payload, true, fate.delay);
             }
         }
     }
@@ -699,6 +925,96 @@ mod tests {
         let next = tick.interval.tick().await;
         assert_eq!((next - origin).as_millis(), 1500);
         assert_eq!(tick.skipped(next), 2);
+    }
+
+    fn model(patterns: serde_json::Value, rate: f64) -> Arc<Model> {
+        let doc = serde_json::json!({
+            "@context": ["https://www.w3.org/2022/wot/td/v1.1"],
+            "@type": "tm:ThingModel",
+            "title": "Vibration",
+            "version": {"model": "1.0.0"},
+            "entwine:id": "vibration",
+            "entwine:devices": patterns,
+            "entwine:odte": {"expected_update_rate": rate, "time_window": 5},
+            "properties": {"rms": {"type": "number"}}
+        });
+        Arc::new(Model::parse("v.json", &doc.to_string()).unwrap())
+    }
+
+    #[test]
+    fn a_groups_default_prefix_is_its_first_patterns_literal_start() {
+        let cases = [
+            (serde_json::json!(["vib-*"]), "vib-"),
+            (serde_json::json!(["hall7-vib-?", "vib-*"]), "hall7-vib-"),
+            (serde_json::json!(["v[0-9]-*"]), "v"),
+            (serde_json::json!(["exact"]), "exact"),
+        ];
+        for (patterns, prefix) in cases {
+            let group = ModelGroup::new(model(patterns, 10.0), 2);
+            assert_eq!(group.prefix(), prefix);
+            assert_eq!(
+                group.device_ids(),
+                [format!("{prefix}1"), format!("{prefix}2")]
+            );
+        }
+    }
+
+    #[test]
+    fn a_groups_period_is_one_over_its_models_rate_and_at_least_a_millisecond() {
+        let period = |rate| ModelGroup::new(model(serde_json::json!(["v-*"]), rate), 1).period();
+        assert_eq!(period(10.0), Duration::from_millis(100));
+        assert_eq!(period(0.5), Duration::from_secs(2));
+        assert_eq!(period(4000.0), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn a_mixed_fleet_lists_the_seed_devices_first_and_checks_every_id() {
+        let conf = DeviceConf::default();
+        let vib = model(serde_json::json!(["vib-*"]), 10.0);
+        let mut options = FleetOptions {
+            count: 2,
+            prefix: Some("seed".into()),
+            models: vec![
+                ModelGroup::new(vib.clone(), 2),
+                ModelGroup {
+                    prefix: Some("vib-b".into()),
+                    ..ModelGroup::new(vib.clone(), 1)
+                },
+            ],
+            ..FleetOptions::default()
+        };
+        let ids = options.device_ids(&conf);
+        assert_eq!(ids, ["seed-1", "seed-2", "vib-1", "vib-2", "vib-b1"]);
+        let devices = options.devices(&conf).unwrap();
+        assert_eq!(
+            devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+            ids
+        );
+        assert!(devices[..2].iter().all(|d| d.model.is_none()));
+        assert!(devices[2..].iter().all(|d| d.model.is_some()));
+        // A mixed fleet names its connections as a fleet, even with one seed device.
+        options.count = 1;
+        let delivery = Delivery::default();
+        assert_eq!(
+            options.client_id(&conf, &delivery, 1),
+            format!("{}-fleet-1", "seed")
+        );
+        assert_eq!(
+            FleetOptions::default().client_id(&conf, &delivery, 0),
+            conf.device_id
+        );
+
+        // Two groups sharing ids.
+        options.models[1].prefix = None;
+        let err = options.devices(&conf).unwrap_err();
+        assert!(err.to_string().contains("\"vib-1\" is also"), "{err}");
+        // An id the patterns do not bind.
+        options.models[1].prefix = Some("pump-".into());
+        let err = options.devices(&conf).unwrap_err();
+        assert!(
+            matches!(&err, DeviceError::Model { model, reason } if model == "vibration" && reason.contains("\"pump-1\"")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,8 +7,12 @@
 //!
 //! # Layout
 //! - [`conf`]: `device_conf.yaml` and the run-time schedule changes of `PUT /conf`.
-//! - [`sensor`]: the random walks and the payloads.
-//! - [`fleet`]: device tasks, their timers and their counters.
+//! - [`sensor`]: the seed device's random walks and payloads.
+//! - [`model_sensor`]: the readings and payloads of a device described by a model
+//!   ([`entwine_core::model::Model`], issue #14): random walks within the bounds, enum values,
+//!   flipping booleans, each reading at its JSON pointer.
+//! - [`fleet`]: device tasks, their timers and their counters; a fleet mixes the seed's devices
+//!   with groups of model devices ([`fleet::ModelGroup`]), each at its model's update rate.
 //! - [`link`]: the shared MQTT connections: persistent sessions, bounded outboxes, published
 //!   meaning acknowledged by the broker, reconnection.
 //! - [`faults`]: fault injection: delay with jitter, loss and clock skew, fleet-wide or per
@@ -36,6 +40,7 @@ pub mod error;
 pub mod faults;
 pub mod fleet;
 pub mod link;
+pub mod model_sensor;
 pub mod sensor;
 
 use std::net::SocketAddr;
@@ -59,7 +64,7 @@ pub struct Emulator {
     pub stats: Arc<FleetStats>,
     /// Where the HTTP API listens.
     pub http_address: SocketAddr,
-    /// The device ids.
+    /// The device ids: the seed's devices first, then each model group's.
     pub device_ids: Vec<String>,
     faults: Arc<watch::Sender<FaultPlan>>,
     devices: JoinHandle<Result<(), DeviceError>>,
@@ -150,7 +155,7 @@ impl Emulator {
         let http_address = http.local_addr().map_err(DeviceError::Listener)?;
         entwine_http::check_exposure(http_address, &auth, &[entwine_http::Interface::Device])
             .map_err(DeviceError::Exposed)?;
-        let device_ids = options.device_ids(&conf);
+        let device_ids: Vec<String> = options.devices(&conf)?.into_iter().map(|d| d.id).collect();
         check_plan(&faults, &device_ids).map_err(DeviceError::Faults)?;
         let stats = Arc::new(FleetStats::default());
         let (tx, rx) = watch::channel(conf);

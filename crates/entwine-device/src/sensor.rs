@@ -182,6 +182,7 @@ mod tests {
         let event = entwine_core::state::PhysicalEvent::from_json(
             v.as_object().unwrap(),
             1_700_000_000_000,
+            &entwine_core::model::ModelSet::default(),
         )
         .unwrap();
         assert_eq!(event.device_id.as_str(), "iiot-device-1");

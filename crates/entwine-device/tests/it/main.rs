@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 mod faults;
+mod models;
 mod outage;
 mod schedule;
 

@@ -322,6 +322,7 @@ async fn qos1_through_broker_kills_every_message_counted_published_is_received()
         qos: QoS::AtLeastOnce,
         devices_per_connection: 3,
         seed: 7,
+        models: Vec::new(),
     };
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stop = CancellationToken::new();
@@ -656,6 +657,7 @@ async fn a_clean_stop_ends_the_fleets_persistent_sessions() {
         qos: QoS::AtLeastOnce,
         devices_per_connection: 1,
         seed: 1,
+        models: Vec::new(),
     };
     let ids: Vec<String> = (0..2)
         .map(|i| options.client_id(&conf, &Delivery::default(), i))
