@@ -26,6 +26,8 @@
 //! - `http`: `header_read_timeout`, `body_timeout` (seconds), `max_connections`
 //!   ([`entwine_http::Limits`]).
 //! - `digital`: `broker_url`, `state_topic`, `lifecycle_topic` (digital events of the functions).
+//! - `models`: `dir`, the directory of device model files ([`Loaded::models`]; on Fission the
+//!   ConfigMap `device-models` when unset).
 //!
 //! The mount roots are `/configs` and `/secrets` (`ENTWINE_CONFIG_ROOT`, `ENTWINE_SECRET_ROOT`);
 //! the namespace is `ENTWINE_NAMESPACE`, else the one the fetcher wrote: the only directory
@@ -41,6 +43,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use entwine_core::model::{Model, ModelSet};
 use entwine_core::odte::{OdteConfig, OdteConfigError};
 use entwine_http::Limits;
 use entwine_store::{PgConnectOptions, Store, StoreError, StoreOptions};
@@ -97,6 +100,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "credentials_file",
         ],
     ),
+    ("models", &["dir"]),
 ];
 
 /// Keys whose values are secrets: kept exactly as written (no trimming) and printed as `***`.
@@ -219,7 +223,23 @@ pub struct Config {
     pub auth: AuthSection,
     /// How the MQTT clients log in and encrypt.
     pub mqtt: MqttSection,
+    /// Where device models are read from.
+    pub models: ModelsSection,
 }
+
+/// `models`: the device models ([`entwine_core::model`]), one `*.json` file each.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsSection {
+    /// The directory of model files. Unset: on Fission, the mounted ConfigMap `device-models`
+    /// (`<config root>/<namespace>/device-models/`) when it is there; else only the seed's
+    /// built-in device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+}
+
+/// The ConfigMap of device models on Fission (one key per model file).
+pub const MODELS_CONFIGMAP: &str = "device-models";
 
 /// `mqtt`: the credentials and TLS files of every MQTT client of the process (connector,
 /// devices, digital publisher, benchmarks).
@@ -534,6 +554,7 @@ const TEXT_KEYS: &[&str] = &[
     "lifecycle_topic",
     "tokens",
     "token",
+    "dir",
 ];
 
 fn typed(key: &str, raw: String) -> Value {
@@ -945,6 +966,56 @@ impl Loaded {
                 self.invalid(&format!("odte.{key}"), e.to_string())
             }
         })
+    }
+
+    /// The device models, with the seed's built in under [`Loaded::odte`]'s profile: every
+    /// `*.json` file of `models.dir` (or of the mounted `device-models` ConfigMap), in name
+    /// order, each validated whole; an error names the file, the field and `models.dir`'s
+    /// source. Files whose names start with `.` (a ConfigMap volume's `..data`) are skipped;
+    /// symbolic links are followed.
+    pub fn models(&self) -> Result<ModelSet, SettingsError> {
+        let seed = self.odte()?;
+        let (dir, required) = match (&self.config.models.dir, &self.mounts) {
+            (Some(dir), _) => (PathBuf::from(dir), true),
+            (None, Some(mounts)) => (mounts.config_dir.join(MODELS_CONFIGMAP), false),
+            (None, None) => return Ok(ModelSet::seed_only(seed)),
+        };
+        if !required && !dir.is_dir() {
+            return Ok(ModelSet::seed_only(seed));
+        }
+        let origin = if required {
+            self.origin("models.dir")
+        } else {
+            format!("the {MODELS_CONFIGMAP} ConfigMap")
+        };
+        let invalid = |reason: String| SettingsError::Invalid {
+            key: "models.dir".into(),
+            origin: origin.clone(),
+            reason,
+        };
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| invalid(format!("cannot read directory {}: {e}", dir.display())))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| invalid(format!("cannot read {}: {e}", dir.display())))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && name.ends_with(".json") && path.is_file() {
+                files.push(path);
+            }
+        }
+        files.sort();
+        let mut models = Vec::with_capacity(files.len());
+        for path in files {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+            models.push(
+                Model::parse(&path.display().to_string(), &text)
+                    .map_err(|e| invalid(e.to_string()))?,
+            );
+        }
+        ModelSet::new(seed, models).map_err(|e| invalid(e.to_string()))
     }
 
     /// The store's pool options.

@@ -30,6 +30,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
+use entwine_core::model::ModelSet;
 use entwine_core::odte::OdteConfig;
 use entwine_store::{Store, StoreOptions};
 
@@ -55,6 +56,9 @@ pub struct FunctionSettings {
     pub store: StoreOptions,
     /// The ODTE configuration (used by the twin handler and the twin evaluator).
     pub odte: OdteConfig,
+    /// The device models (`models.dir`, or the mounted `device-models` ConfigMap), with the
+    /// seed's device under `odte`.
+    pub models: Arc<ModelSet>,
     /// Where digital events go (the digital-event handler and the twin evaluator), if anywhere.
     pub digital: Option<PublisherSettings>,
     /// The HTTP server's limits (the `http` section).
@@ -77,6 +81,7 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
     let listen = listen_address(env)?;
     let loaded = entwine_config::load(&entwine_config::Sources::new(env))?;
     let odte = loaded.odte()?;
+    let models = Arc::new(loaded.models()?);
     let database = if function.needs_store() {
         Some(loaded.database(None)?)
     } else {
@@ -154,6 +159,7 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
         database,
         store,
         odte,
+        models,
         digital,
         http,
         auth,
@@ -223,6 +229,7 @@ pub async fn serve(
         .context("cannot use the database URL")?;
     let functions = Arc::new(
         TwinFunctions::new(store.clone(), settings.odte, clock)
+            .with_models(settings.models.clone())
             .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
     );
     let router = match function {

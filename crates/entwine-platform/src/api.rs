@@ -26,6 +26,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use entwine_core::model::{Binding, ModelSet};
 use entwine_functions::handlers::DigitalFeed;
 use entwine_functions::http::error_chain;
 use entwine_http::{protect, protect_stream, Auth, Interface};
@@ -44,6 +45,7 @@ pub const DEFAULT_PAGE: u32 = 100;
 #[derive(Clone)]
 struct Api {
     store: Store,
+    models: Arc<ModelSet>,
     feed: DigitalFeed,
     metrics: Option<PrometheusHandle>,
     closing: CancellationToken,
@@ -58,6 +60,7 @@ struct Api {
 /// browser's `EventSource`), `/metrics` as [`Interface::Metrics`].
 pub fn router(
     store: Store,
+    models: Arc<ModelSet>,
     feed: DigitalFeed,
     metrics: Option<PrometheusHandle>,
     closing: CancellationToken,
@@ -65,6 +68,7 @@ pub fn router(
 ) -> Router {
     let state = Api {
         store,
+        models,
         feed,
         metrics,
         closing,
@@ -84,6 +88,16 @@ pub fn router(
     protect(api, auth.clone(), Interface::Api)
         .merge(protect_stream(stream, auth.clone(), Interface::Api))
         .merge(protect(metrics, auth, Interface::Metrics))
+}
+
+impl Api {
+    /// The model `device` is bound to, none for the seed's device.
+    fn model_of(&self, device: &str) -> Option<String> {
+        match self.models.bind(device) {
+            Binding::Seed => None,
+            Binding::Model(m) => Some(m.id.clone()),
+        }
+    }
 }
 
 enum ApiError {
@@ -169,6 +183,9 @@ async fn twins(
         .integer("limit", 1..=i64::from(MAX_PAGE))?
         .map_or(DEFAULT_PAGE, |l| l as u32) as usize;
     let mut twins = api.store.twins().await?;
+    for twin in &mut twins {
+        twin.model = api.model_of(&twin.device_id);
+    }
     // Byte order, whatever the database's collation, so that `after` splits pages exactly.
     twins.sort_unstable_by(|a, b| a.device_id.cmp(&b.device_id));
     let start = params.0.get("after").map_or(0, |after| {
@@ -205,7 +222,10 @@ async fn twin(
 ) -> Result<Response, ApiError> {
     let id = twin_id(path)?;
     match api.store.twin(&id).await? {
-        Some(twin) => Ok(Json(twin).into_response()),
+        Some(mut twin) => {
+            twin.model = api.model_of(&twin.device_id);
+            Ok(Json(twin).into_response())
+        }
         None => Err(ApiError::NotFound(format!("no twin {id:?}"))),
     }
 }

@@ -36,10 +36,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entwine_connector::{AckOrder, ConnectorConfig, ConnectorStats};
+use entwine_core::model::{Model, ModelSet, Profiles};
 use entwine_core::odte::OdteConfig;
 use entwine_device::conf::DeviceConf;
 use entwine_device::faults::FaultPlan;
-use entwine_device::fleet::{Broker, FleetOptions, FleetStats};
+use entwine_device::fleet::{Broker, FleetOptions, FleetStats, ModelGroup};
 use entwine_device::link::Delivery;
 use entwine_device::{DeviceApi, Emulator};
 use entwine_functions::handlers::{
@@ -191,6 +192,9 @@ pub struct DeviceSettings {
     /// Where the devices' HTTP API (`/conf`, `/faults`) listens (a free port of the same
     /// address when it is taken).
     pub api_listen: SocketAddr,
+    /// Devices of models beside the seed's: (model id, how many), each group's ids from its
+    /// model's first pattern (`vib-*`: `vib-1` …), publishing at its model's expected rate.
+    pub model_devices: Vec<(String, usize)>,
 }
 
 impl Default for DeviceSettings {
@@ -202,6 +206,7 @@ impl Default for DeviceSettings {
             update_period_ms: 5000,
             update_initial_delay_ms: 2000,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 5555)),
+            model_devices: Vec::new(),
         }
     }
 }
@@ -260,8 +265,12 @@ pub struct PlatformConfig {
     /// The embedded broker's certificate and key: it then serves MQTT over TLS only, and the
     /// platform's clients verify it with `mqtt.ca_file` (required).
     pub embedded_broker_tls: Option<entwine_mqtt::ClientCert>,
-    /// The ODTE configuration.
+    /// The ODTE configuration: the profile of the seed's device.
     pub odte: OdteConfig,
+    /// The device models beside the seed's built-in one (`entwine up --models DIR`): each
+    /// device is read by the model its id binds it to, and its twin evaluated by that model's
+    /// profile; the connector also takes each model's topic.
+    pub models: Vec<Model>,
     /// The twin evaluator's period.
     pub evaluator: EvaluatorPeriod,
     /// The connector, if one runs in the platform.
@@ -298,6 +307,7 @@ impl PlatformConfig {
             mqtt: entwine_mqtt::MqttSecurity::none(),
             embedded_broker_tls: None,
             odte: OdteConfig::seed_default(),
+            models: Vec::new(),
             evaluator: EvaluatorPeriod::Default,
             connector: Some(ConnectorSettings::default()),
             devices: Some(DeviceSettings::default()),
@@ -326,8 +336,16 @@ impl PlatformConfig {
         match self.evaluator {
             EvaluatorPeriod::Off => None,
             EvaluatorPeriod::Every(period) => Some(period),
+            // A sixth of the shortest window of any profile, so that the quickest model's
+            // silence shows within its own window.
             EvaluatorPeriod::Default => Some(Duration::from_secs_f64(
-                (self.odte.time_window_s() / 6.0).clamp(0.5, 10.0),
+                (self
+                    .models
+                    .iter()
+                    .map(|m| m.profile.time_window_s())
+                    .fold(self.odte.time_window_s(), f64::min)
+                    / 6.0)
+                    .clamp(0.5, 10.0),
             )),
         }
     }
@@ -464,8 +482,19 @@ impl Platform {
             }
             StoreSource::Given(store) => (store.clone(), false),
         };
+        let models = Arc::new(
+            ModelSet::new(config.odte, config.models.clone())
+                .map_err(|e| PlatformError::Config(e.to_string()))?,
+        );
         let metrics = if config.metrics {
-            let idle = Duration::from_millis(u64::try_from(config.odte.silence_ms()).unwrap_or(0));
+            // A twin's gauges are forgotten after the longest silence of any profile.
+            let silence = models
+                .profiles()
+                .iter()
+                .map(OdteConfig::silence_ms)
+                .max()
+                .unwrap_or_else(|| config.odte.silence_ms());
+            let idle = Duration::from_millis(u64::try_from(silence).unwrap_or(0));
             Some(prometheus(idle).map_err(|e| PlatformError::component("metrics", e))?)
         } else {
             None
@@ -551,6 +580,7 @@ impl Platform {
         };
         let functions = Arc::new(
             TwinFunctions::new(store.clone(), config.odte, config.clock.clone())
+                .with_models(models.clone())
                 .with_feed(feed.clone())
                 .with_lifecycle_feed(lifecycle.clone())
                 .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
@@ -568,6 +598,7 @@ impl Platform {
             )
             .merge(api::router(
                 store.clone(),
+                models.clone(),
                 feed.clone(),
                 metrics,
                 http_stop.clone(),
@@ -595,12 +626,16 @@ impl Platform {
         let mut connector = match &config.connector {
             None => None,
             Some(settings) => {
-                let mut connector_config = ConnectorConfig::new(
-                    &broker.url(),
-                    settings.topics.clone(),
-                    &format!("http://{http_address}"),
-                )
-                .map_err(|e| PlatformError::Config(format!("{e:#}")))?;
+                let mut topics = settings.topics.clone();
+                for model in models.models() {
+                    let filter = model.topic_filter();
+                    if !topics.contains(&filter) {
+                        topics.push(filter);
+                    }
+                }
+                let mut connector_config =
+                    ConnectorConfig::new(&broker.url(), topics, &format!("http://{http_address}"))
+                        .map_err(|e| PlatformError::Config(format!("{e:#}")))?;
                 connector_config.client_id = settings.client_id.clone();
                 connector_config.mqtt = config.mqtt.clone();
                 connector_config.broker_tls = broker.tls;
@@ -670,7 +705,7 @@ impl Platform {
 
         let devices_stop = CancellationToken::new();
         let devices = match &config.devices {
-            Some(settings) if settings.count > 0 => {
+            Some(settings) if settings.count > 0 || !settings.model_devices.is_empty() => {
                 let conf = DeviceConf {
                     device_id: format!("{}-1", settings.prefix),
                     target_mqtt_broker_address: broker.host.clone(),
@@ -682,9 +717,29 @@ impl Platform {
                 };
                 conf.validate()
                     .map_err(|e| PlatformError::Config(format!("invalid device settings: {e}")))?;
+                let mut groups = Vec::new();
+                for (id, count) in &settings.model_devices {
+                    let model = models
+                        .models()
+                        .iter()
+                        .find(|m| &m.id == id)
+                        .ok_or_else(|| {
+                            PlatformError::Config(format!(
+                                "devices of model {id:?}: no such model is loaded (loaded: {})",
+                                models
+                                    .models()
+                                    .iter()
+                                    .map(|m| m.id.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ))
+                        })?;
+                    groups.push(ModelGroup::new(model.clone(), *count));
+                }
                 let options = FleetOptions {
                     count: settings.count,
                     prefix: Some(settings.prefix.clone()),
+                    models: groups,
                     ..FleetOptions::default()
                 };
                 let api = bind_or_free_port(settings.api_listen, "device API").await?;

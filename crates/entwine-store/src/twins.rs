@@ -35,6 +35,10 @@ pub struct TwinStatus {
     pub last_digital_timestamp: Option<i64>,
     /// The latest digital state.
     pub digital_state_id: Option<i32>,
+    /// The device model it mirrors (none: the seed's device). Filled in by the twins API,
+    /// which knows the models; the store has no binding of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// One evaluated digital state of a twin's history.
@@ -120,6 +124,7 @@ impl StatusRow {
             last_physical_timestamp: self.last_device_timestamp,
             last_digital_timestamp: self.last_update,
             digital_state_id: self.digitalstate_id,
+            model: None,
         })
     }
 }

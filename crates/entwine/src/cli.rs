@@ -152,6 +152,41 @@ pub struct MqttArgs {
     pub mqtt_key_file: Option<PathBuf>,
 }
 
+/// Where device models come from, and which to emulate.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ModelArgs {
+    /// A directory of device model files, one `*.json` WoT Thing Model each (docs/MODELS.md)
+    /// [default: `models.dir`; on Fission the `device-models` ConfigMap].
+    #[arg(long, value_name = "DIR")]
+    pub models: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Puts the flag given into `flags`.
+    pub fn flags(&self, flags: &mut Flags) {
+        flags.set(
+            "models.dir",
+            "--models",
+            self.models.as_ref().map(|p| p.display().to_string()),
+        );
+    }
+}
+
+/// `MODEL=COUNT` of `--fleet`: how many devices of a model to emulate.
+pub fn fleet_group(raw: &str) -> Result<(String, usize), String> {
+    let (model, count) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("{raw:?} is not MODEL=COUNT (e.g. vibration-sensor=3)"))?;
+    let count: usize = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("{count:?} in {raw:?} is not a number of devices"))?;
+    if model.trim().is_empty() {
+        return Err(format!("{raw:?} names no model"));
+    }
+    Ok((model.trim().to_owned(), count))
+}
+
 impl MqttArgs {
     /// Puts the flags given into `flags`.
     pub fn flags(&self, flags: &mut Flags) -> anyhow::Result<()> {
@@ -195,6 +230,7 @@ impl UpArgs {
         self.database.flags(&mut flags);
         self.odte.flags(&mut flags);
         self.mqtt.flags(&mut flags)?;
+        self.models.flags(&mut flags);
         load_config(self.database.config.clone(), flags)
     }
 }
@@ -247,7 +283,14 @@ pub struct UpArgs {
     /// PEM private key of `--mqtt-tls-cert`.
     #[arg(long, value_name = "FILE", requires = "mqtt_tls_cert")]
     pub mqtt_tls_key: Option<PathBuf>,
-    /// Number of emulated devices (0 for none).
+    /// Device models beside the seed's (`--models DIR`).
+    #[command(flatten)]
+    pub models: ModelArgs,
+    /// Emulated devices of a model, `MODEL=COUNT` (repeatable), ids from the model's first
+    /// pattern (`vib-*`: `vib-1` …), each at its model's expected rate.
+    #[arg(long, value_name = "MODEL=COUNT", value_parser = fleet_group)]
+    pub fleet: Vec<(String, usize)>,
+    /// Number of emulated devices of the seed's model (0 for none).
     #[arg(long, default_value_t = 5)]
     pub devices: usize,
     /// Device ids are `<prefix>-1` … `<prefix>-N`.

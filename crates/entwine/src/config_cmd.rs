@@ -39,6 +39,7 @@ pub fn config(args: &ConfigArgs) -> anyhow::Result<()> {
     loaded.client_token()?;
     loaded.mqtt()?;
     loaded.mqtt_device_credentials()?;
+    loaded.models()?;
     loaded.database(Some(DEFAULT_DATABASE_URL))?;
     let format = match args.format {
         ConfigFormat::Yaml => RenderFormat::Yaml,

@@ -34,6 +34,12 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
     };
     config.listen = args.listen;
     let loaded = args.load()?;
+    config.models = loaded
+        .models()?
+        .models()
+        .iter()
+        .map(|m| m.as_ref().clone())
+        .collect();
     config.http_limits = loaded.http_limits()?;
     // Tokens (none: open, loopback only — `Platform::start` refuses any other address).
     config.auth = loaded.auth()?;
@@ -69,14 +75,16 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
         },
         subscribe_timeout: Duration::from_secs(10),
     });
-    config.devices = (args.devices > 0).then(|| DeviceSettings {
-        count: args.devices,
-        prefix: args.device_prefix.clone(),
-        rate: args.device_rate,
-        update_period_ms: args.update_period_ms,
-        update_initial_delay_ms: args.update_initial_delay_ms,
-        api_listen: args.device_api,
-    });
+    config.devices =
+        (args.devices > 0 || args.fleet.iter().any(|(_, n)| *n > 0)).then(|| DeviceSettings {
+            count: args.devices,
+            prefix: args.device_prefix.clone(),
+            rate: args.device_rate,
+            update_period_ms: args.update_period_ms,
+            update_initial_delay_ms: args.update_initial_delay_ms,
+            api_listen: args.device_api,
+            model_devices: args.fleet.clone(),
+        });
     config.digital_events = (!args.no_digital_events).then(|| DigitalEventSettings {
         state_topic: args.digital_state_topic.clone(),
         lifecycle_topic: args.digital_lifecycle_topic.clone(),
@@ -122,6 +130,7 @@ pub async fn up(
 ) -> anyhow::Result<()> {
     let config = platform_config(args)?;
     let odte = config.odte;
+    let models = config.models.clone();
     let auth = auth_phrase(&config.auth, config.mqtt.credentials.is_some());
     let platform = Platform::start(config).await?;
     let broker = platform.broker().clone();
@@ -154,13 +163,31 @@ pub async fn up(
     println!("  metrics:    http://{address}/metrics");
     let ids = platform.device_ids();
     match platform.device_api() {
-        Some(api) if !ids.is_empty() => println!(
-            "  devices:    {} × {} msg/s ({} … {}), API http://{api}/conf",
-            ids.len(),
-            args.device_rate,
-            ids[0],
-            ids[ids.len() - 1],
-        ),
+        Some(api) if !ids.is_empty() => {
+            let seed = args.devices.min(ids.len());
+            if seed > 0 {
+                println!(
+                    "  devices:    {seed} × {} msg/s ({} … {}), API http://{api}/conf",
+                    args.device_rate,
+                    ids[0],
+                    ids[seed - 1],
+                );
+            } else {
+                println!("  devices:    API http://{api}/conf");
+            }
+            let mut next = seed;
+            for (id, count) in args.fleet.iter().filter(|(_, n)| *n > 0) {
+                let rate = models
+                    .iter()
+                    .find(|m| &m.id == id)
+                    .map_or(0.0, |m| m.profile.expected_update_rate());
+                let group = &ids[next..(next + count).min(ids.len())];
+                next += count;
+                if let (Some(first), Some(last)) = (group.first(), group.last()) {
+                    println!("              {count} × {id} at {rate} msg/s ({first} … {last})");
+                }
+            }
+        }
         _ => println!("  devices:    none (--devices 0)"),
     }
     if platform.has_connector() {
@@ -181,6 +208,25 @@ pub async fn up(
         odte.desired_timeliness_s(),
         odte.threshold()
     );
+    for model in &models {
+        let p = &model.profile;
+        println!(
+            "  model:      {} {} for {}: {} updates/s over {} s, timely within {} s, entangled at ≥ {}; topic {}",
+            model.id,
+            model.version,
+            model
+                .devices()
+                .iter()
+                .map(|d| d.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            p.expected_update_rate(),
+            p.time_window_s(),
+            p.desired_timeliness_s(),
+            p.threshold(),
+            model.topic()
+        );
+    }
     if let Some(period) = platform.evaluator_period() {
         println!(
             "  twins:      re-evaluated every {} s; unbound after {} s of silence",

@@ -119,6 +119,13 @@ pub struct DeviceArgs {
     /// [default: `mqtt.credentials_file`].
     #[arg(long, value_name = "FILE")]
     pub mqtt_credentials_file: Option<PathBuf>,
+    /// Device models (`--models DIR`) for `--fleet`.
+    #[command(flatten)]
+    pub models: crate::cli::ModelArgs,
+    /// Devices of a model beside the seed's `--count`, `MODEL=COUNT` (repeatable), ids from
+    /// the model's first pattern (`vib-*`: `vib-1` …), each at its model's expected rate.
+    #[arg(long, value_name = "MODEL=COUNT", value_parser = crate::cli::fleet_group)]
+    pub fleet: Vec<(String, usize)>,
 }
 
 /// Runs `entwine device` until SIGINT/SIGTERM.
@@ -144,7 +151,26 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
             .as_ref()
             .map(|p| p.display().to_string()),
     );
+    args.models.flags(&mut flags);
     let settings = crate::cli::load_config(args.settings.clone(), flags)?;
+    let models = settings.models()?;
+    let mut groups = Vec::new();
+    for (id, count) in &args.fleet {
+        let model = models
+            .models()
+            .iter()
+            .find(|m| &m.id == id)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--fleet {id}={count}: no model {id:?} (loaded: {})",
+                    loaded_ids(&models)
+                )
+            })?;
+        groups.push(entwine_device::fleet::ModelGroup::new(
+            model.clone(),
+            *count,
+        ));
+    }
     let limits = settings.http_limits()?;
     let auth = Arc::new(settings.auth()?);
     let mqtt = settings.mqtt()?;
@@ -163,6 +189,7 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
         prefix: args.prefix,
         qos: args.qos.into(),
         devices_per_connection: args.devices_per_connection,
+        models: groups,
         ..FleetOptions::default()
     };
     let faults = FaultPlan::fleet(args.faults.unwrap_or(Preset::None).faults());
@@ -286,6 +313,19 @@ pub struct ConnectorArgs {
     /// The MQTT login and TLS files.
     #[command(flatten)]
     pub mqtt: crate::cli::MqttArgs,
+    /// Device models (`--models DIR`): the connector also takes each model's topic.
+    #[command(flatten)]
+    pub models: crate::cli::ModelArgs,
+}
+
+/// The ids of the loaded models, for messages.
+fn loaded_ids(models: &entwine_core::model::ModelSet) -> String {
+    let ids: Vec<&str> = models.models().iter().map(|m| m.id.as_str()).collect();
+    if ids.is_empty() {
+        "none; --models DIR".to_owned()
+    } else {
+        ids.join(", ")
+    }
 }
 
 impl ConnectorArgs {
@@ -330,7 +370,18 @@ pub async fn connector(args: ConnectorArgs) -> anyhow::Result<()> {
     let mut config = args.config()?;
     let mut flags = entwine_config::Flags::default();
     args.mqtt.flags(&mut flags)?;
+    args.models.flags(&mut flags);
     let settings = crate::cli::load_config(None, flags)?;
+    // Each model's topic beside the flags' (in the same share group).
+    for model in settings.models()?.models() {
+        let filter = match &args.share_group {
+            Some(group) => format!("$share/{group}/{}", model.topic_filter()),
+            None => model.topic_filter(),
+        };
+        if !config.topics.contains(&filter) {
+            config.topics.push(filter);
+        }
+    }
     let limits = settings.http_limits()?;
     config.mqtt = settings.mqtt()?;
     config.router_token = settings.client_token()?;

@@ -175,6 +175,7 @@ mod tests {
     #[test]
     fn the_table_shows_each_twin_with_its_figures_and_ages() {
         let twin = TwinStatus {
+            model: None,
             device_id: "iiot-device-1".into(),
             lifecycle: TwinLifecycle::Entangled,
             since: 1_000_000,

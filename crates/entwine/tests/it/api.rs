@@ -10,6 +10,7 @@ async fn get(store: &TestStore, uri: &str) -> (StatusCode, Value) {
     let (feed, _) = tokio::sync::broadcast::channel(8);
     let app = entwine_platform::api::router(
         store.store.clone(),
+        std::sync::Arc::new(entwine_core::model::ModelSet::default()),
         feed,
         None,
         tokio_util::sync::CancellationToken::new(),
@@ -181,6 +182,7 @@ async fn status_follows_the_pages_of_a_running_platform() {
     let (feed, _) = tokio::sync::broadcast::channel(8);
     let app = entwine_platform::api::router(
         t.store.clone(),
+        std::sync::Arc::new(entwine_core::model::ModelSet::default()),
         feed,
         None,
         tokio_util::sync::CancellationToken::new(),

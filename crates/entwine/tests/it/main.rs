@@ -5,6 +5,7 @@ mod bench;
 mod brokers;
 mod experiment;
 mod migrate;
+mod models;
 mod physical;
 mod security;
 mod up;
