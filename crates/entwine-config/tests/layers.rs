@@ -415,3 +415,82 @@ async fn the_pool_size_reaches_the_pool() {
     }
     store.close().await;
 }
+
+fn model(id: &str, pattern: &str, window: &str) -> String {
+    format!(
+        r#"{{"@type": "tm:ThingModel", "title": "{id}", "version": {{"model": "1.0.0"}},
+            "entwine:id": "{id}", "entwine:devices": ["{pattern}"],
+            "entwine:odte": {{"expected_update_rate": 1, "time_window": {window}}},
+            "properties": {{"level": {{"type": "number"}}}}}}"#
+    )
+}
+
+#[test]
+fn device_models_come_from_models_dir_or_the_mounted_configmap_and_errors_name_file_and_field() {
+    let root = tempfile::tempdir().unwrap();
+    // No models anywhere: the seed's device alone.
+    let loaded = load(&Sources::new(&env(root.path(), &[]))).unwrap();
+    assert!(loaded.models().unwrap().models().is_empty());
+
+    // The ConfigMap as a Kubernetes volume holds it: `..data/` and a link per key.
+    let configmap = root.path().join("configs/default/device-models");
+    let data = configmap.join("..2026_12_03_10_00_00.1");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("tank.json"), model("tank", "tank-*", "60")).unwrap();
+    std::os::unix::fs::symlink("..2026_12_03_10_00_00.1", configmap.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tank.json", configmap.join("tank.json")).unwrap();
+    let loaded = load(&Sources::new(&env(root.path(), &[]))).unwrap();
+    let models = loaded.models().unwrap();
+    let ids: Vec<&str> = models.models().iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["tank"]);
+    assert_eq!(models.models()[0].profile.window_ms(), 60_000);
+
+    // models.dir wins over the mount; every *.json file is a model, others are ignored.
+    let dir = root.path().join("models");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("pump.json"), model("pump", "pump-*", "10")).unwrap();
+    std::fs::write(dir.join("README.md"), "not a model").unwrap();
+    let dir_text = dir.display().to_string();
+    let with_dir = env(root.path(), &[("ENTWINE_MODELS__DIR", dir_text.as_str())]);
+    let models = load(&Sources::new(&with_dir)).unwrap().models().unwrap();
+    let ids: Vec<&str> = models.models().iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["pump"]);
+
+    // A bad file: the setting, its source, the file and the field.
+    std::fs::write(dir.join("valve.json"), model("valve", "valve-*", "\"ten\"")).unwrap();
+    let err = load(&Sources::new(&with_dir))
+        .unwrap()
+        .models()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("models.dir from ENTWINE_MODELS__DIR: model ")
+            && text.contains(
+                "valve.json: /entwine:odte/time_window: \"ten\" is not of type \"number\""
+            ),
+        "{text}"
+    );
+    // Two models binding one pattern.
+    std::fs::write(dir.join("valve.json"), model("valve", "pump-*", "10")).unwrap();
+    let err = load(&Sources::new(&with_dir))
+        .unwrap()
+        .models()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("pattern \"pump-*\" also binds devices to model"),
+        "{err}"
+    );
+    // A directory that is not there.
+    let missing = env(
+        root.path(),
+        &[("ENTWINE_MODELS__DIR", "/nonexistent/models")],
+    );
+    let err = load(&Sources::new(&missing)).unwrap().models().unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "models.dir from ENTWINE_MODELS__DIR: cannot read directory /nonexistent/models"
+        ),
+        "{err}"
+    );
+}

@@ -527,3 +527,90 @@ async fn with_the_auth_secret_mounted_a_function_asks_for_a_token_and_the_evalua
     stop(physical_fn).await;
     stop(evaluator_fn).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_device_models_configmap_mounted_the_chain_takes_a_models_device_and_refuses_what_it_does_not_allow(
+) {
+    let db = TestDatabase::create().await;
+    db.migrated_store().await.close().await;
+    let root = tempfile::tempdir().unwrap();
+    mount_seed_configuration(root.path(), &db, &unique("digital"));
+    // The ConfigMap as Fission's fetcher writes it: one file per key, `<model>.json`.
+    let model = json!({
+        "@type": "tm:ThingModel",
+        "title": "Flow meter",
+        "version": {"model": "1.4.0"},
+        "entwine:id": "flow",
+        "entwine:devices": ["flow-*"],
+        "entwine:odte": {"expected_update_rate": 2, "time_window": 2},
+        "properties": {
+            "litres_per_minute": {"type": "number", "minimum": 0, "maximum": 400},
+            "valve_open": {"type": "boolean", "entwine:pointer": "/data/valve/open"}
+        }
+    });
+    mount(
+        &root.path().join("configs"),
+        "default",
+        "device-models",
+        &[("flow.json", model.to_string().as_str())],
+    );
+    let [physical, shadow, twin, digital, _, _] = built_binaries().map(|(_, path)| path);
+    let physical_fn = start(&physical, root.path()).await;
+    let shadow_fn = start(&shadow, root.path()).await;
+    let twin_fn = start(&twin, root.path()).await;
+    let digital_fn = start(&digital, root.path()).await;
+    let client = reqwest::Client::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Four updates in 2 s, as its profile expects (the seed's 0.2/s over 30 s would call this
+    // twin a sixth reliable).
+    let mut last = Value::Null;
+    for i in 0..4 {
+        let event = json!({"timestamp": now - 1_500 + i * 500, "device_id": "flow-7",
+                           "data": {"litres_per_minute": 120.5 + i as f64,
+                                    "valve": {"open": true}}});
+        let (status, physical) = post(&client, &format!("{}/", physical_fn.url), &event).await;
+        assert_eq!(status, 200, "{physical}");
+        assert_eq!(physical["model"], "flow");
+        assert_eq!(physical["model_version"], "1.4.0");
+        assert_eq!(
+            physical["readings"],
+            json!({"litres_per_minute": 120.5 + i as f64, "valve_open": true})
+        );
+        assert!(physical.get("temperature").is_none(), "{physical}");
+        let (status, pending) = post(&client, &format!("{}/", shadow_fn.url), &physical).await;
+        assert_eq!(status, 200, "{pending}");
+        assert_eq!(pending["readings"], physical["readings"]);
+        let (status, evaluated) = post(&client, &format!("{}/", twin_fn.url), &pending).await;
+        assert_eq!(status, 200, "{evaluated}");
+        assert_eq!(real(&evaluated["reliability"]), (i + 1) as f32 / 4.0);
+        let (status, echoed) = post(&client, &format!("{}/", digital_fn.url), &evaluated).await;
+        assert_eq!(status, 200);
+        assert_eq!(echoed, evaluated);
+        last = evaluated;
+    }
+    assert_eq!(last["readings"]["valve_open"], true);
+    // A reading its model does not allow: 400, naming the field and the property.
+    let bad = json!({"timestamp": now, "device_id": "flow-7",
+                     "data": {"litres_per_minute": 900.0, "valve": {"open": true}}});
+    let (status, error) = post(&client, &format!("{}/", physical_fn.url), &bad).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(
+        error["error"],
+        "data.litres_per_minute: 900.0 is greater than the maximum of 400 (property litres_per_minute of model flow, a number expected)"
+    );
+    // The seed's device beside it is the seed's, exactly.
+    let (status, seed) = post(
+        &client,
+        &format!("{}/", physical_fn.url),
+        &seed_event("iiot-device-1", now),
+    )
+    .await;
+    assert_eq!(status, 200, "{seed}");
+    assert_eq!(keys(&seed), PHYSICAL_STATE_KEYS);
+    for running in [physical_fn, shadow_fn, twin_fn, digital_fn] {
+        stop(running).await;
+    }
+}

@@ -287,3 +287,118 @@ async fn a_seed_database_with_duplicate_events_is_refused_with_the_reason_and_le
         0
     );
 }
+
+/// An entwine database from before device models (migrations 0001-0007 applied, rows written by
+/// the pipeline) takes migration 0008 in place: every row kept and read back as before, and a
+/// model's device can then be recorded beside the seed's.
+async fn upgrade_to_models(t: TestStore, backend: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../migrations")
+        .join(backend);
+    let mut before = sqlx::migrate::Migrator::new(dir).await.unwrap();
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 7)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    match &t.store {
+        entwine_store::Store::Postgres(pool) => before.run(pool).await.unwrap(),
+        entwine_store::Store::Sqlite(pool) => before.run(pool).await.unwrap(),
+    }
+    let config = OdteConfig::seed_default();
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        let t_ms = 1_700_000_000_000 + i * 5_000;
+        let (physical, _) = t
+            .store
+            .record_physical_event(
+                &PhysicalEvent {
+                    device_id: DeviceId::parse("device_id", "iiot-device-1").unwrap(),
+                    device_timestamp: t_ms,
+                    readings: entwine_core::state::Readings::seed(26.5 + i as f32, 2.5),
+                },
+                t_ms + 40,
+            )
+            .await
+            .unwrap();
+        let (pending, _) = t.store.record_shadow(&physical, t_ms + 50).await.unwrap();
+        let (digital, _) = t
+            .store
+            .evaluate_digital_state_only(&pending, &config)
+            .await
+            .unwrap();
+        answers.push(digital);
+    }
+    assert!(
+        !tables(&t)
+            .await
+            .contains(&"physicalstate_reading".to_owned()),
+        "before 0008"
+    );
+
+    t.store.migrate().await.unwrap();
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM _sqlx_migrations").await,
+        8
+    );
+    assert_eq!(
+        scalar(&t.store, "SELECT COUNT(*) FROM physicalstate").await,
+        3
+    );
+    // Each stored state answers exactly as before the upgrade.
+    for digital in &answers {
+        assert_eq!(&t.store.stored_digital(digital).await.unwrap(), digital);
+    }
+    // A device of a model is recorded beside them.
+    let model = entwine_core::model::ModelReadings {
+        model: "meter".into(),
+        model_version: "1.0.0".into(),
+        readings: serde_json::json!({"kwh": 12.5})
+            .as_object()
+            .cloned()
+            .unwrap(),
+    };
+    let (physical, written) = t
+        .store
+        .record_physical_event(
+            &PhysicalEvent {
+                device_id: DeviceId::parse("device_id", "meter-1").unwrap(),
+                device_timestamp: 1_700_000_020_000,
+                readings: entwine_core::state::Readings::Model(model.clone()),
+            },
+            1_700_000_020_040,
+        )
+        .await
+        .unwrap();
+    assert_eq!((physical.id, written), (4, Written::Created));
+    assert_eq!(
+        physical.readings,
+        entwine_core::state::Readings::Model(model)
+    );
+}
+
+async fn tables(t: &TestStore) -> Vec<String> {
+    let sql = match &t.store {
+        entwine_store::Store::Postgres(_) => {
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema()"
+        }
+        entwine_store::Store::Sqlite(_) => "SELECT name FROM sqlite_master WHERE type = 'table'",
+    };
+    let rows: Vec<(String,)> = match &t.store {
+        entwine_store::Store::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
+        entwine_store::Store::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
+    };
+    rows.into_iter().map(|(name,)| name).collect()
+}
+
+#[tokio::test]
+async fn an_entwine_postgres_database_from_before_models_is_upgraded_in_place() {
+    upgrade_to_models(TestStore::postgres_empty().await, "postgres").await;
+}
+
+#[tokio::test]
+async fn an_entwine_sqlite_database_from_before_models_is_upgraded_in_place() {
+    upgrade_to_models(TestStore::sqlite_empty(), "sqlite").await;
+}
