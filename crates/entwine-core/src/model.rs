@@ -418,43 +418,6 @@ impl Model {
         }
         Ok(readings)
     }
-
-    /// Checks readings given back to a function (a physical or digital state): an object whose
-    /// keys are this model's properties and whose values each satisfy its property.
-    pub fn check_readings(
-        &self,
-        field: &str,
-        readings: &Map<String, Value>,
-    ) -> Result<(), InputError> {
-        for key in readings.keys() {
-            if !self.properties.iter().any(|p| &p.name == key) {
-                return Err(InputError::new(
-                    format!("{field}.{key}"),
-                    format!("model {} has no property {key}", self.id),
-                ));
-            }
-        }
-        for p in &self.properties {
-            match readings.get(&p.name) {
-                None if p.optional => {}
-                None => {
-                    return Err(InputError::new(
-                        format!("{field}.{}", p.name),
-                        format!("missing (property {} of model {})", p.name, self.id),
-                    ))
-                }
-                Some(v) => {
-                    if let Some(e) = p.schema.iter_errors(v).next() {
-                        return Err(InputError::new(
-                            format!("{field}.{}", p.name),
-                            format!("{e} (property {} of model {})", p.name, self.id),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 fn kind_name(kind: PropertyType) -> &'static str {
