@@ -1485,6 +1485,7 @@ mod tests {
         config.auth.tokens = Some(Secret("t".into()));
         config.auth.token = Some(Secret("t".into()));
         config.postgres.sslrootcert = Some("r".into());
+        config.models.dir = Some("m".into());
         config.mqtt = MqttSection {
             username: Some("u".into()),
             password: Some(Secret("p".into())),

@@ -243,6 +243,15 @@ pub async fn serve(
     let store = Some(store);
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(function = function.name(), %address, store = store.as_ref().map(Store::backend), "serving");
+    for model in settings.models.models() {
+        tracing::info!(
+            function = function.name(),
+            model = %model.id,
+            version = %model.version,
+            source = %model.source,
+            "device model loaded"
+        );
+    }
     entwine_http::serve(listener, router, settings.http, shutdown)
         .await
         .context("HTTP server failed")?;

@@ -314,14 +314,17 @@ impl Store {
         // A created row's model readings are the event's (written with it, in one transaction).
         let mut created_readings = ModelReadingsById::new();
         let mut created: HashMap<(String, i64), PhysicalRow> = HashMap::new();
+        let with_models = events.iter().any(|e| e.readings.model().is_some());
         for row in inserted {
             let key = (row.device_id.clone(), row.device_timestamp);
-            if let Some(m) = events
-                .iter()
-                .find(|e| e.device_id.as_str() == key.0 && e.device_timestamp == key.1)
-                .and_then(|e| e.readings.model())
-            {
-                created_readings.insert(row.id, m.clone());
+            if with_models {
+                if let Some(m) = events
+                    .iter()
+                    .find(|e| e.device_id.as_str() == key.0 && e.device_timestamp == key.1)
+                    .and_then(|e| e.readings.model())
+                {
+                    created_readings.insert(row.id, m.clone());
+                }
             }
             created.insert(key, row);
         }
