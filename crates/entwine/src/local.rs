@@ -92,6 +92,17 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
     Ok(config)
 }
 
+/// A rate as a reader writes it: `10 msg/s`, or `1 msg per 60 s` below one a second when that
+/// is a whole number of seconds.
+fn per_second(rate: f64, what: &str) -> String {
+    let period = 1.0 / rate;
+    if rate < 1.0 && (period - period.round()).abs() < 1e-6 {
+        format!("1 {} per {} s", what.trim_end_matches('s'), period.round())
+    } else {
+        format!("{rate} {what}/s")
+    }
+}
+
 /// What `entwine up` prints about authentication.
 fn auth_phrase(auth: &entwine_http::Auth, mqtt_login: bool) -> String {
     use entwine_http::Interface;
@@ -184,7 +195,10 @@ pub async fn up(
                 let group = &ids[next..(next + count).min(ids.len())];
                 next += count;
                 if let (Some(first), Some(last)) = (group.first(), group.last()) {
-                    println!("              {count} × {id} at {rate} msg/s ({first} … {last})");
+                    println!(
+                        "              {count} × {id} at {} ({first} … {last})",
+                        per_second(rate, "msg")
+                    );
                 }
             }
         }
@@ -211,7 +225,7 @@ pub async fn up(
     for model in &models {
         let p = &model.profile;
         println!(
-            "  model:      {} {} for {}: {} updates/s over {} s, timely within {} s, entangled at ≥ {}; topic {}",
+            "  model:      {} {} for {}: {} over {} s, timely within {} s, entangled at ≥ {}, unbound after {} s of silence; topic {}",
             model.id,
             model.version,
             model
@@ -220,10 +234,11 @@ pub async fn up(
                 .map(|d| d.as_str())
                 .collect::<Vec<_>>()
                 .join(" "),
-            p.expected_update_rate(),
+            per_second(p.expected_update_rate(), "updates"),
             p.time_window_s(),
             p.desired_timeliness_s(),
             p.threshold(),
+            p.silence_ms() as f64 / 1000.0,
             model.topic()
         );
     }
