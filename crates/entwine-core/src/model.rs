@@ -45,7 +45,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::input::{kind, InputError};
+use crate::input::InputError;
 use crate::odte::OdteConfig;
 
 /// The schema every model file is validated against first (JSON Schema 2020-12).
@@ -370,10 +370,9 @@ impl Model {
     /// The readings of a message of this model, each validated against its property; the error
     /// names the payload field and the property.
     pub fn readings(&self, payload: &Map<String, Value>) -> Result<Map<String, Value>, InputError> {
-        let root = Value::Object(payload.clone());
         let mut readings = Map::new();
         for p in &self.properties {
-            let value = match root.pointer(&p.pointer) {
+            let value = match at_pointer(payload, &p.pointer) {
                 None | Some(Value::Null) if p.optional => continue,
                 None | Some(Value::Null) => {
                     return Err(InputError::new(
@@ -384,17 +383,10 @@ impl Model {
                 Some(v) => v,
             };
             if let Some(e) = p.schema.iter_errors(value).next() {
-                let at = e.instance_path().to_string();
+                // A reading is a scalar, so the error is about the value itself (an array or
+                // an object is refused by its `type`).
                 return Err(InputError::new(
-                    format!(
-                        "{}{}",
-                        p.field,
-                        dotted(&at)
-                            .split('.')
-                            .filter(|s| !s.is_empty())
-                            .map(|s| format!(".{s}"))
-                            .collect::<String>()
-                    ),
+                    &p.field,
                     format!(
                         "{e} (property {} of model {}, {} expected)",
                         p.name,
@@ -402,17 +394,6 @@ impl Model {
                         kind_name(p.kind)
                     ),
                 ));
-            }
-            if let Value::Number(n) = value {
-                if n.as_f64().is_none_or(|f| !f.is_finite()) {
-                    return Err(InputError::new(
-                        &p.field,
-                        format!(
-                            "must be a finite number (property {} of model {})",
-                            p.name, self.id
-                        ),
-                    ));
-                }
             }
             readings.insert(p.name.clone(), value.clone());
         }
@@ -461,6 +442,24 @@ pub trait Profiles: Sync {
     fn profile_of(&self, device: &str) -> &OdteConfig {
         &self.profiles()[self.profile_index(device)]
     }
+}
+
+/// `items` grouped by their device's profile, each group in the items' order, the groups in
+/// the order their first item came: `(index in Profiles::profiles, items)`. What the store runs
+/// one window query for.
+pub fn by_profile<'a, T>(
+    profiles: &dyn Profiles,
+    items: impl IntoIterator<Item = (&'a str, T)>,
+) -> Vec<(usize, Vec<T>)> {
+    let mut groups: Vec<(usize, Vec<T>)> = Vec::new();
+    for (device, item) in items {
+        let index = profiles.profile_index(device);
+        match groups.iter_mut().find(|(i, _)| *i == index) {
+            Some((_, group)) => group.push(item),
+            None => groups.push((index, vec![item])),
+        }
+    }
+    groups
 }
 
 impl Profiles for OdteConfig {
@@ -587,35 +586,19 @@ impl Profiles for ModelSet {
     }
 }
 
-/// Reads `readings` of a state given back to a function: an object of the model's properties.
-pub(crate) fn state_readings(
-    map: &Map<String, Value>,
-) -> Option<Result<ModelReadings, InputError>> {
-    let raw = map.get("readings")?;
-    Some((|| {
-        let readings = match raw {
-            Value::Object(r) => r.clone(),
-            other => {
-                return Err(InputError::new(
-                    "readings",
-                    format!("expected an object, got {}", kind(other)),
-                ))
-            }
-        };
-        let text = |key: &str| match map.get(key) {
-            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-            None | Some(Value::Null) => Err(InputError::new(key, "missing")),
-            Some(other) => Err(InputError::new(
-                key,
-                format!("expected a string, got {}", kind(other)),
-            )),
-        };
-        Ok(ModelReadings {
-            model: text("model")?,
-            model_version: text("model_version")?,
-            readings,
-        })
-    })())
+/// The value at a JSON pointer of `payload`, without copying the payload into a [`Value`].
+fn at_pointer<'v>(payload: &'v Map<String, Value>, pointer: &str) -> Option<&'v Value> {
+    let rest = pointer.strip_prefix('/')?;
+    let first = rest.split('/').next().unwrap_or(rest);
+    let value = if first.contains('~') {
+        payload.get(&first.replace("~1", "/").replace("~0", "~"))?
+    } else {
+        payload.get(first)?
+    };
+    match &rest[first.len()..] {
+        "" => Some(value),
+        deeper => value.pointer(deeper),
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::input::{Fields, InputError};
-use crate::model::{state_readings, Binding, ModelReadings, ModelSet};
+use crate::model::{Binding, ModelReadings, ModelSet};
 use crate::odte::{Entanglement, SeedLifecycle};
 
 /// The event type of the seed device's aggregated telemetry.
@@ -186,14 +186,24 @@ impl Readings {
 
     /// Reads a state's readings: `readings` (with `model`, `model_version`) when present, the
     /// seed's `temperature` and `energy` otherwise.
-    fn of_state(f: &Fields<'_>, map: &Map<String, Value>) -> Result<Self, InputError> {
-        match state_readings(map) {
-            Some(model) => Ok(Self::Model(model?)),
-            None => Ok(Self::seed(
+    fn of_state(f: &Fields<'_>) -> Result<Self, InputError> {
+        let Some(raw) = f.optional("readings") else {
+            return Ok(Self::seed(
                 reading(f, "temperature")?,
                 reading(f, "energy")?,
-            )),
-        }
+            ));
+        };
+        let Value::Object(readings) = raw else {
+            return Err(InputError::new(
+                "readings",
+                format!("expected an object, got {}", crate::input::kind(raw)),
+            ));
+        };
+        Ok(Self::Model(ModelReadings {
+            model: f.string("model")?.to_owned(),
+            model_version: f.string("model_version")?.to_owned(),
+            readings: readings.clone(),
+        }))
     }
 }
 
@@ -313,7 +323,7 @@ impl PhysicalState {
             device_id: device_id(&f, "device_id")?,
             device_timestamp: timestamp_near(&f, "device_timestamp", now_ms)?,
             timestamp: timestamp_near(&f, "timestamp", now_ms)?,
-            readings: Readings::of_state(&f, map)?,
+            readings: Readings::of_state(&f)?,
         })
     }
 }
@@ -344,7 +354,7 @@ impl PendingDigitalState {
             physicalstate_id: row_id(&f, "physicalstate_id")?,
             device_id: device_id(&f, "device_id")?,
             timestamp: timestamp_near(&f, "timestamp", now_ms)?,
-            readings: Readings::of_state(&f, map)?,
+            readings: Readings::of_state(&f)?,
         })
     }
 }
@@ -545,6 +555,33 @@ mod tests {
             DigitalState::from_json(&map(v), NOW).unwrap_err().field,
             "odte"
         );
+    }
+
+    #[test]
+    fn a_model_devices_state_carries_model_version_and_readings_in_place_of_the_seeds() {
+        let v = json!({"id": 3, "device_id": "vib-1", "device_timestamp": NOW, "timestamp": NOW,
+            "model": "vibration", "model_version": "1.0.0",
+            "readings": {"rms": 2.5, "running": true}});
+        let state = PhysicalState::from_json(&map(v.clone()), NOW).unwrap();
+        assert_eq!(
+            state.readings.model().map(|m| m.readings.len()),
+            Some(2),
+            "{state:?}"
+        );
+        assert_eq!(state.readings.temperature(), None);
+        // Serialized exactly as it came.
+        assert_eq!(serde_json::to_value(&state).unwrap(), v);
+        let mut bad = v.clone();
+        bad["readings"] = json!(5);
+        let err = PhysicalState::from_json(&map(bad), NOW).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "readings: expected an object, got a number"
+        );
+        let mut bad = v;
+        bad.as_object_mut().unwrap().remove("model_version");
+        let err = PhysicalState::from_json(&map(bad), NOW).unwrap_err();
+        assert_eq!(err.to_string(), "model_version: missing");
     }
 
     #[test]

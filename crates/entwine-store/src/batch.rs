@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 
 use entwine_core::evaluation::{self, TwinEvaluation, UpdateTimes, Window, WindowFigures};
-use entwine_core::model::{ModelReadings, Profiles};
+use entwine_core::model::{by_profile, ModelReadings, Profiles};
 use entwine_core::odte::OdteConfig;
 use entwine_core::state::{
     DigitalState, PendingDigitalState, PhysicalEvent, PhysicalState, Readings,
@@ -310,24 +310,12 @@ impl Store {
         }
         let devices: Vec<&str> = events.iter().map(|e| e.device_id.as_str()).collect();
         let stamps: Vec<i64> = events.iter().map(|e| e.device_timestamp).collect();
-        let inserted = self.insert_physical(events, now_ms).await?;
-        // A created row's model readings are the event's (written with it, in one transaction).
-        let mut created_readings = ModelReadingsById::new();
-        let mut created: HashMap<(String, i64), PhysicalRow> = HashMap::new();
-        let with_models = events.iter().any(|e| e.readings.model().is_some());
-        for row in inserted {
-            let key = (row.device_id.clone(), row.device_timestamp);
-            if with_models {
-                if let Some(m) = events
-                    .iter()
-                    .find(|e| e.device_id.as_str() == key.0 && e.device_timestamp == key.1)
-                    .and_then(|e| e.readings.model())
-                {
-                    created_readings.insert(row.id, m.clone());
-                }
-            }
-            created.insert(key, row);
-        }
+        // A created row's model readings are the ones written with it.
+        let (inserted, created_readings) = self.insert_physical(events, now_ms).await?;
+        let mut created: HashMap<(String, i64), PhysicalRow> = inserted
+            .into_iter()
+            .map(|row| ((row.device_id.clone(), row.device_timestamp), row))
+            .collect();
         // The events not inserted now: redeliveries, a different event under a used key, or
         // the second of two equal keys in this batch (then the first one's row).
         let mut stored: HashMap<(String, i64), PhysicalState> = HashMap::new();
@@ -344,13 +332,7 @@ impl Store {
             let rows: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
                 pg: PHYSICAL_BY_EVENTS_PG => [&devices, &stamps],
                 lite: PHYSICAL_BY_EVENTS_LITE => [lite()])?;
-            let models = self
-                .model_readings(
-                    rows.iter()
-                        .filter(|r| r.temperature.is_none())
-                        .map(|r| r.id),
-                )
-                .await?;
+            let models = self.model_readings_of_physical(&rows).await?;
             for row in rows {
                 let key = (row.device_id.clone(), row.device_timestamp);
                 if !created.contains_key(&key) {
@@ -473,13 +455,7 @@ impl Store {
             let rows: Vec<PhysicalRow> = set_based!(self, fetch_all, PhysicalRow,
                 pg: PHYSICAL_BY_IDS_PG => [&rest],
                 lite: PHYSICAL_BY_IDS_LITE => [ids_json(&rest)])?;
-            let models = self
-                .model_readings(
-                    rows.iter()
-                        .filter(|r| r.temperature.is_none())
-                        .map(|r| r.id),
-                )
-                .await?;
+            let models = self.model_readings_of_physical(&rows).await?;
             for row in rows {
                 let id = row.id;
                 match row.into_state(&models) {
@@ -598,14 +574,10 @@ impl Store {
     ) -> Result<Plan, StoreError> {
         // The batch's states by profile: one window query per profile (a fleet of the seed's
         // devices alone: one).
-        let mut groups: Vec<(usize, Vec<i32>)> = Vec::new();
-        for p in pending {
-            let index = profiles.profile_index(p.device_id.as_str());
-            match groups.iter_mut().find(|(i, _)| *i == index) {
-                Some((_, ids)) => ids.push(p.id),
-                None => groups.push((index, vec![p.id])),
-            }
-        }
+        let groups = by_profile(
+            profiles,
+            pending.iter().map(|p| (p.device_id.as_str(), p.id)),
+        );
         let mut rows: HashMap<i32, DigitalRow> = HashMap::new();
         let mut updates: HashMap<i32, UpdateTimes> = HashMap::new();
         for (index, ids) in &groups {
@@ -796,11 +768,12 @@ impl Store {
 
     /// Inserts a batch's physical states; with a model's readings among them, the readings of
     /// those created too, in one transaction (a state is never stored without its readings).
+    /// Answers the created rows and the model readings written, by physical state id.
     async fn insert_physical(
         &self,
         events: &[PhysicalEvent],
         now_ms: i64,
-    ) -> Result<Vec<PhysicalRow>, StoreError> {
+    ) -> Result<(Vec<PhysicalRow>, ModelReadingsById), StoreError> {
         let devices: Vec<&str> = events.iter().map(|e| e.device_id.as_str()).collect();
         let stamps: Vec<i64> = events.iter().map(|e| e.device_timestamp).collect();
         let temperatures: Vec<Option<f32>> =
@@ -822,22 +795,33 @@ impl Store {
             )
             .to_string()
         };
-        if events.iter().all(|e| e.readings.model().is_none()) {
-            return set_based!(self, fetch_all, PhysicalRow,
-                pg: INSERT_PHYSICAL_PG => [&devices, &stamps, &temperatures, &energies, now_ms],
-                lite: INSERT_PHYSICAL_LITE => [lite(), now_ms]);
+        // Each key's model readings: the first event of the batch under it (the one inserted).
+        let mut by_key: HashMap<(&str, i64), &ModelReadings> = HashMap::new();
+        for e in events {
+            if let Some(m) = e.readings.model() {
+                by_key
+                    .entry((e.device_id.as_str(), e.device_timestamp))
+                    .or_insert(m);
+            }
         }
-        // The readings of each created row: the first event of the batch under its key.
+        if by_key.is_empty() {
+            let rows = set_based!(self, fetch_all, PhysicalRow,
+                pg: INSERT_PHYSICAL_PG => [&devices, &stamps, &temperatures, &energies, now_ms],
+                lite: INSERT_PHYSICAL_LITE => [lite(), now_ms])?;
+            return Ok((rows, ModelReadingsById::new()));
+        }
         let readings_of = |rows: &[PhysicalRow]| -> Vec<(i32, &ModelReadings, String)> {
             rows.iter()
                 .filter_map(|row| {
-                    let event = events.iter().find(|e| {
-                        e.device_id.as_str() == row.device_id
-                            && e.device_timestamp == row.device_timestamp
-                    })?;
-                    let m = event.readings.model()?;
-                    Some((row.id, m, Value::Object(m.readings.clone()).to_string()))
+                    let m = by_key.get(&(row.device_id.as_str(), row.device_timestamp))?;
+                    Some((row.id, *m, Value::Object(m.readings.clone()).to_string()))
                 })
+                .collect()
+        };
+        let written = |readings: &[(i32, &ModelReadings, String)]| -> ModelReadingsById {
+            readings
+                .iter()
+                .map(|(id, m, _)| (*id, (*m).clone()))
                 .collect()
         };
         match self {
@@ -874,7 +858,8 @@ impl Store {
                         .map_err(StoreError::from_sqlx)?;
                 }
                 tx.commit().await.map_err(StoreError::from_sqlx)?;
-                Ok(rows)
+                let written = written(&readings);
+                Ok((rows, written))
             }
             Store::Sqlite(pool) => {
                 let mut tx = pool.begin().await.map_err(StoreError::from_sqlx)?;
@@ -900,7 +885,8 @@ impl Store {
                         .map_err(StoreError::from_sqlx)?;
                 }
                 tx.commit().await.map_err(StoreError::from_sqlx)?;
-                Ok(rows)
+                let written = written(&readings);
+                Ok((rows, written))
             }
         }
     }
@@ -934,6 +920,19 @@ impl Store {
                 },
             )
             .collect()
+    }
+
+    /// The model readings of those physical `rows` that lack the seed's readings.
+    async fn model_readings_of_physical(
+        &self,
+        rows: &[PhysicalRow],
+    ) -> Result<ModelReadingsById, StoreError> {
+        self.model_readings(
+            rows.iter()
+                .filter(|r| r.temperature.is_none())
+                .map(|r| r.id),
+        )
+        .await
     }
 
     /// The model readings of those digital `rows` that lack the seed's readings.

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use entwine_core::evaluation::{self, LifecycleChange, UpdateTimes, Window, WindowFigures};
-use entwine_core::model::Profiles;
+use entwine_core::model::{by_profile, Profiles};
 use entwine_core::odte::{Entanglement, OdteConfig};
 use entwine_core::twin::{TwinLifecycle, TwinPosition};
 use serde::{Deserialize, Serialize};
@@ -448,14 +448,7 @@ impl Store {
         // Several profiles (device models): the twins grouped by profile, one grouped query
         // per profile in use, each with its own window.
         let devices: Vec<(String,)> = fetch!(self, TWIN_DEVICES, fetch_all, (String,))?;
-        let mut groups: Vec<(usize, Vec<String>)> = Vec::new();
-        for (device,) in devices {
-            let index = profiles.profile_index(&device);
-            match groups.iter_mut().find(|(i, _)| *i == index) {
-                Some((_, ids)) => ids.push(device),
-                None => groups.push((index, vec![device])),
-            }
-        }
+        let groups = by_profile(profiles, devices.iter().map(|(d,)| (d.as_str(), d.clone())));
         let mut windows = Vec::new();
         for (index, devices) in &groups {
             let config = &profiles.profiles()[*index];
