@@ -542,9 +542,16 @@ impl ModelSet {
         &self.models
     }
 
-    /// The model with `id`.
-    pub fn get(&self, id: &str) -> Option<&Model> {
-        self.models.iter().find(|m| m.id == id).map(Arc::as_ref)
+    /// The model with `id`, or a sentence naming the models that are loaded.
+    pub fn get(&self, id: &str) -> Result<&Arc<Model>, String> {
+        self.models.iter().find(|m| m.id == id).ok_or_else(|| {
+            let ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
+            if ids.is_empty() {
+                format!("no model {id:?} is loaded (none is: set models.dir, --models DIR)")
+            } else {
+                format!("no model {id:?} is loaded (loaded: {})", ids.join(", "))
+            }
+        })
     }
 
     /// The seed's profile (the `odte` ConfigMap's).

@@ -493,7 +493,7 @@ impl Platform {
                 .iter()
                 .map(OdteConfig::silence_ms)
                 .max()
-                .unwrap_or_else(|| config.odte.silence_ms());
+                .unwrap_or(0);
             let idle = Duration::from_millis(u64::try_from(silence).unwrap_or(0));
             Some(prometheus(idle).map_err(|e| PlatformError::component("metrics", e))?)
         } else {
@@ -719,21 +719,9 @@ impl Platform {
                     .map_err(|e| PlatformError::Config(format!("invalid device settings: {e}")))?;
                 let mut groups = Vec::new();
                 for (id, count) in &settings.model_devices {
-                    let model = models
-                        .models()
-                        .iter()
-                        .find(|m| &m.id == id)
-                        .ok_or_else(|| {
-                            PlatformError::Config(format!(
-                                "devices of model {id:?}: no such model is loaded (loaded: {})",
-                                models
-                                    .models()
-                                    .iter()
-                                    .map(|m| m.id.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ))
-                        })?;
+                    let model = models.get(id).map_err(|e| {
+                        PlatformError::Config(format!("devices of model {id:?}: {e}"))
+                    })?;
                     groups.push(ModelGroup::new(model.clone(), *count));
                 }
                 let options = FleetOptions {

@@ -157,15 +157,8 @@ pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
     let mut groups = Vec::new();
     for (id, count) in &args.fleet {
         let model = models
-            .models()
-            .iter()
-            .find(|m| &m.id == id)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--fleet {id}={count}: no model {id:?} (loaded: {})",
-                    loaded_ids(&models)
-                )
-            })?;
+            .get(id)
+            .map_err(|e| anyhow::anyhow!("--fleet {id}={count}: {e}"))?;
         groups.push(entwine_device::fleet::ModelGroup::new(
             model.clone(),
             *count,
@@ -316,16 +309,6 @@ pub struct ConnectorArgs {
     /// Device models (`--models DIR`): the connector also takes each model's topic.
     #[command(flatten)]
     pub models: crate::cli::ModelArgs,
-}
-
-/// The ids of the loaded models, for messages.
-fn loaded_ids(models: &entwine_core::model::ModelSet) -> String {
-    let ids: Vec<&str> = models.models().iter().map(|m| m.id.as_str()).collect();
-    if ids.is_empty() {
-        "none; --models DIR".to_owned()
-    } else {
-        ids.join(", ")
-    }
 }
 
 impl ConnectorArgs {
