@@ -682,7 +682,147 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::functions::CallFuture;
     use serde_json::json;
+    use std::time::Duration;
+
+    /// Functions that answer each call with the next of `answers` (the last one forever after),
+    /// counting the calls: the retry loop's timing is the subject, not the functions.
+    struct Scripted {
+        answers: Vec<Result<Value, CallFailure>>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Scripted {
+        fn new(answers: Vec<Result<Value, CallFailure>>) -> Self {
+            Self {
+                answers,
+                calls: Default::default(),
+            }
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Functions for Scripted {
+        fn call<'a>(&'a self, _route: &'static str, _body: &'a Value) -> CallFuture<'a> {
+            let n = self.calls.fetch_add(1, Ordering::Relaxed);
+            let answer = self.answers[n.min(self.answers.len() - 1)].clone();
+            Box::pin(async move { answer })
+        }
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+    }
+
+    fn status(status: u16) -> Result<Value, CallFailure> {
+        Err(CallFailure::Status {
+            status,
+            error: format!("answered {status}"),
+        })
+    }
+
+    fn retrying_config() -> ConnectorConfig {
+        let mut config =
+            ConnectorConfig::new("127.0.0.1:1883", vec!["t/#".into()], "http://127.0.0.1:1")
+                .unwrap();
+        config.retry_initial = Duration::from_millis(100);
+        config.retry_max = Duration::from_secs(1);
+        config
+    }
+
+    async fn timed_call(
+        functions: &Scripted,
+        abandon: &CancellationToken,
+    ) -> (Result<Value, CallError>, Duration, u64) {
+        let stats = ConnectorStats::default();
+        let start = tokio::time::Instant::now();
+        let result = call(
+            functions,
+            &retrying_config(),
+            &stats,
+            "/physicalevents",
+            &json!({}),
+            abandon,
+            Ok,
+        )
+        .await;
+        (
+            result,
+            start.elapsed(),
+            stats.retries.load(Ordering::Relaxed),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_function_that_recovers_is_called_again_after_waits_that_double() {
+        // 503, 503, then the answer: two waits, the first in [50, 100) ms, the second in
+        // [100, 200) ms, so the answer comes 150 to 300 ms after the first call.
+        let functions = Scripted::new(vec![status(503), status(503), Ok(json!({"id": 7}))]);
+        let (result, elapsed, retries) = timed_call(&functions, &CancellationToken::new()).await;
+        assert_eq!(result.ok(), Some(json!({"id": 7})));
+        assert_eq!((functions.calls(), retries), (3, 2));
+        assert!(
+            elapsed >= Duration::from_millis(150) && elapsed < Duration::from_millis(300),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_final_at_once_and_an_error_after_five_attempts_within_the_caps() {
+        let functions = Scripted::new(vec![status(400)]);
+        let (result, elapsed, retries) = timed_call(&functions, &CancellationToken::new()).await;
+        assert!(
+            matches!(result, Err(CallError::Rejected { status: 400, .. })),
+            "a 400 names the message: no retry"
+        );
+        assert_eq!(
+            (functions.calls(), retries, elapsed),
+            (1, 0, Duration::ZERO)
+        );
+
+        // A 500 is retried, then refused: five calls, four waits below 100 + 200 + 400 + 800 ms
+        // and at least half of that.
+        let functions = Scripted::new(vec![status(500)]);
+        let (result, elapsed, retries) = timed_call(&functions, &CancellationToken::new()).await;
+        match result {
+            Err(CallError::Rejected { status, error }) => {
+                assert_eq!(status, 500);
+                assert_eq!(error, "gave up after 5 attempts: answered 500");
+            }
+            _ => panic!("a persistent 500 is refused"),
+        }
+        assert_eq!((functions.calls(), retries), (5, 4));
+        assert!(
+            elapsed >= Duration::from_millis(750) && elapsed < Duration::from_millis(1500),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_store_is_waited_for_without_end_at_most_retry_max_apart() {
+        // 503 forever (the store is down): after 10 virtual minutes the call is still waiting,
+        // having retried about every second (waits capped at `retry_max`, 1 s, each at least
+        // 0.5 s once the bound reached it), until the connector abandons it.
+        let functions = Scripted::new(vec![status(503)]);
+        let abandon = CancellationToken::new();
+        let waiting = {
+            let abandon = abandon.clone();
+            let functions = std::sync::Arc::new(functions);
+            let shared = functions.clone();
+            (
+                tokio::spawn(async move { timed_call(&shared, &abandon).await.1 }),
+                functions,
+            )
+        };
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let calls = waiting.1.calls();
+        assert!((600..=1205).contains(&calls), "{calls} calls in 600 s");
+        abandon.cancel();
+        let elapsed = waiting.0.await.unwrap();
+        assert_eq!(elapsed, Duration::from_secs(600), "abandoned at once");
+    }
 
     fn state(i: usize, filler: usize) -> Value {
         json!({"device_id": format!("d{i}"), "timestamp": 1_700_000_000_000_i64 + i as i64,

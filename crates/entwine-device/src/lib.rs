@@ -66,6 +66,7 @@ pub struct Emulator {
     pub http_address: SocketAddr,
     /// The device ids: the seed's devices first, then each model group's.
     pub device_ids: Vec<String>,
+    conf: Arc<watch::Sender<DeviceConf>>,
     faults: Arc<watch::Sender<FaultPlan>>,
     devices: JoinHandle<Result<(), DeviceError>>,
     api: JoinHandle<std::io::Result<()>>,
@@ -177,6 +178,7 @@ impl Emulator {
             )
             .await
         });
+        let conf = tx;
         let devices = tokio::spawn(fleet::run(
             rx,
             faults_rx,
@@ -190,10 +192,22 @@ impl Emulator {
             stats,
             http_address,
             device_ids,
+            conf,
             faults,
             devices,
             api,
         })
+    }
+
+    /// The seed devices' configuration in force, as `GET /conf` answers it, and its changes
+    /// (`PUT /conf`).
+    pub fn watch_conf(&self) -> watch::Receiver<DeviceConf> {
+        self.conf.subscribe()
+    }
+
+    /// The fault plan in force, as `GET /faults` answers it, and its changes.
+    pub fn watch_faults(&self) -> watch::Receiver<FaultPlan> {
+        self.faults.subscribe()
     }
 
     /// The fault plan in force.

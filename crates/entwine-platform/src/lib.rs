@@ -590,6 +590,7 @@ impl Platform {
             evaluator_period.map(|period| tokio::spawn(evaluate_every(functions.clone(), period)));
 
         let http_stop = CancellationToken::new();
+        let device_view = Arc::new(std::sync::OnceLock::new());
         let app = with_fallbacks(
             entwine_http::protect(
                 routes(functions.clone()),
@@ -600,8 +601,14 @@ impl Platform {
                 store.clone(),
                 models.clone(),
                 feed.clone(),
+                lifecycle.clone(),
                 metrics,
                 http_stop.clone(),
+                auth.clone(),
+            ))
+            .merge(api::devices::router(
+                device_view.clone(),
+                models.clone(),
                 auth.clone(),
             )),
         );
@@ -753,6 +760,14 @@ impl Platform {
             }
             _ => None,
         };
+        if let Some(emulator) = &devices {
+            let _ = device_view.set(api::devices::DeviceView {
+                api: emulator.http_address,
+                device_ids: emulator.device_ids.iter().cloned().collect(),
+                conf: emulator.watch_conf(),
+                faults: emulator.watch_faults(),
+            });
+        }
 
         started.stops.clear();
         started.tasks.clear();

@@ -40,6 +40,39 @@ async fn two_platforms_run_in_one_process_in_process_and_over_http_each_mirrorin
             items.len() == 2 && items.iter().all(|t| t["lifecycle"] == "entangled")
         })
         .await;
+        // The dashboard's view of an emulated device: its configuration and its faults, as
+        // the devices' own API gives them, changed through that API.
+        let device = platform.device_ids()[0].clone();
+        let view = format!("http://{}/api/devices/{device}", platform.http_address());
+        let before: Value = reqwest::get(&view).await.unwrap().json().await.unwrap();
+        assert_eq!(before["conf"]["aggregatedTelemetryMsgSec"], 5.0, "{before}");
+        assert_eq!(before["conf"]["updatePeriodMs"], 200, "{before}");
+        assert_eq!(
+            (&before["model"], &before["own_faults"]),
+            (&Value::Null, &false.into())
+        );
+        assert_eq!(before["faults"]["delayMs"], 0.0, "{before}");
+        let device_api = platform.device_api().unwrap();
+        let put = reqwest::Client::new()
+            .put(format!("http://{device_api}/faults"))
+            .json(&serde_json::json!({"device": device, "delayMs": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 200);
+        let after: Value = reqwest::get(&view).await.unwrap().json().await.unwrap();
+        assert_eq!(
+            (&after["faults"]["delayMs"], &after["own_faults"]),
+            (&1.0.into(), &true.into())
+        );
+        assert_eq!(after["api"], format!("http://{device_api}"));
+        let ghost = reqwest::get(format!(
+            "http://{}/api/devices/ghost",
+            platform.http_address()
+        ))
+        .await
+        .unwrap();
+        assert_eq!(ghost.status(), 404);
         // /metrics is served by both (the process's one recorder).
         let metrics = reqwest::get(format!("http://{}/metrics", platform.http_address()))
             .await

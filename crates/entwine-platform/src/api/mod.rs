@@ -1,15 +1,25 @@
 //! The twins API of the local platform:
 //!
-//! - `GET /api/twins?after=&limit=`: the twins as they stand (lifecycle, ODTE and its factors,
-//!   last physical and digital timestamps), by device id (byte order), `limit` per page
-//!   (default 100, at most 1000), those after the device id `after`; `next` names the
-//!   following page, `null` on the last one;
+//! - `GET /api/twins?lifecycle=&model=&q=&sort=&order=&offset=&limit=&after=`: the twins as
+//!   they stand (lifecycle, ODTE and its factors, last physical and digital timestamps, model),
+//!   kept by lifecycle, by model (`seed` for the seed's devices) and by a case-insensitive part
+//!   of the device id (`q`), sorted by `device_id` (byte order, the default), `odte`,
+//!   `lifecycle`, `since`, `evaluated_at` or `last_digital_timestamp` (ties by device id),
+//!   `order` `asc` (default) or `desc`; `limit` per page (default 100, at most 1000) from
+//!   `offset`, or after the device id `after`; `total` counts the twins the filters keep, and
+//!   `next` names the following page, `null` on the last one (see [`fleet`]);
+//! - `GET /api/fleet`: twins by lifecycle and by model, the distribution of their ODTE, and
+//!   the dead letters stored ([`fleet::FleetSummary`]);
 //! - `GET /api/twins/{id}`: one twin (404 when the device has no evaluated state);
 //! - `GET /api/twins/{id}/history?since=&limit=`: its evaluated states, newest first, `limit`
 //!   per page (default 100, at most 1000); `next` names the following page (a `before` /
 //!   `before_id` cursor);
-//! - `GET /api/stream[?device_id=]`: a live stream of digital states (Server-Sent Events,
-//!   event `digitalstate`);
+//! - `GET /api/stream[?device_id=][&events=digitalstate,lifecycle]`: a live stream
+//!   (Server-Sent Events) of digital states (event `digitalstate`) and of lifecycle changes
+//!   (event `lifecycle`, a [`TwinChange`], also when the evaluator finds a device silent), both
+//!   unless `events` names one;
+//! - `GET /api/devices/{id}`: an emulated device's configuration and faults, where the platform
+//!   runs the devices ([`devices`]);
 //! - `GET /metrics`: Prometheus text format.
 //!
 //! Errors are `{"error": "…"}`: 400 for a bad query parameter (named) or a twin id that is not
@@ -30,12 +40,16 @@ use entwine_core::model::{Binding, ModelSet};
 use entwine_functions::handlers::DigitalFeed;
 use entwine_functions::http::error_chain;
 use entwine_http::{protect, protect_stream, Auth, Interface};
-use entwine_store::{HistoryCursor, Store, StoreError};
+use entwine_store::{HistoryCursor, Store, StoreError, TwinChange};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
+
+pub mod devices;
+pub mod fleet;
 
 /// Longest page of history or of twins.
 pub const MAX_PAGE: u32 = 1000;
@@ -47,13 +61,15 @@ struct Api {
     store: Store,
     models: Arc<ModelSet>,
     feed: DigitalFeed,
+    lifecycle: broadcast::Sender<TwinChange>,
     metrics: Option<PrometheusHandle>,
     closing: CancellationToken,
 }
 
-/// The API over `store`, streaming what the digital-event handler announces on `feed` until
-/// `closing` is cancelled (a live stream would otherwise hold a graceful shutdown forever), and
-/// rendering `metrics` when a recorder is installed.
+/// The API over `store`, streaming what the digital-event handler announces on `feed` and the
+/// lifecycle changes announced on `lifecycle` until `closing` is cancelled (a live stream would
+/// otherwise hold a graceful shutdown forever), and rendering `metrics` when a recorder is
+/// installed.
 ///
 /// Every route asks for a token of `auth` (none configured: open, on loopback only): the twins
 /// API and the stream as [`Interface::Api`] (the stream also takes `?access_token=`, for a
@@ -62,6 +78,7 @@ pub fn router(
     store: Store,
     models: Arc<ModelSet>,
     feed: DigitalFeed,
+    lifecycle: broadcast::Sender<TwinChange>,
     metrics: Option<PrometheusHandle>,
     closing: CancellationToken,
     auth: Arc<Auth>,
@@ -70,11 +87,13 @@ pub fn router(
         store,
         models,
         feed,
+        lifecycle,
         metrics,
         closing,
     };
     let api = Router::new()
-        .route("/api/twins", get(twins))
+        .route("/api/twins", get(fleet::twins))
+        .route("/api/fleet", get(fleet::fleet))
         .route("/api/twins/{id}", get(twin))
         .route("/api/twins/{id}/history", get(history))
         .route("/api/deadletters", get(dead_letters))
@@ -165,42 +184,6 @@ impl Params {
         }
         Ok(Some(value))
     }
-}
-
-/// A page of twins.
-#[derive(serde::Serialize)]
-struct TwinsPage {
-    items: Vec<entwine_store::TwinStatus>,
-    next: Option<String>,
-}
-
-async fn twins(
-    State(api): State<Api>,
-    Query(raw): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let params = Params::new(raw, &["after", "limit"])?;
-    let limit = params
-        .integer("limit", 1..=i64::from(MAX_PAGE))?
-        .map_or(DEFAULT_PAGE, |l| l as u32) as usize;
-    let mut twins = api.store.twins().await?;
-    for twin in &mut twins {
-        twin.model = api.model_of(&twin.device_id);
-    }
-    // Byte order, whatever the database's collation, so that `after` splits pages exactly.
-    twins.sort_unstable_by(|a, b| a.device_id.cmp(&b.device_id));
-    let start = params.0.get("after").map_or(0, |after| {
-        twins.partition_point(|t| t.device_id.as_str() <= after.as_str())
-    });
-    let more = twins.len() > start + limit;
-    let items: Vec<_> = twins.into_iter().skip(start).take(limit).collect();
-    let next = match items.last() {
-        Some(last) if more => Some(format!(
-            "/api/twins?after={}&limit={limit}",
-            encode_path_segment(&last.device_id)
-        )),
-        _ => None,
-    };
-    Ok(Json(TwinsPage { items, next }).into_response())
 }
 
 /// The `{id}` of a twin's path: UTF-8 without NUL (which no device id holds, and PostgreSQL
@@ -324,28 +307,87 @@ struct HistoryPage {
     next: Option<String>,
 }
 
+/// The kinds of event the live stream carries.
+#[derive(Debug, Clone, Copy)]
+struct StreamEvents {
+    digital_states: bool,
+    lifecycle_changes: bool,
+}
+
+impl StreamEvents {
+    fn parse(raw: Option<&String>) -> Result<Self, ApiError> {
+        let Some(raw) = raw else {
+            return Ok(Self {
+                digital_states: true,
+                lifecycle_changes: true,
+            });
+        };
+        let mut events = Self {
+            digital_states: false,
+            lifecycle_changes: false,
+        };
+        for name in raw.split(',') {
+            match name.trim() {
+                "digitalstate" => events.digital_states = true,
+                "lifecycle" => events.lifecycle_changes = true,
+                other => {
+                    return Err(ApiError::BadParameter(
+                        "events".into(),
+                        format!("{other:?} is not digitalstate or lifecycle"),
+                    ))
+                }
+            }
+        }
+        Ok(events)
+    }
+}
+
 async fn stream(
     State(api): State<Api>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // `access_token` was read by `protect_stream` (a browser's EventSource sends no header).
-    let params = Params::new(raw, &["device_id", "access_token"])?;
+    let params = Params::new(raw, &["device_id", "events", "access_token"])?;
+    let events = StreamEvents::parse(params.0.get("events"))?;
     let device = params.0.get("device_id").cloned();
-    let states = BroadcastStream::new(api.feed.subscribe()).filter_map(move |state| {
-        // A lagging client skips what it missed rather than stalling the pipeline.
-        let state = state.ok()?;
-        if device
-            .as_deref()
-            .is_some_and(|d| d != state.pending.device_id.as_str())
-        {
-            return None;
-        }
-        let data = serde_json::to_string(&state).ok()?;
-        Some(Ok(Event::default().event("digitalstate").data(data)))
-    });
+    let wanted = {
+        let device = device.clone();
+        move |id: &str| device.as_deref().is_none_or(|d| d == id)
+    };
+    // Subscribed before answering, so that nothing announced after the answer is missed; a
+    // lagging client skips what it missed rather than stalling the pipeline.
+    let states = events.digital_states.then(|| api.feed.subscribe());
+    let changes = events.lifecycle_changes.then(|| api.lifecycle.subscribe());
+    let states = futures_util::StreamExt::flat_map(
+        futures_util::stream::iter(states),
+        BroadcastStream::new,
+    )
+    .filter_map({
+            let wanted = wanted.clone();
+            move |state| {
+                let state = state.ok()?;
+                if !wanted(state.pending.device_id.as_str()) {
+                    return None;
+                }
+                let data = serde_json::to_string(&state).ok()?;
+                Some(Ok(Event::default().event("digitalstate").data(data)))
+            }
+        });
+    let changes = futures_util::StreamExt::flat_map(
+        futures_util::stream::iter(changes),
+        BroadcastStream::new,
+    )
+    .filter_map(move |change| {
+            let change = change.ok()?;
+            if !wanted(&change.device_id) {
+                return None;
+            }
+            let data = serde_json::to_string(&change).ok()?;
+            Some(Ok(Event::default().event("lifecycle").data(data)))
+        });
     let closing = api.closing.clone().cancelled_owned();
-    let states = futures_util::StreamExt::take_until(states, closing);
-    Ok(Sse::new(states).keep_alive(KeepAlive::default()))
+    let events = futures_util::StreamExt::take_until(states.merge(changes), closing);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
 async fn render_metrics(State(api): State<Api>) -> Response {
