@@ -28,6 +28,9 @@
 //! - `digital`: `broker_url`, `state_topic`, `lifecycle_topic` (digital events of the functions).
 //! - `models`: `dir`, the directory of device model files ([`Loaded::models`]; on Fission the
 //!   ConfigMap `device-models` when unset).
+//! - `retention`: `keep_days` (days of history kept, fractions allowed: `0.5` is 12 h; unset, the
+//!   default, keeps everything), `period` (seconds between retention runs, default 3600)
+//!   ([`Loaded::retention`]).
 //!
 //! The mount roots are `/configs` and `/secrets` (`ENTWINE_CONFIG_ROOT`, `ENTWINE_SECRET_ROOT`);
 //! the namespace is `ENTWINE_NAMESPACE`, else the one the fetcher wrote: the only directory
@@ -46,7 +49,7 @@ use std::time::Duration;
 use entwine_core::model::{Model, ModelSet};
 use entwine_core::odte::{OdteConfig, OdteConfigError};
 use entwine_http::Limits;
-use entwine_store::{PgConnectOptions, Store, StoreError, StoreOptions};
+use entwine_store::{PgConnectOptions, RetentionSettings, Store, StoreError, StoreOptions};
 use figment::providers::{Format as _, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
@@ -101,6 +104,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
         ],
     ),
     ("models", &["dir"]),
+    ("retention", &["keep_days", "period"]),
 ];
 
 /// Keys whose values are secrets: kept exactly as written (no trimming) and printed as `***`.
@@ -225,6 +229,28 @@ pub struct Config {
     pub mqtt: MqttSection,
     /// Where device models are read from.
     pub models: ModelsSection,
+    /// How much history is kept.
+    pub retention: RetentionSection,
+}
+
+/// `retention`: how long states are kept ([`entwine_store::Store::apply_retention`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Days of history kept (fractions allowed); unset keeps everything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_days: Option<f64>,
+    /// Seconds between two retention runs.
+    pub period: f64,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        Self {
+            keep_days: None,
+            period: 3600.0,
+        }
+    }
 }
 
 /// `models`: the device models ([`entwine_core::model`]), one `*.json` file each.
@@ -933,6 +959,35 @@ impl Loaded {
         }
     }
 
+    /// Retention, validated: `None` when `retention.keep_days` is unset (everything kept).
+    /// `keep_days` must be a number of days above 0 (at most 100 years), `period` a number of
+    /// seconds above 0 (at most a year).
+    pub fn retention(&self) -> Result<Option<RetentionSettings>, SettingsError> {
+        let r = &self.config.retention;
+        if !(r.period.is_finite() && r.period > 0.0 && r.period <= 366.0 * 86_400.0) {
+            return Err(self.invalid(
+                "retention.period",
+                format!(
+                    "must be a number of seconds above 0 and at most a year, got {}",
+                    r.period
+                ),
+            ));
+        }
+        let Some(days) = r.keep_days else {
+            return Ok(None);
+        };
+        if !(days.is_finite() && days > 0.0 && days <= 36_600.0) {
+            return Err(self.invalid(
+                "retention.keep_days",
+                format!("must be a number of days above 0 and at most 36600, got {days}"),
+            ));
+        }
+        Ok(Some(RetentionSettings {
+            keep: Duration::from_secs_f64(days * 86_400.0),
+            period: Duration::from_secs_f64(r.period),
+        }))
+    }
+
     /// The ODTE configuration, validated: the one place an [`OdteConfig`] is built from
     /// settings.
     pub fn odte(&self) -> Result<OdteConfig, SettingsError> {
@@ -1469,6 +1524,50 @@ mod tests {
     }
 
     #[test]
+    fn retention_is_off_unless_keep_days_is_set_and_bad_values_are_named() {
+        let load_with = |vars: &[(&str, &str)]| {
+            let mut all = vec![
+                ("ENTWINE_CONFIG_ROOT", "/nonexistent/entwine-configs"),
+                ("ENTWINE_SECRET_ROOT", "/nonexistent/entwine-secrets"),
+                ("ENTWINE_PODINFO_DIR", "/nonexistent/entwine-podinfo"),
+                ("ENTWINE_NAMESPACE", "default"),
+            ];
+            all.extend_from_slice(vars);
+            let env = Environment::from_vars(all);
+            load(&Sources::new(&env)).unwrap()
+        };
+        assert_eq!(
+            load_with(&[]).retention().unwrap(),
+            None,
+            "the seed's: keep all"
+        );
+        let half_day = load_with(&[
+            ("ENTWINE_RETENTION__KEEP_DAYS", "0.5"),
+            ("ENTWINE_RETENTION__PERIOD", "60"),
+        ]);
+        assert_eq!(
+            half_day.retention().unwrap(),
+            Some(RetentionSettings {
+                keep: Duration::from_secs(43_200),
+                period: Duration::from_secs(60),
+            })
+        );
+        let default_period = load_with(&[("ENTWINE_RETENTION__KEEP_DAYS", "30")]);
+        assert_eq!(
+            default_period.retention().unwrap().unwrap().period,
+            Duration::from_secs(3600)
+        );
+        for (key, value, expected) in [
+            ("ENTWINE_RETENTION__KEEP_DAYS", "0", "retention.keep_days from ENTWINE_RETENTION__KEEP_DAYS: must be a number of days above 0 and at most 36600, got 0"),
+            ("ENTWINE_RETENTION__KEEP_DAYS", "-1", "retention.keep_days from ENTWINE_RETENTION__KEEP_DAYS: must be a number of days above 0 and at most 36600, got -1"),
+            ("ENTWINE_RETENTION__PERIOD", "0", "retention.period from ENTWINE_RETENTION__PERIOD: must be a number of seconds above 0 and at most a year, got 0"),
+        ] {
+            let loaded = load_with(&[(key, value)]);
+            assert_eq!(loaded.retention().unwrap_err().to_string(), expected);
+        }
+    }
+
+    #[test]
     fn every_key_is_a_field_of_its_section() {
         let mut config = Config::default();
         config.database.url = Some(Secret("u".into()));
@@ -1486,6 +1585,7 @@ mod tests {
         config.auth.token = Some(Secret("t".into()));
         config.postgres.sslrootcert = Some("r".into());
         config.models.dir = Some("m".into());
+        config.retention.keep_days = Some(30.0);
         config.mqtt = MqttSection {
             username: Some("u".into()),
             password: Some(Secret("p".into())),

@@ -1,5 +1,8 @@
 //! Running a function the way the Fission Rust environment does: configuration from the files
 //! Fission mounts, HTTP on `127.0.0.1:$FISSION_RUNTIME_PORT`, graceful shutdown on SIGTERM.
+//! Beside its route the server answers `GET /metrics` (the process's Prometheus recorder:
+//! calls and latency per function, [`crate::invoke::observed`]), asking for a token as
+//! [`Interface::Metrics`]; the supervisor proxies it on the pod's port 8888.
 //!
 //! # Where each setting comes from (later wins)
 //! The layers of [`entwine_config`], without flags:
@@ -18,6 +21,12 @@
 //!    `state_topic`, `lifecycle_topic`: where the digital-event handler and the twin evaluator
 //!    publish digital events (off when unset).
 //!
+//! # Fission's container executor
+//! There the binary is the pod's own process (no supervisor, SIGTERM reaches it) and the
+//! Function's ConfigMaps and Secrets arrive as environment variables, not files: the container
+//! specs (`deploy/fission/specs-container`) map each key to its `ENTWINE_<SECTION>__<KEY>`
+//! variable (layer 5 above) and set [`LISTEN_VAR`] to the container's port on every interface.
+//!
 //! The config root is `/configs` and the secret root `/secrets` (override with
 //! `ENTWINE_CONFIG_ROOT`, `ENTWINE_SECRET_ROOT`). The namespace is `ENTWINE_NAMESPACE`, else the
 //! one the fetcher wrote: the only directory under the config and secret roots (it is the
@@ -30,7 +39,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
-use entwine_core::model::ModelSet;
+use entwine_core::model::{ModelSet, Profiles};
 use entwine_core::odte::OdteConfig;
 use entwine_store::{Store, StoreOptions};
 
@@ -38,12 +47,18 @@ pub use entwine_config::DatabaseTarget as DatabaseSettings;
 pub use entwine_config::{Environment, SettingsError};
 
 use crate::handlers::{Clock, Function, SystemClock, TwinFunctions};
-use crate::http::function_router;
+use crate::http::{function_router, metrics_router};
 use crate::publisher::{DigitalPublisher, PublisherSettings};
 use entwine_http::Interface;
 
 /// The port Fission's Rust runtime gives a function when neither variable is set.
 pub const DEFAULT_PORT: u16 = 8889;
+
+/// The variable naming the whole listen address (`0.0.0.0:8888`), for Fission's container
+/// executor, where no supervisor stands between the pod's port and the function; it wins over
+/// `FISSION_RUNTIME_PORT` and `PORT`. A non-loopback address asks for `auth.tokens` as any
+/// exposed listener does.
+pub const LISTEN_VAR: &str = "ENTWINE_FUNCTION_LISTEN";
 
 /// Everything a function binary needs, validated before it serves.
 #[derive(Debug, Clone)]
@@ -68,11 +83,12 @@ pub struct FunctionSettings {
     pub auth: entwine_http::Auth,
 }
 
-/// The interfaces a function's server offers, as far as tokens are concerned.
+/// The interfaces a function's server offers, as far as tokens are concerned: its route
+/// (none for the twin evaluator's) and `GET /metrics`.
 fn interfaces(function: Function) -> &'static [Interface] {
     match function {
-        Function::TwinEvaluator => &[],
-        _ => &[Interface::Functions],
+        Function::TwinEvaluator => &[Interface::Metrics],
+        _ => &[Interface::Functions, Interface::Metrics],
     }
 }
 
@@ -97,19 +113,24 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
     })?;
     // In a pod the function listens on loopback, but Fission's router reaches it from the
     // network through the runtime's supervisor: the same rule as for any exposed listener.
-    if env.get("KUBERNETES_SERVICE_HOST").is_some()
-        && interfaces(function)
-            .iter()
-            .any(|&i| auth.protects(i) && auth.tokens.is_empty())
-    {
+    // Its `/metrics` too (the cluster's Prometheus scrapes it through the supervisor).
+    let unprotected: Vec<&str> = interfaces(function)
+        .iter()
+        .filter(|&&i| auth.protects(i) && auth.tokens.is_empty())
+        .map(|&i| match i {
+            Interface::Metrics => "auth.metrics=false",
+            _ => "auth.functions=false",
+        })
+        .collect();
+    if env.get("KUBERNETES_SERVICE_HOST").is_some() && !unprotected.is_empty() {
         return Err(SettingsError::Missing {
             key: "auth.tokens".into(),
             hint: format!(
                 "{} runs in a Kubernetes pod, where Fission's router reaches it from the \
                  network: mount the auth Secret (secrets: [{{name: auth}}] in the function's \
-                 spec; scripts/install-fission makes it), or set auth.functions=false to leave \
-                 it open on purpose",
-                function.name()
+                 spec; scripts/install-fission makes it), or set {} to leave it open on purpose",
+                function.name(),
+                unprotected.join(" and ")
             ),
         });
     }
@@ -167,6 +188,20 @@ pub fn load(function: Function, env: &Environment) -> Result<FunctionSettings, S
 }
 
 fn listen_address(env: &Environment) -> Result<SocketAddr, SettingsError> {
+    // Fission's container executor runs the binary without the supervisor: its Service sends
+    // to the pod's port directly, so the function listens on the pod's interfaces there.
+    if let Some(raw) = env.get(LISTEN_VAR) {
+        return raw
+            .trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| SettingsError::Invalid {
+                key: "listen".into(),
+                origin: LISTEN_VAR.into(),
+                reason: format!(
+                    "{raw:?} is not a socket address (an IP address and a port, e.g. 0.0.0.0:8888)"
+                ),
+            });
+    }
     let (var, raw) = match env
         .get("FISSION_RUNTIME_PORT")
         .map(|v| ("FISSION_RUNTIME_PORT", v))
@@ -232,14 +267,18 @@ pub async fn serve(
             .with_models(settings.models.clone())
             .with_publisher(publisher.as_ref().map(|(p, _)| p.clone())),
     );
+    let auth = Arc::new(settings.auth.clone());
     let router = match function {
         Function::TwinEvaluator => function_router(function, functions),
         _ => entwine_http::protect(
             function_router(function, functions),
-            Arc::new(settings.auth.clone()),
+            auth.clone(),
             Interface::Functions,
         ),
     };
+    // The requests and latencies the functions record (`crate::invoke::observed`), for the
+    // cluster's Prometheus: Fission's supervisor proxies every path but its own to the function.
+    let router = router.merge(metrics_router(recorder(&settings.models)?, auth));
     let store = Some(store);
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(function = function.name(), %address, store = store.as_ref().map(Store::backend), "serving");
@@ -264,6 +303,19 @@ pub async fn serve(
     }
     tracing::info!(function = function.name(), "stopped");
     Ok(())
+}
+
+/// The process's Prometheus recorder ([`crate::telemetry::prometheus`]); a twin's gauges are
+/// forgotten after the longest silence threshold of the loaded profiles.
+fn recorder(models: &ModelSet) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    let silence = models
+        .profiles()
+        .iter()
+        .map(OdteConfig::silence_ms)
+        .max()
+        .unwrap_or(0);
+    let idle = std::time::Duration::from_millis(u64::try_from(silence).unwrap_or(0));
+    crate::telemetry::prometheus(idle).context("metrics")
 }
 
 /// Completes on SIGINT or SIGTERM (what Kubernetes sends before it kills a pod).

@@ -330,3 +330,25 @@ pub fn with_fallbacks(router: Router) -> Router {
         )
     }))
 }
+
+/// `GET /metrics`: what `handle`'s recorder holds, in Prometheus' text format (requests and
+/// latency per function, batch sizes, store errors, digital events), asking for a token of
+/// `auth` as [`entwine_http::Interface::Metrics`] (open with `auth.metrics=false`).
+pub fn metrics_router(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    auth: Arc<entwine_http::Auth>,
+) -> Router {
+    let metrics = Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    entwine_http::protect(metrics, auth, entwine_http::Interface::Metrics)
+}

@@ -29,6 +29,7 @@ pub mod api;
 pub mod broker;
 mod in_process;
 mod metrics;
+pub mod service;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entwine_connector::{AckOrder, ConnectorConfig, ConnectorStats};
-use entwine_core::model::{Model, ModelSet, Profiles};
+use entwine_core::model::{Model, ModelSet};
 use entwine_core::odte::OdteConfig;
 use entwine_device::conf::DeviceConf;
 use entwine_device::faults::FaultPlan;
@@ -287,6 +288,10 @@ pub struct PlatformConfig {
     pub feed_capacity: usize,
     /// The functions' clock.
     pub clock: Arc<dyn Clock>,
+    /// Retention of the history (`retention` settings): every `period`, states older than
+    /// `keep` are deleted ([`Store::apply_retention`], which keeps what any window reads).
+    /// `None` keeps everything.
+    pub retention: Option<entwine_store::RetentionSettings>,
 }
 
 impl PlatformConfig {
@@ -315,6 +320,7 @@ impl PlatformConfig {
             metrics: true,
             feed_capacity: 4096,
             clock: Arc::new(SystemClock),
+            retention: None,
         }
     }
 
@@ -465,37 +471,14 @@ impl Platform {
                 .map_err(|e| PlatformError::Config(format!("device API: {e}")))?;
         }
         let auth = Arc::new(config.auth.clone());
-        let (store, close_store) = match &config.store {
-            StoreSource::Url { url, options } => {
-                let store = Store::open(url, options).map_err(|source| PlatformError::Store {
-                    backend: "store",
-                    source,
-                })?;
-                store
-                    .migrate()
-                    .await
-                    .map_err(|source| PlatformError::Store {
-                        backend: store.backend(),
-                        source,
-                    })?;
-                (store, true)
-            }
-            StoreSource::Given(store) => (store.clone(), false),
-        };
+        let (store, close_store) = service::open_store(&config.store).await?;
         let models = Arc::new(
             ModelSet::new(config.odte, config.models.clone())
                 .map_err(|e| PlatformError::Config(e.to_string()))?,
         );
         let metrics = if config.metrics {
             // A twin's gauges are forgotten after the longest silence of any profile.
-            let silence = models
-                .profiles()
-                .iter()
-                .map(OdteConfig::silence_ms)
-                .max()
-                .unwrap_or(0);
-            let idle = Duration::from_millis(u64::try_from(silence).unwrap_or(0));
-            Some(prometheus(idle).map_err(|e| PlatformError::component("metrics", e))?)
+            Some(service::recorder(&models)?)
         } else {
             None
         };
@@ -590,6 +573,17 @@ impl Platform {
             evaluator_period.map(|period| tokio::spawn(evaluate_every(functions.clone(), period)));
 
         let http_stop = CancellationToken::new();
+        // Stopped with the HTTP server: in `shutdown` before the store closes, or when `start`
+        // fails or the platform is dropped (a batch cut short is rolled back).
+        if let Some(retention) = config.retention {
+            tokio::spawn(retain_every(
+                store.clone(),
+                models.clone(),
+                config.clock.clone(),
+                retention,
+                http_stop.child_token(),
+            ));
+        }
         let device_view = Arc::new(std::sync::OnceLock::new());
         let app = with_fallbacks(
             entwine_http::protect(
@@ -606,6 +600,8 @@ impl Platform {
                 http_stop.clone(),
                 auth.clone(),
             ))
+            // The dashboard's page and assets (no data in them: no token asked).
+            .merge(entwine_web::router())
             .merge(api::devices::router(
                 device_view.clone(),
                 models.clone(),
@@ -944,6 +940,45 @@ impl Drop for Started {
     fn drop(&mut self) {
         self.stops.iter().for_each(CancellationToken::cancel);
         self.tasks.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+}
+
+/// Retention's timer: a run at start, then every `settings.period`, each deleting the history
+/// older than `settings.keep` at the clock's now (logged with what it deleted), until `stop`.
+pub(crate) async fn retain_every(
+    store: Store,
+    models: Arc<ModelSet>,
+    clock: Arc<dyn Clock>,
+    settings: entwine_store::RetentionSettings,
+    stop: CancellationToken,
+) {
+    let guard = entwine_store::retention_guard_ms(models.as_ref());
+    let keep = i64::try_from(settings.keep.as_millis()).unwrap_or(i64::MAX);
+    let mut ticks = tokio::time::interval(settings.period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let run = store.apply_retention(Some(keep), clock.now_ms(), guard);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            result = run => match result {
+                Ok(report) => tracing::info!(
+                    cutoff_ms = report.cutoff_ms,
+                    digital_states = report.digital_states,
+                    physical_states = report.physical_states,
+                    dead_letters = report.dead_letters,
+                    duration_ms = report.duration.as_millis() as u64,
+                    "retention run"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "retention failed; next try in {:?}", settings.period
+                ),
+            },
+        }
     }
 }
 

@@ -39,6 +39,7 @@ mod error;
 #[macro_use]
 mod queries;
 mod deadletters;
+mod history;
 mod lifecycle;
 mod twins;
 
@@ -59,6 +60,10 @@ use sqlx::{PgPool, SqlitePool};
 pub use batch::{is_element_error, Each};
 pub use deadletters::StoredDeadLetter;
 pub use error::StoreError;
+pub use history::{
+    retention_cutoff, retention_guard_ms, Aggregate, Bucket, RetentionReport, RetentionSettings,
+    Series, RETENTION_BATCH, RETENTION_MARGIN_MS, SERIES_POSTGRES,
+};
 pub use lifecycle::{TwinChange, TwinWindow};
 /// PostgreSQL connection options, for callers that assemble them from parts.
 pub use sqlx::postgres::PgConnectOptions;

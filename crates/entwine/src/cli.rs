@@ -30,6 +30,10 @@ pub enum Command {
     Up(UpArgs),
     /// Print a table of the twins, from a running platform's API or from the store.
     Status(crate::status::StatusArgs),
+    /// Serve the twins API, the live stream, the dashboard and /metrics from a store the
+    /// functions write (the twins service of a cluster), live updates from their digital events
+    /// on the broker; no functions, connector or devices.
+    Serve(crate::serve::ServeArgs),
     /// Create or upgrade the store's tables (safe to repeat and to run concurrently; upgrades a
     /// database created with the seed system's SQL in place).
     Migrate(DatabaseArgs),
@@ -78,7 +82,7 @@ impl DatabaseArgs {
         }
     }
 
-    fn flags(&self, flags: &mut Flags) {
+    pub(crate) fn flags(&self, flags: &mut Flags) {
         flags
             .set("database.url", "--database-url", self.database_url.clone())
             .set(
@@ -498,6 +502,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::local::up(&args, entwine_functions::fission::shutdown_signal()).await
         }
         Command::Status(args) => crate::status::status(&args).await,
+        Command::Serve(args) => {
+            crate::serve::serve(&args, entwine_functions::fission::shutdown_signal()).await
+        }
         Command::Device(args) => crate::physical::device(args).await,
         Command::Connector(args) => crate::physical::connector(args).await,
         Command::Bench(args) => crate::bench::bench(&args).await,
@@ -512,6 +519,7 @@ fn remember_config_file(command: &Command) {
         Command::Migrate(args) => args.config.as_ref(),
         Command::Config(args) => args.database.config.as_ref(),
         Command::Status(args) => args.config.as_ref(),
+        Command::Serve(args) => args.database.config.as_ref(),
         Command::Device(args) => args.settings.as_ref(),
         Command::Connector(args) => args.config.as_ref(),
         Command::Bench(_) | Command::Experiment(_) => None,

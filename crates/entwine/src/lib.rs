@@ -8,6 +8,7 @@
 //! - [`bench`](mod@bench), [`experiment`]: the same platform, measured or scripted.
 //! - [`status`]: `entwine status`, a table of the twins.
 //! - [`physical`]: `entwine device` and `entwine connector`, the physical side.
+//! - [`serve`]: `entwine serve`, the twins service over a store the functions write.
 #![warn(missing_docs)]
 
 pub mod bench;
@@ -16,4 +17,5 @@ pub mod config_cmd;
 pub mod experiment;
 pub mod local;
 pub mod physical;
+pub mod serve;
 pub mod status;

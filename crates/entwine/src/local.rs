@@ -41,6 +41,7 @@ pub fn platform_config(args: &UpArgs) -> anyhow::Result<PlatformConfig> {
         .map(|m| m.as_ref().clone())
         .collect();
     config.http_limits = loaded.http_limits()?;
+    config.retention = loaded.retention()?;
     // Tokens (none: open, loopback only — `Platform::start` refuses any other address).
     config.auth = loaded.auth()?;
     config.client_token = loaded.client_token()?;
@@ -142,6 +143,7 @@ pub async fn up(
     let config = platform_config(args)?;
     let odte = config.odte;
     let models = config.models.clone();
+    let retention = config.retention;
     let auth = auth_phrase(&config.auth, config.mqtt.credentials.is_some());
     let platform = Platform::start(config).await?;
     let broker = platform.broker().clone();
@@ -164,6 +166,7 @@ pub async fn up(
         broker.address()
     );
     println!("  auth:       {auth}");
+    println!("  console:    http://{address}/");
     println!("  functions:  http://{address}");
     for (route, name) in Platform::function_routes() {
         println!("    POST {route:<22} {name}");
@@ -248,6 +251,14 @@ pub async fn up(
             period.as_secs_f64(),
             odte.silence_ms() as f64 / 1000.0
         );
+    }
+    match &retention {
+        Some(r) => println!(
+            "  history:    states older than {} days deleted every {} s (what a window reads is kept)",
+            r.keep.as_secs_f64() / 86_400.0,
+            r.period.as_secs_f64()
+        ),
+        None => println!("  history:    kept whole (retention.keep_days unset)"),
     }
     if !args.no_digital_events {
         println!(

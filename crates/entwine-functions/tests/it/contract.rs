@@ -13,14 +13,14 @@ use tokio::process::{Child, Command};
 use crate::settings::{mount, SEED_ODTE};
 use crate::support::*;
 
-struct Running {
+pub(crate) struct Running {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 /// Starts `binary` as the runtime would: cwd = where the package was unpacked (the binary's
 /// directory), port variable, mounts under `root`; waits until it accepts connections.
-async fn start(binary: &Path, root: &Path) -> Running {
+pub(crate) async fn start(binary: &Path, root: &Path) -> Running {
     let port = free_port();
     let unpacked = binary.parent().expect("a binary path has a directory");
     let child = Command::new(binary)
@@ -55,7 +55,7 @@ async fn start(binary: &Path, root: &Path) -> Running {
     }
 }
 
-async fn stop(mut running: Running) {
+pub(crate) async fn stop(mut running: Running) {
     let pid = running.child.id().expect("still running") as i32;
     // SIGTERM, as Kubernetes sends it; the function drains and exits 0.
     std::process::Command::new("kill")
@@ -70,7 +70,7 @@ async fn stop(mut running: Running) {
     assert!(status.success(), "exit status {status}");
 }
 
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
     let response = client.post(url).json(body).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
@@ -78,7 +78,7 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value)
 
 /// The seed's configuration, and a `digital` ConfigMap that sends digital events under
 /// `topic_root` on the test broker.
-fn mount_seed_configuration(root: &Path, db: &TestDatabase, topic_root: &str) {
+pub(crate) fn mount_seed_configuration(root: &Path, db: &TestDatabase, topic_root: &str) {
     let options = db.options();
     let port = options.get_port().to_string();
     let configs = root.join("configs");
@@ -118,7 +118,7 @@ fn mount_seed_configuration(root: &Path, db: &TestDatabase, topic_root: &str) {
 }
 
 /// The six binaries as cargo built them.
-fn built_binaries() -> [(&'static str, PathBuf); 6] {
+pub(crate) fn built_binaries() -> [(&'static str, PathBuf); 6] {
     [
         (
             "physical-event-handler",
@@ -160,8 +160,15 @@ async fn the_deploy_archive_unpacked_as_fission_does_serves_the_seed_chain() {
     }
     let out = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-fission-archives");
+    // The host's architecture, as Kubernetes names it (the archive is checked for it).
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => panic!("no Fission archive for {other}"),
+    };
     let status = std::process::Command::new(script)
-        .arg("--deploy-only")
+        .arg("--arch")
+        .arg(arch)
         .arg("--binaries")
         .arg(staged.path())
         .arg("--out")
@@ -175,7 +182,7 @@ async fn the_deploy_archive_unpacked_as_fission_does_serves_the_seed_chain() {
     let deployarchive = userfunc.path().join("deployarchive");
     let status = std::process::Command::new("unzip")
         .arg("-q")
-        .arg(out.path().join("entwine-deploy.zip"))
+        .arg(out.path().join(format!("entwine-deploy-{arch}.zip")))
         .arg("-d")
         .arg(&deployarchive)
         .status()

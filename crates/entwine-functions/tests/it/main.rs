@@ -4,6 +4,7 @@
 mod batches;
 mod contract;
 mod http;
+mod service;
 mod serving;
 mod settings;
 mod support;

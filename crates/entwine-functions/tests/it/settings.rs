@@ -479,7 +479,8 @@ fn a_binary_with_a_bad_mounted_value_exits_2_naming_the_file() {
 
 /// In a pod the router reaches a function from the network through the runtime's supervisor,
 /// although the function listens on loopback: without the `auth` Secret it refuses to start,
-/// unless function authentication is turned off on purpose. The evaluator needs no token.
+/// unless function authentication is turned off on purpose. The evaluator's route needs no
+/// token, but its `/metrics`, as every function's, does.
 #[test]
 fn in_a_kubernetes_pod_a_function_without_the_auth_secret_refuses_to_start() {
     let root = tempfile::tempdir().unwrap();
@@ -495,18 +496,26 @@ fn in_a_kubernetes_pod_a_function_without_the_auth_secret_refuses_to_start() {
                 "physical-event-handler runs in a Kubernetes pod, where Fission's router reaches \
                  it from the network: mount the auth Secret (secrets: [{name: auth}] in the \
                  function's spec; scripts/install-fission makes it), or set auth.functions=false \
-                 to leave it open on purpose"
+                 and auth.metrics=false to leave it open on purpose"
             );
         }
         other => panic!("expected a missing token, got {other:?}"),
     }
-    assert!(load(Function::TwinEvaluator, &env(root.path(), &pod)).is_ok());
+    match load(Function::TwinEvaluator, &env(root.path(), &pod)) {
+        Err(SettingsError::Missing { hint, .. }) => assert!(
+            hint.ends_with("or set auth.metrics=false to leave it open on purpose"),
+            "{hint}"
+        ),
+        other => panic!("expected a missing token, got {other:?}"),
+    }
     assert!(load(Function::PhysicalEvent, &env(root.path(), &[])).is_ok());
     let open = [
         ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
         ("ENTWINE_AUTH__FUNCTIONS", "false"),
+        ("ENTWINE_AUTH__METRICS", "false"),
     ];
     assert!(load(Function::PhysicalEvent, &env(root.path(), &open)).is_ok());
+    assert!(load(Function::TwinEvaluator, &env(root.path(), &open)).is_ok());
     mount(
         &root.path().join("secrets"),
         "default",

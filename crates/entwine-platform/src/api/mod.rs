@@ -14,6 +14,11 @@
 //! - `GET /api/twins/{id}/history?since=&limit=`: its evaluated states, newest first, `limit`
 //!   per page (default 100, at most 1000); `next` names the following page (a `before` /
 //!   `before_id` cursor);
+//! - `GET /api/twins/{id}/series?from=&to=&step=`: its states in `[from, to)` (ms; default the
+//!   last hour) in buckets of `step` ms (default: the smallest of 1 s … 1 day giving at most 600
+//!   buckets; at most 10,000): per non-empty bucket `t`, `count`, `odte` `{avg, min, max}`, mean
+//!   `availability`, `reliability`, `timeliness`, the latest state's `lifecycle`, and `readings`
+//!   by name `{avg, min, max}`; 404 like the twin's (see `series`);
 //! - `GET /api/stream[?device_id=][&events=digitalstate,lifecycle]`: a live stream
 //!   (Server-Sent Events) of digital states (event `digitalstate`) and of lifecycle changes
 //!   (event `lifecycle`, a [`TwinChange`], also when the evaluator finds a device silent), both
@@ -50,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod devices;
 pub mod fleet;
+mod series;
 
 /// Longest page of history or of twins.
 pub const MAX_PAGE: u32 = 1000;
@@ -96,6 +102,7 @@ pub fn router(
         .route("/api/fleet", get(fleet::fleet))
         .route("/api/twins/{id}", get(twin))
         .route("/api/twins/{id}/history", get(history))
+        .route("/api/twins/{id}/series", get(series::series))
         .route("/api/deadletters", get(dead_letters))
         .with_state(state.clone());
     let stream = Router::new()
@@ -358,33 +365,31 @@ async fn stream(
     // lagging client skips what it missed rather than stalling the pipeline.
     let states = events.digital_states.then(|| api.feed.subscribe());
     let changes = events.lifecycle_changes.then(|| api.lifecycle.subscribe());
-    let states = futures_util::StreamExt::flat_map(
-        futures_util::stream::iter(states),
-        BroadcastStream::new,
-    )
-    .filter_map({
-            let wanted = wanted.clone();
-            move |state| {
-                let state = state.ok()?;
-                if !wanted(state.pending.device_id.as_str()) {
-                    return None;
+    let states =
+        futures_util::StreamExt::flat_map(futures_util::stream::iter(states), BroadcastStream::new)
+            .filter_map({
+                let wanted = wanted.clone();
+                move |state| {
+                    let state = state.ok()?;
+                    if !wanted(state.pending.device_id.as_str()) {
+                        return None;
+                    }
+                    let data = serde_json::to_string(&state).ok()?;
+                    Some(Ok(Event::default().event("digitalstate").data(data)))
                 }
-                let data = serde_json::to_string(&state).ok()?;
-                Some(Ok(Event::default().event("digitalstate").data(data)))
-            }
-        });
+            });
     let changes = futures_util::StreamExt::flat_map(
         futures_util::stream::iter(changes),
         BroadcastStream::new,
     )
     .filter_map(move |change| {
-            let change = change.ok()?;
-            if !wanted(&change.device_id) {
-                return None;
-            }
-            let data = serde_json::to_string(&change).ok()?;
-            Some(Ok(Event::default().event("lifecycle").data(data)))
-        });
+        let change = change.ok()?;
+        if !wanted(&change.device_id) {
+            return None;
+        }
+        let data = serde_json::to_string(&change).ok()?;
+        Some(Ok(Event::default().event("lifecycle").data(data)))
+    });
     let closing = api.closing.clone().cancelled_owned();
     let events = futures_util::StreamExt::take_until(states.merge(changes), closing);
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))

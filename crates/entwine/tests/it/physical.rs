@@ -122,9 +122,16 @@ async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
 
     let url = format!("sqlite://{}", dir.path().join("entwine.db").display());
     let store = entwine_store::Store::open(&url, &entwine_store::StoreOptions::default()).unwrap();
+    let healthz = format!("http://127.0.0.1:{health}/healthz");
+    let health = || async {
+        let health: serde_json::Value = reqwest::get(&healthz).await.unwrap().json().await.unwrap();
+        health
+    };
+    // A state is evaluated (step three) before its chain completes (step four, then the ack):
+    // wait for both counts.
     eventually(
         Duration::from_secs(20),
-        "ten evaluated digital states",
+        "ten evaluated digital states, their chains completed",
         || {
             let store = store.clone();
             async move {
@@ -134,18 +141,13 @@ async fn device_connector_and_functions_as_separate_processes_fill_the_store() {
                 )
                 .await
                     >= 10
+                    && health().await["completed"].as_u64().unwrap() >= 10
             }
         },
     )
     .await;
-    let health: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{health}/healthz"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = health().await;
     assert_eq!(health["connected"], true, "{health}");
-    assert!(health["completed"].as_u64().unwrap() >= 10, "{health}");
     interrupt(device).await;
     interrupt(connector).await;
     interrupt(up).await;
