@@ -37,6 +37,15 @@ pub(crate) async fn start(binary: &Path, root: &Path) -> Running {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+    wait_listening(binary, port).await;
+    Running {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Waits until `binary` accepts connections on `port`, at most 30 s (the runtime's limit).
+pub(crate) async fn wait_listening(binary: &Path, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -48,10 +57,6 @@ pub(crate) async fn start(binary: &Path, root: &Path) -> Running {
             binary.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Running {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
     }
 }
 

@@ -2,9 +2,11 @@
 //! binary started the way the Fission Rust environment starts it.
 
 mod batches;
+mod container;
 mod contract;
 mod http;
 mod service;
 mod serving;
 mod settings;
+mod specs;
 mod support;
