@@ -27,9 +27,10 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(entwine::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        // A setting that cannot be used (a bad DATABASE_URL, an HTTP limit) is a usage error,
-        // exit code 2 as for a bad flag; anything else failed while running: 1.
-        Err(e) if entwine_functions::fission::is_configuration_error(&e) => {
+        // A setting that cannot be used (a bad DATABASE_URL, an HTTP limit, a listener beyond
+        // loopback without tokens) is a usage error, exit code 2 as for a bad flag; anything
+        // else failed while running: 1.
+        Err(e) if entwine_functions::fission::is_configuration_error(&e) || refused_setting(&e) => {
             eprintln!("error: {}", report(&e));
             std::process::ExitCode::from(2)
         }
@@ -38,6 +39,17 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the platform or the twins service refused a setting before starting anything (an
+/// address beyond loopback without tokens, a broker the connector cannot use): a usage error.
+fn refused_setting(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<entwine_platform::PlatformError>(),
+            Some(entwine_platform::PlatformError::Config(_))
+        )
+    })
 }
 
 /// An error and its causes, `: `-separated, each said once: sqlx repeats a cause's text inside

@@ -890,3 +890,32 @@ async fn ups_servers_cut_slow_clients_off_serve_the_others_and_answer_errors_in_
     );
     up.interrupt().await;
 }
+
+#[tokio::test]
+async fn a_listener_beyond_loopback_without_tokens_is_a_usage_error_exit_2_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("entwine.db").display());
+    for command in ["up", "serve"] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            Command::new(env!("CARGO_BIN_EXE_entwine"))
+                .args([command, "--listen", "0.0.0.0:0", "--database-url", &url])
+                .env("RUST_LOG", "warn")
+                .env_remove("ENTWINE_AUTH__TOKENS")
+                .output(),
+        )
+        .await
+        .expect("refused at once")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ")
+                && last.contains(
+                    "refusing to listen on 0.0.0.0:0 without authentication: set auth.tokens"
+                ),
+            "{command}: {stderr}"
+        );
+    }
+}
