@@ -39,7 +39,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
-use entwine_core::model::{ModelSet, Profiles};
+use entwine_core::model::ModelSet;
 use entwine_core::odte::OdteConfig;
 use entwine_store::{Store, StoreOptions};
 
@@ -278,7 +278,10 @@ pub async fn serve(
     };
     // The requests and latencies the functions record (`crate::invoke::observed`), for the
     // cluster's Prometheus: Fission's supervisor proxies every path but its own to the function.
-    let router = router.merge(metrics_router(recorder(&settings.models)?, auth));
+    let router = router.merge(metrics_router(
+        crate::telemetry::prometheus_for(settings.models.as_ref()).context("metrics")?,
+        auth,
+    ));
     let store = Some(store);
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(function = function.name(), %address, store = store.as_ref().map(Store::backend), "serving");
@@ -303,19 +306,6 @@ pub async fn serve(
     }
     tracing::info!(function = function.name(), "stopped");
     Ok(())
-}
-
-/// The process's Prometheus recorder ([`crate::telemetry::prometheus`]); a twin's gauges are
-/// forgotten after the longest silence threshold of the loaded profiles.
-fn recorder(models: &ModelSet) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
-    let silence = models
-        .profiles()
-        .iter()
-        .map(OdteConfig::silence_ms)
-        .max()
-        .unwrap_or(0);
-    let idle = std::time::Duration::from_millis(u64::try_from(silence).unwrap_or(0));
-    crate::telemetry::prometheus(idle).context("metrics")
 }
 
 /// Completes on SIGINT or SIGTERM (what Kubernetes sends before it kills a pod).

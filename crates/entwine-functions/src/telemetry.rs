@@ -29,6 +29,23 @@ pub fn init(format: Format, default: &str) {
 static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
     std::sync::OnceLock::new();
 
+/// [`prometheus`] with a twin's gauges forgotten after the longest silence threshold of
+/// `profiles` (the seed's and every model's): what the platform, the twins service and the
+/// function binaries install.
+pub fn prometheus_for(
+    profiles: &dyn entwine_core::model::Profiles,
+) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    let silence = profiles
+        .profiles()
+        .iter()
+        .map(entwine_core::odte::OdteConfig::silence_ms)
+        .max()
+        .unwrap_or(0);
+    prometheus(std::time::Duration::from_millis(
+        u64::try_from(silence).unwrap_or(0),
+    ))
+}
+
 /// The recorder's handle, installing it on the first call: latency buckets from 0.5 ms to
 /// 10 s, batch-size buckets from 1 to 256 events (`entwine_connector_batch_size`,
 /// `entwine_function_batch_size`), and a gauge not set for `idle` disappears from `/metrics`

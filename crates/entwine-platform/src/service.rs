@@ -32,7 +32,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use entwine_core::model::{Model, ModelSet, Profiles};
+use entwine_core::model::{Model, ModelSet};
 use entwine_core::odte::OdteConfig;
 use entwine_core::state::DigitalState;
 use entwine_functions::handlers::{DigitalFeed, LifecycleFeed};
@@ -187,19 +187,12 @@ pub(crate) async fn open_store(source: &StoreSource) -> Result<(Store, bool), Pl
     }
 }
 
-/// The process's Prometheus recorder ([`crate::prometheus`]); a twin's gauges are forgotten
-/// after the longest silence threshold of `models`' profiles.
+/// The process's Prometheus recorder, for `models`' silence thresholds.
 pub(crate) fn recorder(
     models: &ModelSet,
 ) -> Result<metrics_exporter_prometheus::PrometheusHandle, PlatformError> {
-    let silence = models
-        .profiles()
-        .iter()
-        .map(OdteConfig::silence_ms)
-        .max()
-        .unwrap_or(0);
-    let idle = Duration::from_millis(u64::try_from(silence).unwrap_or(0));
-    crate::prometheus(idle).map_err(|e| PlatformError::component("metrics", e))
+    entwine_functions::telemetry::prometheus_for(models)
+        .map_err(|e| PlatformError::component("metrics", e))
 }
 
 impl TwinsService {

@@ -94,12 +94,13 @@ store_test!(
         .await;
         let base = format!("http://{}", service.http_address());
         let mut changes = service.lifecycle_changes();
-        let mut stream = reqwest::Client::new()
+        let stream = reqwest::Client::new()
             .get(format!("{base}/api/stream"))
             .send()
             .await
             .unwrap();
         assert_eq!(stream.status(), 200);
+        let mut stream = entwine_testing::EventStream::new(stream);
 
         let mut options = rumqttc::MqttOptions::new(unique("publisher"), host, port);
         options.set_keep_alive(Duration::from_secs(5));
@@ -147,23 +148,7 @@ store_test!(
             .expect("a change within 10 s")
             .unwrap();
         assert_eq!(serde_json::to_value(&received).unwrap(), change);
-        let mut text = String::new();
-        let data = loop {
-            if let Some(data) = text
-                .split("\n\n")
-                .find(|event| event.contains("event: digitalstate"))
-                .and_then(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
-            {
-                break data.to_owned();
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
-                .await
-                .expect("a state within 10 s")
-                .unwrap()
-                .expect("the stream stays open");
-            text.push_str(std::str::from_utf8(&chunk).unwrap());
-        };
-        let streamed: Value = serde_json::from_str(&data).unwrap();
+        let streamed = stream.next("digitalstate", Duration::from_secs(10)).await;
         assert_eq!(streamed, state);
         assert_eq!(
             (
@@ -177,10 +162,9 @@ store_test!(
         pump.abort();
         // Shutdown ends the open stream.
         service.shutdown().await.unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(_chunk) = stream.chunk().await.unwrap_or(None) {}
-        })
-        .await;
-        assert!(ended.is_ok(), "the stream ends with the service");
+        assert!(
+            stream.ends_within(Duration::from_secs(10)).await,
+            "the stream ends with the service"
+        );
     }
 );

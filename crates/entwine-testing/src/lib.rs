@@ -522,3 +522,60 @@ impl Drop for PgCluster {
             .status();
     }
 }
+
+/// A Server-Sent Events response (`/api/stream`) read event by event.
+pub struct EventStream {
+    response: reqwest::Response,
+    /// What was read and not yet taken: the start of the next events.
+    pending: String,
+}
+
+impl EventStream {
+    /// Reads `response`, an open `text/event-stream`.
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            pending: String::new(),
+        }
+    }
+
+    /// The `data` of the next event named `event`, parsed as JSON; events of other names and
+    /// keep-alive comments before it are skipped. Panics after `timeout`, or when the stream
+    /// ends first.
+    pub async fn next(&mut self, event: &str, timeout: std::time::Duration) -> serde_json::Value {
+        let head = format!("event: {event}");
+        tokio::time::timeout(timeout, async {
+            loop {
+                while let Some(end) = self.pending.find("\n\n") {
+                    let block: String = self.pending.drain(..end + 2).collect();
+                    if block.lines().any(|l| l == head) {
+                        let data = block
+                            .lines()
+                            .find_map(|l| l.strip_prefix("data: "))
+                            .unwrap_or_else(|| panic!("no data in {block:?}"));
+                        return serde_json::from_str(data)
+                            .unwrap_or_else(|e| panic!("{data:?} is not JSON: {e}"));
+                    }
+                }
+                let chunk = self
+                    .response
+                    .chunk()
+                    .await
+                    .expect("the stream reads")
+                    .unwrap_or_else(|| panic!("the stream ended before a {event} event"));
+                self.pending.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {event} event within {timeout:?}"))
+    }
+
+    /// Whether the stream ends within `timeout` (the server closed it).
+    pub async fn ends_within(mut self, timeout: std::time::Duration) -> bool {
+        tokio::time::timeout(timeout, async {
+            while let Some(_chunk) = self.response.chunk().await.unwrap_or(None) {}
+        })
+        .await
+        .is_ok()
+    }
+}

@@ -318,31 +318,16 @@ async fn the_twins_service_serves_what_the_fission_binaries_wrote_and_streams_th
     assert_eq!(entries[5]["device_timestamp"], json!(now - 30_000));
 
     // The live stream: a state the digital-event handler publishes after the stream opened.
-    let mut stream = client
+    let stream = client
         .get(format!("{base}/api/stream?device_id=svc-device"))
         .send()
         .await
         .unwrap();
     assert_eq!(stream.status(), 200);
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut stream = entwine_testing::EventStream::new(stream);
     let seventh = chain(&client, &urls, &seed_event("svc-device", now - 1_000)).await;
-    let mut text = String::new();
-    let data = loop {
-        if let Some(data) = text
-            .split("\n\n")
-            .find(|event| event.contains("event: digitalstate"))
-            .and_then(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
-        {
-            break data.to_owned();
-        }
-        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
-            .await
-            .expect("a digital state on the stream within 10 s")
-            .unwrap()
-            .expect("the stream stays open");
-        text.push_str(std::str::from_utf8(&chunk).unwrap());
-    };
-    let streamed: Value = serde_json::from_str(&data).unwrap();
+    let streamed = stream.next("digitalstate", Duration::from_secs(10)).await;
     assert_eq!(
         streamed, seventh,
         "the stream carries the state the handler published"
@@ -403,11 +388,10 @@ async fn the_twins_service_serves_what_the_fission_binaries_wrote_and_streams_th
 
     // Shutdown ends the open stream and drains.
     service.shutdown().await.unwrap();
-    let rest = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(_chunk) = stream.chunk().await.unwrap_or(None) {}
-    })
-    .await;
-    assert!(rest.is_ok(), "the stream ends with the service");
+    assert!(
+        stream.ends_within(Duration::from_secs(10)).await,
+        "the stream ends with the service"
+    );
     for function in functions {
         stop(function).await;
     }

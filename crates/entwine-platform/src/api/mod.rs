@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -68,7 +68,6 @@ struct Api {
     models: Arc<ModelSet>,
     feed: DigitalFeed,
     lifecycle: broadcast::Sender<TwinChange>,
-    metrics: Option<PrometheusHandle>,
     closing: CancellationToken,
 }
 
@@ -94,7 +93,6 @@ pub fn router(
         models,
         feed,
         lifecycle,
-        metrics,
         closing,
     };
     let api = Router::new()
@@ -108,12 +106,22 @@ pub fn router(
     let stream = Router::new()
         .route("/api/stream", get(stream))
         .with_state(state.clone());
-    let metrics = Router::new()
-        .route("/metrics", get(render_metrics))
-        .with_state(state);
+    // The function binaries' `/metrics` route; without a recorder, a 404 that says so.
+    let metrics = match metrics {
+        Some(handle) => entwine_functions::http::metrics_router(handle, auth.clone()),
+        None => Router::new().route(
+            "/metrics",
+            get(|| async {
+                (
+                    StatusCode::NOT_FOUND,
+                    Json(json!({"error": "no metrics recorder in this process"})),
+                )
+            }),
+        ),
+    };
     protect(api, auth.clone(), Interface::Api)
-        .merge(protect_stream(stream, auth.clone(), Interface::Api))
-        .merge(protect(metrics, auth, Interface::Metrics))
+        .merge(protect_stream(stream, auth, Interface::Api))
+        .merge(metrics)
 }
 
 impl Api {
@@ -393,19 +401,4 @@ async fn stream(
     let closing = api.closing.clone().cancelled_owned();
     let events = futures_util::StreamExt::take_until(states.merge(changes), closing);
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
-}
-
-async fn render_metrics(State(api): State<Api>) -> Response {
-    match &api.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "no metrics recorder in this process"})),
-        )
-            .into_response(),
-    }
 }

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -53,10 +53,7 @@ impl Driver {
     pub(crate) async fn start() -> Self {
         let chromedriver = find("chromedriver", "/usr/bin/chromedriver")
             .unwrap_or_else(|| panic!("{}", missing("chromedriver")));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = entwine_testing::free_port();
         let child = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
@@ -68,24 +65,18 @@ impl Driver {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ready = match reqwest::get(format!("{}/status", driver.url)).await {
+        let status = format!("{}/status", driver.url);
+        entwine_testing::eventually(Duration::from_secs(20), "chromedriver ready", || async {
+            match reqwest::get(&status).await {
                 Ok(r) => r
                     .json::<Value>()
                     .await
                     .is_ok_and(|v| v["value"]["ready"] == true),
                 Err(_) => false,
-            };
-            if ready {
-                return driver;
             }
-            assert!(
-                Instant::now() < deadline,
-                "chromedriver not ready within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        driver
     }
 
     /// A headless chromium session of `width`×`height`.

@@ -325,12 +325,13 @@ async fn the_stream_carries_lifecycle_changes_of_the_device_asked_for() {
         async move { token.cancelled().await },
     ));
     // Answered once subscribed: nothing sent after this is missed.
-    let mut stream = reqwest::get(format!(
+    let stream = reqwest::get(format!(
         "http://{address}/api/stream?events=lifecycle&device_id=dev-2"
     ))
     .await
     .unwrap();
     assert_eq!(stream.status(), 200);
+    let mut stream = entwine_testing::EventStream::new(stream);
     let change = |device: &str| entwine_store::TwinChange {
         device_id: device.into(),
         from: Some(TwinLifecycle::Entangled),
@@ -344,24 +345,10 @@ async fn the_stream_carries_lifecycle_changes_of_the_device_asked_for() {
     // Another device's change first: a stream that did not filter would show it first.
     lifecycle.send(change("dev-1")).unwrap();
     lifecycle.send(change("dev-2")).unwrap();
-    let mut text = String::new();
-    while !text.contains("\n\n") {
-        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), stream.chunk())
-            .await
-            .expect("an event within 10 s")
-            .unwrap()
-            .expect("the stream stays open");
-        text.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
-    let event = text.split("\n\n").next().unwrap();
-    let data: Value = serde_json::from_str(
-        event
-            .lines()
-            .find_map(|l| l.strip_prefix("data: "))
-            .unwrap_or_else(|| panic!("no data in {event:?}")),
-    )
-    .unwrap();
-    assert!(event.starts_with("event: lifecycle\n"), "{event:?}");
+    // The first lifecycle event (the stream has no other kind here) is dev-2's.
+    let data = stream
+        .next("lifecycle", std::time::Duration::from_secs(10))
+        .await;
     assert_eq!(
         data,
         serde_json::json!({"device_id": "dev-2", "from": "entangled", "to": "unbound",
